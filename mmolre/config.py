@@ -1,0 +1,176 @@
+"""Run configuration: three dataclasses (data, model, training) and the command line built from them.
+
+Every flag of `launch.py` is a field here, with its help text next to its default, so the flags, the
+defaults and `results.json["config"]` can never disagree.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+TASKS = ("sentiment", "emotion")
+MODALITIES = ("text", "audio", "vision")
+EMOTIONS = ("happy", "sad", "anger", "surprise", "disgust", "fear")
+
+
+def _help(text: str, **kw) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("MMOLRE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmolre"))
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _help("dataset name; 'synthetic' is the embedded, generated default", default="synthetic")
+    data_path: Optional[str] = _help("path of the dataset's files (unused for 'synthetic')", default=None)
+    modalities: str = _help("comma-separated modalities to use, among text,audio,vision",
+                            default="text,audio,vision")
+    cache_dir: str = _help("where generated data and Arrow caches live (env MMOLRE_CACHE)",
+                           default_factory=default_cache_dir)
+    synthetic_scale: float = _help("fraction of MOSEI's split sizes the synthetic dataset has", default=0.25)
+
+    @property
+    def modality_list(self) -> list[str]:
+        return [m.strip() for m in self.modalities.split(",") if m.strip()]
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = _help("hidden width d of every modality", default=64)
+    blocks: int = _help("UniTSE blocks L per modality", default=2)
+    num_experts: int = _help("shared low-rank experts N per MoE layer (global, across ranks)", default=8)
+    top_k: int = _help("shared experts each (utterance, task) row is routed to", default=2)
+    expert_rank: int = _help("rank r of each shared expert's bottleneck", default=16)
+    task_expert_rank: Optional[int] = _help("rank of the task-specific experts (default: --expert_rank)",
+                                            default=None)
+    dropout: float = _help("dropout after encoders, experts and in the heads", default=0.1)
+    capacity_factor: float = _help("expert capacity factor; 0 means no row is ever dropped", default=0.0)
+    router_noise: bool = _help("Gumbel noise on the 2nd expert choice while training (top-2 only)",
+                               default=False)
+
+    @property
+    def task_rank(self) -> int:
+        return self.task_expert_rank or self.expert_rank
+
+
+@dataclass
+class TrainConfig:
+    ds_config: str = _help("DeepSpeed JSON config (ZeRO stage, micro batch, clipping, precision)",
+                           default="ds_configs/zero2.json")
+    output_dir: str = _help("parent directory of run directories", default="runs")
+    run_name: Optional[str] = _help("run directory name (default: dataset, experts, top-k and a timestamp)",
+                                    default=None)
+    resume: bool = _help("continue from the latest checkpoint of --run_name (or the newest run in "
+                         "--output_dir)", default=False)
+    epochs: int = _help("training epochs", default=6)
+    max_steps: int = _help("stop after this many optimizer steps in total (0: no limit)", default=0)
+    batch_size: int = _help("micro batch per rank (0: train_micro_batch_size_per_gpu of --ds_config)",
+                            default=0)
+    lr: float = _help("peak learning rate of AdamW", default=2e-3)
+    weight_decay: float = _help("AdamW weight decay (not applied to biases and norms)", default=0.01)
+    warmup_ratio: float = _help("fraction of steps of linear warm-up before cosine decay", default=0.05)
+    seed: int = _help("random seed (data order, initial weights, synthetic data is fixed separately)",
+                      default=1)
+    aux_loss_weight: float = _help("weight α of the per-task load-balancing losses", default=0.01)
+    emotion_loss_weight: float = _help("weight λ of the emotion BCE loss", default=1.0)
+    ep_size: int = _help("expert-parallel group size (0: automatic, the largest that divides the world "
+                         "size and --num_experts within one node)", default=0)
+    log_every: int = _help("optimizer steps between TensorBoard scalars", default=10)
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return cls(DataConfig(**d["data"]), ModelConfig(**d["model"]), TrainConfig(**d["train"]))
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; raised before any process group is created."""
+
+
+_SECTIONS = (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig))
+
+
+_CONVERTERS = {"int": int, "float": float, "str": str, "Optional[int]": int, "Optional[str]": str}
+
+
+def _str2bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Train MMoLRE (multimodal mixture of low-rank experts) with DeepSpeed MoE.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for section, cls in _SECTIONS:
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.type == "bool":
+                group.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=default,
+                                   help=f.metadata["help"])
+                continue
+            conv = _CONVERTERS[f.type]
+            group.add_argument(f"--{f.name}", type=conv, default=default, help=f.metadata["help"])
+    # The deepspeed launcher appends --local_rank; the rank itself comes from the environment.
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
+    ns = vars(build_parser().parse_args(argv))
+    sections = {}
+    for section, cls in _SECTIONS:
+        sections[section] = cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)})
+    cfg = RunConfig(**sections)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no process group; world-size checks are in distributed.choose_ep_size."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    unknown = [x for x in d.modality_list if x not in MODALITIES]
+    if unknown or not d.modality_list:
+        raise ConfigError(f"--modalities: unknown {unknown or 'empty list'}; choose among {','.join(MODALITIES)}")
+    if m.num_experts < 1:
+        raise ConfigError(f"--num_experts must be >= 1, got {m.num_experts}")
+    if not 1 <= m.top_k <= m.num_experts:
+        raise ConfigError(f"--top_k {m.top_k} must be between 1 and --num_experts {m.num_experts}")
+    if t.ep_size < 0 or (t.ep_size and m.num_experts % t.ep_size):
+        raise ConfigError(f"--num_experts {m.num_experts} is not divisible by --ep_size {t.ep_size}")
+    for name in ("d_model", "blocks", "expert_rank"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(m, name)}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"--dropout must be in [0, 1), got {m.dropout}")
+    if m.capacity_factor < 0:
+        raise ConfigError(f"--capacity_factor must be >= 0 (0 = no dropping), got {m.capacity_factor}")
+    if t.epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {t.epochs}")
+    if t.max_steps < 0 or t.batch_size < 0:
+        raise ConfigError("--max_steps and --batch_size must be >= 0")
+    if t.lr <= 0:
+        raise ConfigError(f"--lr must be > 0, got {t.lr}")
+    if not os.path.isfile(t.ds_config):
+        raise ConfigError(f"--ds_config: no such file {t.ds_config!r}")
+    if d.dataset == "synthetic" and not 0 < d.synthetic_scale <= 1:
+        raise ConfigError(f"--synthetic_scale must be in (0, 1], got {d.synthetic_scale}")

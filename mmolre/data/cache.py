@@ -1,0 +1,120 @@
+"""Convert an MMSA-schema pickle once into a Hugging Face `datasets` Arrow cache, memory-mapped by every rank.
+
+The cache directory is keyed by the source file's SHA-256, so a changed file gets a new cache and an
+unchanged one is never converted twice. Ranks on a node share the Arrow files through the page cache
+instead of each holding an unpickled copy. Beside the Arrow data, `meta.json` records the feature shapes,
+the per-feature normalisation statistics of the train split, and what validation replaced.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+
+import datasets
+import numpy as np
+
+from ..config import EMOTIONS, MODALITIES
+from .schema import EMOTION_KEY, LENGTH_KEYS, SPLITS, DataError, check_dataset, decode_id
+
+CACHE_FORMAT = 1
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_path_for(source: str, cache_dir: str) -> str:
+    return os.path.join(cache_dir, "arrow", f"{file_sha256(source)[:24]}-f{CACHE_FORMAT}")
+
+
+def _load_pickle(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError) as e:
+        raise DataError(f"{path}: not a readable MMSA pickle ({type(e).__name__}: {e})") from e
+
+
+def _features(shapes: dict[str, tuple[int, int]]) -> datasets.Features:
+    spec = {"id": datasets.Value("string"), "sentiment": datasets.Value("float32"),
+            "emotions": datasets.Sequence(datasets.Value("float32"), length=len(EMOTIONS)),
+            "has_emotion": datasets.Value("bool")}
+    for m, shape in shapes.items():
+        spec[m] = datasets.Array2D(shape=shape, dtype="float32")
+        spec[f"{m}_length"] = datasets.Value("int32")
+    return datasets.Features(spec)
+
+
+def _split_columns(data: dict, modalities: list[str]) -> dict:
+    n = len(data["id"])
+    cols = {"id": [decode_id(x) for x in np.asarray(data["id"]).reshape(-1)],
+            "sentiment": np.asarray(data["regression_labels"], np.float32).reshape(n, -1)[:, 0]}
+    emo = np.asarray(data[EMOTION_KEY], np.float32) if EMOTION_KEY in data else np.full((n, 6), np.nan, np.float32)
+    has = ~np.isnan(emo).any(1)
+    cols["emotions"] = np.where(has[:, None], emo, 0.0).astype(np.float32)
+    cols["has_emotion"] = has
+    for m in modalities:
+        arr = np.asarray(data[m], np.float32)
+        cols[m] = arr
+        lkey = LENGTH_KEYS.get(m)
+        cols[f"{m}_length"] = (np.asarray(data[lkey]).reshape(-1).astype(np.int32) if lkey in data
+                               else np.full(n, arr.shape[1], np.int32))
+    return cols
+
+
+def _normalisation(train: dict, modalities: list[str]) -> dict:
+    """Per-feature mean and std over the valid time steps of the train split."""
+    stats = {}
+    for m in modalities:
+        x, lengths = train[m], train[f"{m}_length"]
+        valid = np.arange(x.shape[1])[None, :] < lengths[:, None]
+        flat = x[valid].astype(np.float64)
+        std = flat.std(0)
+        stats[m] = {"mean": flat.mean(0).tolist(), "std": np.where(std > 1e-8, std, 1.0).tolist()}
+    return stats
+
+
+def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None) -> str:
+    """Convert `source` (an MMSA-schema pickle) unless its cache exists; returns the cache directory."""
+    target = cache_path_for(source, cache_dir)
+    if os.path.exists(os.path.join(target, "meta.json")):
+        return target
+    raw = _load_pickle(source)
+    modalities = [m for m in MODALITIES if isinstance(raw.get("train"), dict) and m in raw["train"]]
+    if not modalities:
+        raise DataError(f"{source} [split 'train']: none of the modality keys {MODALITIES} is present")
+    reports = check_dataset(source, raw, modalities)
+    columns = {s: _split_columns(raw[s], modalities) for s in SPLITS}
+    del raw
+    shapes = {m: tuple(columns["train"][m].shape[1:]) for m in modalities}
+    features = _features(shapes)
+    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict(columns[s], features=features) for s in SPLITS})
+    meta = {"source": os.path.abspath(source), "sha256": file_sha256(source), "format": CACHE_FORMAT,
+            "modalities": modalities, "shapes": {m: list(v) for m, v in shapes.items()},
+            "normalisation": _normalisation(columns["train"], modalities),
+            "splits": {s: {"samples": r.samples, "with_emotions": r.with_emotions,
+                           "nonfinite_replaced": r.nonfinite_replaced} for s, r in reports.items()},
+            **(extra_meta or {})}
+    tmp = f"{target}.tmp{os.getpid()}"
+    dd.save_to_disk(tmp)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another node on a shared file system finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_cache(target: str) -> tuple[datasets.DatasetDict, dict]:
+    """Memory-map a built cache; returns the splits and meta.json."""
+    with open(os.path.join(target, "meta.json")) as f:
+        meta = json.load(f)
+    return datasets.load_from_disk(target), meta

@@ -1,0 +1,105 @@
+"""Batches from the Arrow cache with the fixed shapes every rank of an MoE run needs.
+
+Training: a DistributedSampler with drop_last, so every rank runs the same number of full batches.
+Evaluation: each rank takes every world-th sample and the last batch is padded with masked dummy
+samples (index -1), so every rank runs the same number of MoE forwards with the same row count.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+DUMMY = -1
+
+
+@dataclass
+class Batch:
+    ids: list[str]                      # "" for dummy padding samples
+    features: dict[str, torch.Tensor]   # modality -> [B, T, F], normalised
+    masks: dict[str, torch.Tensor]      # modality -> [B, T] bool
+    sentiment: torch.Tensor             # [B]
+    emotions: torch.Tensor              # [B, 6] intensities
+    has_emotion: torch.Tensor           # [B] bool: the sample has emotion labels
+    valid: torch.Tensor                 # [B] bool: False for dummy padding
+
+    def to(self, device) -> "Batch":
+        move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
+        return Batch(self.ids, move(self.features), move(self.masks), self.sentiment.to(device),
+                     self.emotions.to(device), self.has_emotion.to(device), self.valid.to(device))
+
+
+class SplitDataset(Dataset):
+    """One split of the cache; `__getitems__` fetches a whole batch from Arrow in one call."""
+
+    def __init__(self, hf_split, modalities: list[str], normalisation: dict):
+        self.hf = hf_split.with_format("numpy")
+        self.modalities = list(modalities)
+        self.shapes = {m: tuple(self.hf.features[m].shape) for m in self.modalities}
+        self.mean = {m: np.asarray(normalisation[m]["mean"], np.float32) for m in self.modalities}
+        self.std = {m: np.asarray(normalisation[m]["std"], np.float32) for m in self.modalities}
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices) -> Batch:
+        indices = np.asarray(indices, dtype=np.int64)
+        real = indices != DUMMY
+        b = len(indices)
+        rows = self.hf[indices[real].tolist()] if real.any() else None
+
+        def column(name, shape, dtype, fill=0):
+            out = np.full((b, *shape), fill, dtype=dtype)
+            if rows is not None:
+                out[real] = rows[name]
+            return out
+
+        features, masks = {}, {}
+        for m in self.modalities:
+            t, _ = self.shapes[m]
+            x = column(m, self.shapes[m], np.float32)
+            x = (x - self.mean[m]) / self.std[m]
+            x[~real] = 0.0
+            # Dummy samples get a full mask so pooling stays finite; `valid` keeps them out of everything.
+            lengths = column(f"{m}_length", (), np.int64, fill=t)
+            masks[m] = torch.from_numpy(np.arange(t)[None, :] < lengths[:, None])
+            features[m] = torch.from_numpy(x)
+        ids = [""] * b
+        if rows is not None:
+            for pos, sid in zip(np.flatnonzero(real), rows["id"]):
+                ids[pos] = str(sid)
+        return Batch(ids=ids, features=features, masks=masks,
+                     sentiment=torch.from_numpy(column("sentiment", (), np.float32)),
+                     emotions=torch.from_numpy(column("emotions", (6,), np.float32)),
+                     has_emotion=torch.from_numpy(column("has_emotion", (), bool)),
+                     valid=torch.from_numpy(real))
+
+
+def _identity(batch):
+    return batch
+
+
+def train_loader(ds: SplitDataset, batch_size: int, rank: int, world: int, seed: int) -> DataLoader:
+    if len(ds) < batch_size * world:
+        raise ValueError(f"the train split has {len(ds)} samples, fewer than one batch of {batch_size} "
+                         f"on each of {world} ranks")
+    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=_identity)
+
+
+def eval_batches(ds: SplitDataset, batch_size: int, rank: int, world: int):
+    """Yield this rank's evaluation batches; all ranks yield the same number of full-size batches."""
+    n = len(ds)
+    per_rank = math.ceil(n / world)
+    num_batches = math.ceil(per_rank / batch_size)
+    mine = np.arange(rank, n, world)
+    padded = np.full(num_batches * batch_size, DUMMY, dtype=np.int64)
+    padded[:len(mine)] = mine
+    for i in range(num_batches):
+        yield ds.__getitems__(padded[i * batch_size:(i + 1) * batch_size])

@@ -1,0 +1,131 @@
+"""The MMSA pickle schema this project reads, and the checks every source goes through.
+
+An MMSA file is `{'train'|'valid'|'test': {key: array with samples on axis 0}}`. The keys used here:
+`text`, `audio`, `vision` (float [N, T, F]), optional `audio_lengths`/`vision_lengths` (unaligned files),
+`id` ("video$_$clip", str or bytes), `regression_labels` (sentiment in [-3, 3]) and our extension
+`emotion_labels` (float [N, 6] intensities in [0, 3], order EMOTIONS; absent or NaN rows = no labels).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import EMOTIONS, MODALITIES
+
+SPLITS = ("train", "valid", "test")
+ID_SEPARATOR = "$_$"
+EMOTION_KEY = "emotion_labels"
+LENGTH_KEYS = {"audio": "audio_lengths", "vision": "vision_lengths"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, split, key and, where it applies, the sample."""
+
+
+def where(path: str, split: str, key: str, sample: str | None = None) -> str:
+    loc = f"{path} [split '{split}', key '{key}'"
+    return loc + (f", sample '{sample}']" if sample is not None else "]")
+
+
+def decode_id(raw) -> str:
+    return raw.decode("utf-8") if isinstance(raw, (bytes, np.bytes_)) else str(raw)
+
+
+def split_id(sample_id: str) -> tuple[str, str]:
+    """'video$_$clip' -> (video, clip); an id without the separator is its own video."""
+    video, sep, clip = sample_id.partition(ID_SEPARATOR)
+    return (video, clip) if sep else (sample_id, "")
+
+
+@dataclass
+class SplitReport:
+    """What loading a split found and changed: reported to the user, written next to the cache."""
+    samples: int = 0
+    nonfinite_replaced: dict[str, int] = field(default_factory=dict)
+    with_emotions: int = 0
+
+
+def check_split(path: str, split: str, data: dict, modalities: list[str]) -> SplitReport:
+    """Validate one split in place; replaces non-finite feature values by 0 and counts them."""
+    if not isinstance(data, dict):
+        raise DataError(f"{path} [split '{split}']: expected a dict of arrays, got {type(data).__name__}")
+    for key in ("id", "regression_labels", *modalities):
+        if key not in data:
+            raise DataError(f"{where(path, split, key)}: missing (keys present: {sorted(data)})")
+    ids = [decode_id(x) for x in np.asarray(data["id"]).reshape(-1)]
+    n = len(ids)
+    if n == 0:
+        raise DataError(f"{where(path, split, 'id')}: the split is empty")
+    seen: dict[str, int] = {}
+    for i, sid in enumerate(ids):
+        if sid in seen:
+            raise DataError(f"{where(path, split, 'id', sid)}: duplicate id (rows {seen[sid]} and {i})")
+        seen[sid] = i
+    report = SplitReport(samples=n)
+
+    def count_ok(key: str, arr: np.ndarray) -> None:
+        if arr.shape[0] != n:
+            raise DataError(f"{where(path, split, key)}: {arr.shape[0]} samples but 'id' has {n}")
+
+    labels = np.asarray(data["regression_labels"], dtype=np.float64).reshape(n, -1)[:, 0]
+    count_ok("regression_labels", labels)
+    bad = np.flatnonzero(~np.isfinite(labels) | (labels < -3) | (labels > 3))
+    if bad.size:
+        i = bad[0]
+        raise DataError(f"{where(path, split, 'regression_labels', ids[i])}: sentiment {labels[i]} outside "
+                        f"[-3, 3] ({bad.size} such samples)")
+    for m in modalities:
+        arr = np.asarray(data[m])
+        count_ok(m, arr)
+        if arr.ndim != 3:
+            raise DataError(f"{where(path, split, m)}: expected [samples, time, features], got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise DataError(f"{where(path, split, m)}: expected floating features, got {arr.dtype}")
+        nonfinite = ~np.isfinite(arr)
+        if nonfinite.any():
+            # MMSA's audio carries -inf (COVAREP); MMSA itself zeroes it. We do the same and say so.
+            report.nonfinite_replaced[m] = int(nonfinite.sum())
+            arr = np.where(nonfinite, 0.0, arr).astype(arr.dtype)
+            data[m] = arr
+        lkey = LENGTH_KEYS.get(m)
+        if lkey in data:
+            lengths = np.asarray(data[lkey]).reshape(-1)
+            count_ok(lkey, lengths)
+            bad = np.flatnonzero((lengths < 1) | (lengths > arr.shape[1]))
+            if bad.size:
+                i = bad[0]
+                raise DataError(f"{where(path, split, lkey, ids[i])}: length {lengths[i]} outside "
+                                f"[1, {arr.shape[1]}]")
+    if EMOTION_KEY in data:
+        emo = np.asarray(data[EMOTION_KEY], dtype=np.float64)
+        count_ok(EMOTION_KEY, emo)
+        if emo.ndim != 2 or emo.shape[1] != len(EMOTIONS):
+            raise DataError(f"{where(path, split, EMOTION_KEY)}: expected [samples, {len(EMOTIONS)}] "
+                            f"({', '.join(EMOTIONS)}), got shape {emo.shape}")
+        labelled = ~np.isnan(emo).any(1)
+        bad = np.flatnonzero(labelled & ((emo < 0).any(1) | (emo > 3).any(1)))
+        if bad.size:
+            i = bad[0]
+            raise DataError(f"{where(path, split, EMOTION_KEY, ids[i])}: intensities {emo[i].tolist()} "
+                            f"outside [0, 3] ({bad.size} such samples)")
+        report.with_emotions = int(labelled.sum())
+    return report
+
+
+def check_dataset(path: str, data: dict, modalities: list[str]) -> dict[str, SplitReport]:
+    """Validate all splits; feature dims and lengths must agree across splits."""
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a dict with splits {SPLITS}, got {type(data).__name__}")
+    missing = [s for s in SPLITS if s not in data]
+    if missing:
+        raise DataError(f"{path}: missing split(s) {missing} (found {sorted(k for k in data if k != 'config')})")
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown:
+        raise DataError(f"{path}: unknown modalities {unknown}")
+    reports = {s: check_split(path, s, data[s], modalities) for s in SPLITS}
+    for m in modalities:
+        dims = {s: np.asarray(data[s][m]).shape[1:] for s in SPLITS}
+        if len(set(dims.values())) > 1:
+            raise DataError(f"{path} [key '{m}']: [time, features] differ across splits: {dims}")
+    return reports

@@ -1,0 +1,111 @@
+"""The embedded default dataset: synthetic, MOSEI-like, in the MMSA pickle schema.
+
+It has MOSEI's split proportions (16326 / 1871 / 4659, scaled by `scale`), several clips per video with
+videos never crossing splits, sentiment labels on the 1/3 grid of three averaged raters (so some are
+exactly 0, which Has0 and Non0 metrics treat differently), six emotion intensities in [0, 3], and `-inf`
+in the audio as in MMSA's COVAREP features. Audio and vision have MOSEI's feature sizes (74, 35); text
+features are 64-d instead of BERT's 768 to keep the default run small.
+
+The planted signal: each utterance has a latent sentiment s and six emotion latents correlated with s.
+Every modality carries a fixed linear image of these latents at a random ~third of its time steps, on top
+of unit noise and a per-video offset; text carries it most strongly, audio and vision more weakly.
+None of its numbers say anything about accuracy on real data.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+
+from ..config import EMOTIONS
+from .schema import ID_SEPARATOR
+
+VERSION = 1
+MOSEI_SPLITS = {"train": 16326, "valid": 1871, "test": 4659}
+SEQ_LEN = 50
+FEATURE_DIMS = {"text": 64, "audio": 74, "vision": 35}
+SIGNAL = {"text": 0.9, "audio": 0.35, "vision": 0.25}   # signal amplitude per carrying step; noise std 1
+SIGNAL_STEP_FRACTION = 0.35
+CLIPS_PER_VIDEO = 7
+# How each emotion's latent leans on sentiment (the rest is its own noise), and its presence threshold.
+EMOTION_LOADING = {"happy": 0.8, "sad": -0.7, "anger": -0.5, "surprise": 0.15, "disgust": -0.55, "fear": -0.3}
+EMOTION_THRESHOLD = {"happy": -0.2, "sad": 0.3, "anger": 0.6, "surprise": 0.9, "disgust": 0.6, "fear": 1.0}
+
+
+def split_sizes(scale: float) -> dict[str, int]:
+    return {s: max(16, int(round(n * scale))) for s, n in MOSEI_SPLITS.items()}
+
+
+def file_name(scale: float) -> str:
+    return f"synthetic_mosei_v{VERSION}_scale{scale:g}.pkl"
+
+
+def _third_grid(x: np.ndarray) -> np.ndarray:
+    return np.round(x * 3.0) / 3.0
+
+
+def _generate_split(rng: np.random.Generator, n: int, split: str, video_offset: int,
+                    projections: dict[str, np.ndarray]) -> dict:
+    n_videos = -(-n // CLIPS_PER_VIDEO)
+    video_of = np.sort(rng.integers(0, n_videos, size=n))
+    video_mood = rng.normal(0.0, 0.8, size=n_videos)
+    sentiment_latent = video_mood[video_of] + rng.normal(0.0, 1.2, size=n)
+    sentiment = np.clip(_third_grid(sentiment_latent), -3, 3) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+    emotion_latent = np.stack([EMOTION_LOADING[e] * sentiment_latent + rng.normal(0.0, 0.8, size=n)
+                               for e in EMOTIONS], 1)
+    thresholds = np.array([EMOTION_THRESHOLD[e] for e in EMOTIONS])
+    emotions = np.clip(_third_grid(np.maximum(emotion_latent - thresholds, 0.0)), 0, 3)
+
+    latents = np.concatenate([sentiment_latent[:, None], emotion_latent], 1)  # [n, 7]
+    data = {}
+    for m, dim in FEATURE_DIMS.items():
+        carries = rng.random((n, SEQ_LEN)) < SIGNAL_STEP_FRACTION
+        signal = (latents @ projections[m])[:, None, :] * carries[:, :, None] * SIGNAL[m]
+        offsets = rng.normal(0.0, 0.5, size=(n_videos, dim))[video_of][:, None, :]
+        data[m] = (signal + offsets + rng.normal(0.0, 1.0, size=(n, SEQ_LEN, dim))).astype(np.float32)
+    # COVAREP-like quirks: a few dims on a large scale, and -inf where the pitch tracker failed.
+    data["audio"][:, :, :5] *= 100.0
+    data["audio"][rng.random(data["audio"].shape) < 0.002] = -np.inf
+
+    clip_of = np.zeros(n, dtype=int)
+    for v in np.unique(video_of):
+        idx = np.flatnonzero(video_of == v)
+        clip_of[idx] = np.arange(len(idx))
+    ids = np.array([f"synth{split[:2]}{video_offset + v:05d}{ID_SEPARATOR}{c}"
+                    for v, c in zip(video_of, clip_of)], dtype=object)
+    data.update({
+        "id": ids,
+        "raw_text": np.array([f"synthetic utterance {i}" for i in ids], dtype=object),
+        "regression_labels": sentiment.astype(np.float32),
+        "annotations": np.where(sentiment > 0, "Positive", np.where(sentiment < 0, "Negative", "Neutral")),
+        "classification_labels": (np.sign(sentiment) + 1).astype(np.float32),
+        "emotion_labels": emotions.astype(np.float32),
+    })
+    return data
+
+
+def generate(scale: float, seed: int = 0) -> dict:
+    """The full dataset as an MMSA-schema dict; the same (scale, seed) gives the same bytes."""
+    rng = np.random.default_rng(seed)
+    projections = {m: rng.normal(0.0, 1.0, size=(1 + len(EMOTIONS), dim)) / np.sqrt(1 + len(EMOTIONS))
+                   for m, dim in FEATURE_DIMS.items()}
+    out = {"config": {"synthetic": True, "version": VERSION, "scale": scale, "seed": seed}}
+    offset = 0
+    for split, n in split_sizes(scale).items():
+        out[split] = _generate_split(rng, n, split, offset, projections)
+        offset += n
+    return out
+
+
+def ensure_synthetic(cache_dir: str, scale: float) -> str:
+    """Write the synthetic pickle under cache_dir once (atomically) and return its path."""
+    path = os.path.join(cache_dir, "synthetic", file_name(scale))
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            pickle.dump(generate(scale), f, protocol=4)
+        os.replace(tmp, path)
+    return path

@@ -1,0 +1,3 @@
+from .mmolre import MMoLRE, ModelOutput, count_parameters
+
+__all__ = ["MMoLRE", "ModelOutput", "count_parameters"]

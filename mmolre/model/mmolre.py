@@ -1,0 +1,119 @@
+"""MMoLRE: encoders -> one UniTSE per modality -> task-adaptive fusion per task -> task heads."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import EMOTIONS, TASKS, ModelConfig
+from .experts import LowRankExpert
+from .fusion import TaskAdaptiveFusion
+from .unitse import BlockStats, UniTSE
+
+
+@dataclass
+class ModelOutput:
+    sentiment: torch.Tensor          # [B] regression
+    emotion_logits: torch.Tensor     # [B, 6]
+    aux_loss: torch.Tensor           # [layers, tasks]
+    expert_load: torch.Tensor        # [layers, tasks, N]
+    router_entropy: torch.Tensor     # [layers, tasks]
+    dropped_fraction: torch.Tensor   # [layers]
+    modality_weights: torch.Tensor   # [tasks, B, M]
+    layer_names: list[str]
+
+
+class ModalityEncoder(nn.Module):
+    """Projects precomputed features F_m -> d, adds learned positions, normalises."""
+
+    def __init__(self, feature_dim: int, seq_len: int, d_model: int, dropout: float):
+        super().__init__()
+        self.proj = nn.Linear(feature_dim, d_model)
+        self.pos = nn.Parameter(torch.zeros(seq_len, d_model))
+        nn.init.normal_(self.pos, std=0.02)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.norm(self.proj(x) + self.pos))
+
+
+class MMoLRE(nn.Module):
+    def __init__(self, cfg: ModelConfig, shapes: dict[str, tuple[int, int]], ep_size: int = 1):
+        """shapes: modality -> (seq_len T_m, feature_dim F_m), in the order the modalities are used."""
+        super().__init__()
+        self.cfg, self.shapes, self.ep_size = cfg, dict(shapes), ep_size
+        self.modalities = list(shapes)
+        d = cfg.d_model
+        self.encoders = nn.ModuleDict(
+            {m: ModalityEncoder(f, t, d, cfg.dropout) for m, (t, f) in shapes.items()})
+        self.unitse = nn.ModuleDict({
+            m: UniTSE(cfg.blocks, d_model=d, seq_len=t, num_experts=cfg.num_experts, top_k=cfg.top_k,
+                      expert_rank=cfg.expert_rank, task_rank=cfg.task_rank, num_tasks=len(TASKS),
+                      ep_size=ep_size, dropout=cfg.dropout, capacity_factor=cfg.capacity_factor,
+                      router_noise=cfg.router_noise)
+            for m, (t, _) in shapes.items()})
+        self.fusion = nn.ModuleList(TaskAdaptiveFusion(d, self.modalities) for _ in TASKS)
+        self.sentiment_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, 1))
+        self.emotion_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout),
+                                          nn.Linear(d, len(EMOTIONS)))
+
+    def moe_layer_names(self) -> list[str]:
+        """'text.0', 'text.1', ... in the order DeepSpeed numbers MoE layers in checkpoints."""
+        return [f"{m}.{i}" for m in self.modalities for i in range(self.cfg.blocks)]
+
+    def shared_expert_groups(self):
+        """(layer name, ModuleList of this rank's shared experts) for every MoE layer."""
+        for m in self.modalities:
+            for i, block in enumerate(self.unitse[m].blocks):
+                yield f"{m}.{i}", block.local_shared
+
+    def init_shared_experts(self, seed: int, ep_rank: int) -> None:
+        """Give every shared expert its own initial weights, a function of (seed, layer, GLOBAL expert id)
+        only, so the same seed builds the same global model under any expert-parallel size."""
+        for layer_idx, (_, experts) in enumerate(self.shared_expert_groups()):
+            for local_id, expert in enumerate(experts):
+                global_id = ep_rank * len(experts) + local_id
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx * 10_007 + global_id)
+                expert.reset_parameters(gen)
+
+    def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> ModelOutput:
+        streams: dict[str, list[torch.Tensor]] = {}
+        stats: list[BlockStats] = []
+        for m in self.modalities:
+            x = self.encoders[m](features[m])
+            streams[m], s = self.unitse[m](x, masks[m])
+            stats.extend(s)
+        fused, weights = [], []
+        for task, fusion in enumerate(self.fusion):
+            z, w = fusion({m: streams[m][task] for m in self.modalities}, masks)
+            fused.append(z)
+            weights.append(w)
+        return ModelOutput(
+            sentiment=self.sentiment_head(fused[0]).squeeze(-1),
+            emotion_logits=self.emotion_head(fused[1]),
+            aux_loss=torch.stack([s.aux_loss for s in stats]),
+            expert_load=torch.stack([s.expert_load for s in stats]),
+            router_entropy=torch.stack([s.router_entropy for s in stats]),
+            dropped_fraction=torch.stack([s.dropped_fraction for s in stats]),
+            modality_weights=torch.stack(weights).detach(),
+            layer_names=self.moe_layer_names())
+
+
+def count_parameters(model: MMoLRE) -> dict[str, int]:
+    """Global parameter counts (all experts on all ranks), whatever this rank holds."""
+    cfg = model.cfg
+    local_shared = sum(p.numel() for _, experts in model.shared_expert_groups() for p in experts.parameters())
+    local_total = sum(p.numel() for p in model.parameters())
+    dense = local_total - local_shared
+    shared = local_shared * model.ep_size
+    per_expert = shared // (cfg.num_experts * len(model.moe_layer_names()))
+    layers = len(model.moe_layer_names())
+    # Each task's row visits k shared experts per MoE layer: the parameters one utterance touches
+    # (both tasks) are the dense ones plus at most tasks*k experts per layer.
+    active = dense + layers * min(cfg.num_experts, len(TASKS) * cfg.top_k) * per_expert
+    full_rank_shared = layers * cfg.num_experts * sum(
+        p.numel() for p in LowRankExpert(cfg.d_model, cfg.d_model).parameters())
+    return {"total": dense + shared, "expert": shared, "dense": dense, "per_expert": per_expert,
+            "active_per_utterance": active, "full_rank_expert_equivalent": full_rank_shared}

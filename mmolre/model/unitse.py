@@ -1,0 +1,85 @@
+"""UniTSE: the unified task-specific/shared expert encoder of one modality.
+
+Each block holds ONE DeepSpeed MoE layer of N shared low-rank experts and one dense low-rank expert per
+task. Both tasks' streams go through the MoE in a single call (one all-to-all pair per block): the rows
+are (utterance, task) pairs, each a whole sequence flattened to width T*d, routed by its task's router.
+
+    x^tau <- LayerNorm(x^tau + dropout(sum_topk p_e E_e(x^tau) + E_tau(x^tau)))
+
+Naming note: DeepSpeed's checkpointing treats every state-dict key under an MoE module that contains
+"expert" as an expert weight, so no module on the path to the MoE layer may have "expert" in its name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from deepspeed.moe.layer import MoE
+
+from .experts import LowRankExpert
+from .routing import RowRouting, TaskRoutedGate
+
+
+@dataclass
+class BlockStats:
+    """What one block reports for the loss and for monitoring."""
+    aux_loss: torch.Tensor        # [tasks], differentiable
+    expert_load: torch.Tensor     # [tasks, N] routes per expert on this rank (detached)
+    router_entropy: torch.Tensor  # [tasks]
+    dropped_fraction: torch.Tensor
+
+
+class UniTSEBlock(nn.Module):
+    def __init__(self, d_model: int, seq_len: int, num_experts: int, top_k: int, expert_rank: int,
+                 task_rank: int, num_tasks: int, ep_size: int, dropout: float, capacity_factor: float,
+                 router_noise: bool):
+        super().__init__()
+        self.seq_len, self.d_model, self.num_tasks = seq_len, d_model, num_tasks
+        self.moe = MoE(hidden_size=1, expert=LowRankExpert(d_model, expert_rank, seq_len),
+                       num_experts=num_experts, ep_size=ep_size, k=top_k, min_capacity=0,
+                       drop_tokens=capacity_factor > 0, use_rts=False)
+        self.moe.deepspeed_moe.gate = TaskRoutedGate(d_model, seq_len, num_experts, num_tasks, top_k,
+                                                     capacity_factor, router_noise)
+        self.task_specific = nn.ModuleList(LowRankExpert(d_model, task_rank) for _ in range(num_tasks))
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(d_model)
+
+    @property
+    def local_shared(self) -> nn.ModuleList:
+        """This rank's shared experts (num_experts / ep_size of them)."""
+        return self.moe.deepspeed_moe.experts.deepspeed_experts
+
+    def forward(self, streams: list[torch.Tensor], time_mask: torch.Tensor):
+        """streams: one [B, T, d] tensor per task; time_mask: [B, T] bool."""
+        batch = streams[0].shape[0]
+        rows = torch.cat(streams, 0)                                    # [tasks*B, T, d], task-major
+        keep = time_mask.unsqueeze(-1).to(rows.dtype)
+        rows = rows * keep.repeat(self.num_tasks, 1, 1)                 # experts see zeros past the end
+        task_ids = torch.arange(self.num_tasks, device=rows.device).repeat_interleave(batch)
+        routing = RowRouting(task_ids, time_mask.repeat(self.num_tasks, 1))
+        shared, aux, load = self.moe(rows.reshape(rows.shape[0], -1), routing)
+        shared = shared.view_as(rows).split(batch, 0)
+        out = []
+        for task, x in enumerate(streams):
+            update = shared[task] + self.task_specific[task].forward_sequences(x * keep)
+            out.append(self.norm(x + self.dropout(update)))
+        gate = self.moe.deepspeed_moe.gate
+        return out, BlockStats(aux, load, gate.last_stats["entropy"], gate.last_stats["dropped_fraction"])
+
+
+class UniTSE(nn.Module):
+    """L stacked blocks; block 1 starts every task stream from the same encoded sequence."""
+
+    def __init__(self, num_blocks: int, **block_kwargs):
+        super().__init__()
+        self.num_tasks = block_kwargs["num_tasks"]
+        self.blocks = nn.ModuleList(UniTSEBlock(**block_kwargs) for _ in range(num_blocks))
+
+    def forward(self, x: torch.Tensor, time_mask: torch.Tensor):
+        streams = [x] * self.num_tasks
+        stats = []
+        for block in self.blocks:
+            streams, s = block(streams, time_mask)
+            stats.append(s)
+        return streams, stats

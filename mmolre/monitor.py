@@ -1,0 +1,64 @@
+"""TensorBoard logging (rank 0 only): losses, routing health, fusion weights, throughput, validation."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+
+from .config import TASKS
+
+# Above this many experts, per-expert scalars would flood TensorBoard; the histogram and the
+# max/mean ratio still show the load.
+MAX_PER_EXPERT_SCALARS = 32
+
+
+class Monitor:
+    def __init__(self, log_dir: str | None):
+        self.writer = SummaryWriter(log_dir) if log_dir else None
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer:
+            for tag, v in values.items():
+                self.writer.add_scalar(tag, float(v), step)
+
+    def routing(self, layer_names: list[str], aux: np.ndarray, load: np.ndarray, entropy: np.ndarray,
+                dropped: np.ndarray, step: int) -> None:
+        """aux, entropy: [layers, tasks]; load: [layers, tasks, N] rows per expert (all ranks); dropped: [layers]."""
+        if not self.writer:
+            return
+        for li, layer in enumerate(layer_names):
+            self.writer.add_scalar(f"moe/{layer}/dropped_fraction", float(dropped[li]), step)
+            for ti, task in enumerate(TASKS):
+                prefix = f"moe/{layer}/{task}"
+                counts = load[li, ti]
+                self.writer.add_scalar(f"{prefix}/aux_loss", float(aux[li, ti]), step)
+                self.writer.add_scalar(f"{prefix}/router_entropy", float(entropy[li, ti]), step)
+                self.writer.add_scalar(f"{prefix}/load_max_over_mean", float(counts.max() / max(counts.mean(), 1e-9)),
+                                       step)
+                self.writer.add_histogram(f"{prefix}/rows_per_expert", counts, step,
+                                          bins=np.arange(len(counts) + 1) - 0.5)
+                if len(counts) <= MAX_PER_EXPERT_SCALARS:
+                    for e, c in enumerate(counts):
+                        self.writer.add_scalar(f"{prefix}/rows/expert_{e:03d}", float(c), step)
+
+    def fusion(self, modalities: list[str], weights: np.ndarray, step: int) -> None:
+        """weights: [tasks, M] mean modality weight per task."""
+        if self.writer:
+            for ti, task in enumerate(TASKS):
+                for mi, m in enumerate(modalities):
+                    self.writer.add_scalar(f"fusion/{task}/{m}", float(weights[ti, mi]), step)
+
+    def flush(self) -> None:
+        if self.writer:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def tensorboard_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "tensorboard")
+
+
