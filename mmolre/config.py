@@ -32,7 +32,7 @@ class DataConfig:
                             default="text,audio,vision")
     cache_dir: str = _help("where generated data and Arrow caches live (env MMOLRE_CACHE)",
                            default_factory=default_cache_dir)
-    synthetic_scale: float = _help("fraction of MOSEI's split sizes the synthetic dataset has", default=0.25)
+    synthetic_scale: float = _help("fraction of MOSEI's split sizes the synthetic dataset has", default=0.5)
 
     @property
     def modality_list(self) -> list[str]:
@@ -67,7 +67,7 @@ class TrainConfig:
                                     default=None)
     resume: bool = _help("continue from the latest checkpoint of --run_name (or the newest run in "
                          "--output_dir)", default=False)
-    epochs: int = _help("training epochs", default=6)
+    epochs: int = _help("training epochs", default=5)
     max_steps: int = _help("stop after this many optimizer steps in total (0: no limit)", default=0)
     batch_size: int = _help("micro batch per rank (0: train_micro_batch_size_per_gpu of --ds_config)",
                             default=0)

@@ -36,8 +36,10 @@ class Monitor:
                 self.writer.add_scalar(f"{prefix}/router_entropy", float(entropy[li, ti]), step)
                 self.writer.add_scalar(f"{prefix}/load_max_over_mean", float(counts.max() / max(counts.mean(), 1e-9)),
                                        step)
-                self.writer.add_histogram(f"{prefix}/rows_per_expert", counts, step,
-                                          bins=np.arange(len(counts) + 1) - 0.5)
+                if counts.sum() > 0:  # a histogram over expert ids, one sample per routed row
+                    expert_of_row = np.repeat(np.arange(len(counts)), np.rint(counts).astype(np.int64))
+                    self.writer.add_histogram(f"{prefix}/rows_per_expert", expert_of_row, step,
+                                              bins=np.arange(len(counts) + 1) - 0.5)
                 if len(counts) <= MAX_PER_EXPERT_SCALARS:
                     for e, c in enumerate(counts):
                         self.writer.add_scalar(f"{prefix}/rows/expert_{e:03d}", float(c), step)

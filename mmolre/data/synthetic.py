@@ -9,6 +9,7 @@ features are 64-d instead of BERT's 768 to keep the default run small.
 The planted signal: each utterance has a latent sentiment s and six emotion latents correlated with s.
 Every modality carries a fixed linear image of these latents at a random ~third of its time steps, on top
 of unit noise and a per-video offset; text carries it most strongly, audio and vision more weakly.
+The labels add rater noise the features cannot explain, so no model reaches zero error.
 None of its numbers say anything about accuracy on real data.
 """
 from __future__ import annotations
@@ -21,12 +22,13 @@ import numpy as np
 from ..config import EMOTIONS
 from .schema import ID_SEPARATOR
 
-VERSION = 1
+VERSION = 2
 MOSEI_SPLITS = {"train": 16326, "valid": 1871, "test": 4659}
 SEQ_LEN = 50
 FEATURE_DIMS = {"text": 64, "audio": 74, "vision": 35}
-SIGNAL = {"text": 0.9, "audio": 0.35, "vision": 0.25}   # signal amplitude per carrying step; noise std 1
-SIGNAL_STEP_FRACTION = 0.35
+SIGNAL = {"text": 0.55, "audio": 0.3, "vision": 0.25}   # signal amplitude per carrying step; noise std 1
+SIGNAL_STEP_FRACTION = 0.3
+RATER_NOISE = 0.35          # labels = latents + annotation noise the features cannot explain
 CLIPS_PER_VIDEO = 7
 # How each emotion's latent leans on sentiment (the rest is its own noise), and its presence threshold.
 EMOTION_LOADING = {"happy": 0.8, "sad": -0.7, "anger": -0.5, "surprise": 0.15, "disgust": -0.55, "fear": -0.3}
@@ -51,12 +53,14 @@ def _generate_split(rng: np.random.Generator, n: int, split: str, video_offset: 
     video_of = np.sort(rng.integers(0, n_videos, size=n))
     video_mood = rng.normal(0.0, 0.8, size=n_videos)
     sentiment_latent = video_mood[video_of] + rng.normal(0.0, 1.2, size=n)
-    sentiment = np.clip(_third_grid(sentiment_latent), -3, 3) + 0.0  # + 0.0 turns -0.0 into 0.0
+    rated = sentiment_latent + rng.normal(0.0, RATER_NOISE, size=n)
+    sentiment = np.clip(_third_grid(rated), -3, 3) + 0.0  # + 0.0 turns -0.0 into 0.0
 
     emotion_latent = np.stack([EMOTION_LOADING[e] * sentiment_latent + rng.normal(0.0, 0.8, size=n)
                                for e in EMOTIONS], 1)
     thresholds = np.array([EMOTION_THRESHOLD[e] for e in EMOTIONS])
-    emotions = np.clip(_third_grid(np.maximum(emotion_latent - thresholds, 0.0)), 0, 3)
+    rated_emotions = emotion_latent + rng.normal(0.0, RATER_NOISE, size=emotion_latent.shape)
+    emotions = np.clip(_third_grid(np.maximum(rated_emotions - thresholds, 0.0)), 0, 3)
 
     latents = np.concatenate([sentiment_latent[:, None], emotion_latent], 1)  # [n, 7]
     data = {}

@@ -1,0 +1,143 @@
+"""Workers for the multi-process tests (spawned, so they must live in an importable module)."""
+import os
+
+import torch
+
+SHAPES = {"text": (6, 8), "audio": (5, 4)}
+BATCH = 8
+
+
+def setup(rank: int, world: int, port: int):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
+                      DEEPSPEED_TIMEOUT="2", OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from mmolre import distributed
+    return distributed.init()
+
+
+def fixed_batch(seed: int = 0, n: int = BATCH):
+    """A deterministic batch with a learnable target; masks cut some sequences short."""
+    from mmolre.data.loader import Batch
+    g = torch.Generator().manual_seed(seed)
+    feats = {m: torch.randn(n, t, f, generator=g) for m, (t, f) in SHAPES.items()}
+    lengths = {m: torch.randint(2, t + 1, (n,), generator=g) for m, (t, f) in SHAPES.items()}
+    masks = {m: torch.arange(t)[None, :] < lengths[m][:, None] for m, (t, _) in SHAPES.items()}
+    sentiment = (feats["text"][:, :2, 0].mean(1) * 2).clamp(-3, 3)
+    emotions = torch.stack([(sentiment > 0).float(), (sentiment < 0).float()] + [torch.zeros(n)] * 4, 1)
+    has_emotion = torch.ones(n, dtype=torch.bool)
+    has_emotion[1] = False
+    return Batch([f"s{i}" for i in range(n)], feats, masks, sentiment, emotions, has_emotion,
+                 torch.ones(n, dtype=torch.bool))
+
+
+def slice_batch(b, lo, hi):
+    from mmolre.data.loader import Batch
+    return Batch(b.ids[lo:hi], {m: x[lo:hi] for m, x in b.features.items()},
+                 {m: x[lo:hi] for m, x in b.masks.items()}, b.sentiment[lo:hi], b.emotions[lo:hi],
+                 b.has_emotion[lo:hi], b.valid[lo:hi])
+
+
+def model_config(**kw):
+    from mmolre.config import ModelConfig
+    base = dict(d_model=16, blocks=2, num_experts=4, top_k=2, expert_rank=4, dropout=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def build(ep_size: int, ep_rank: int, seed: int = 5, **kw):
+    from mmolre.model import MMoLRE
+    torch.manual_seed(seed)
+    model = MMoLRE(model_config(**kw), SHAPES, ep_size=ep_size)
+    model.init_shared_experts(seed, ep_rank)
+    return model
+
+
+def ds_config(stage: int):
+    cfg = {"train_micro_batch_size_per_gpu": BATCH // 2, "gradient_accumulation_steps": 1,
+           "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}}
+    if stage:
+        cfg["zero_optimization"].update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=False)
+    return cfg
+
+
+def expert_grads(model, ep_size: int, ep_rank: int) -> dict:
+    """{(layer, global expert id, param name): grad} for this rank's experts."""
+    out = {}
+    for layer, experts in model.shared_expert_groups():
+        for local, expert in enumerate(experts):
+            for name, p in expert.named_parameters():
+                out[(layer, ep_rank * len(experts) + local, name)] = p.grad.detach().clone()
+    return out
+
+
+def dense_grads(model) -> dict:
+    from deepspeed.moe.utils import is_moe_param
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if not is_moe_param(p)}
+
+
+def parity_worker(rank: int, world: int, port: int, out_path: str):
+    """world=2, ep=2, ZeRO-0: forward one half of the batch per rank, backward, gather everything."""
+    import deepspeed
+    from mmolre import distributed
+    from mmolre.engine import optimizer_groups
+    from mmolre.losses import compute_loss
+    info = setup(rank, world, port)
+    model = build(ep_size=world, ep_rank=rank)
+    opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=1e-3)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(0))
+    half = BATCH // world
+    batch = slice_batch(fixed_batch(), rank * half, (rank + 1) * half)
+    out = engine(batch.features, batch.masks)
+    loss = compute_loss(out, batch, aux_weight=0.5, emotion_weight=1.0)
+    engine.backward(loss.total)
+    record = {"sentiment": out.sentiment.detach(), "emotion": out.emotion_logits.detach(),
+              "loss": loss.total.detach(), "aux": out.aux_loss.detach(),
+              "experts": expert_grads(model, world, rank), "dense": dense_grads(model)}
+    gathered = distributed.gather_to_main(record, info)
+    if info.is_main:
+        torch.save(gathered, out_path)
+
+
+def reference_single_process(out_path: str):
+    """One process, ep=1, no DeepSpeed engine: the two halves forwarded separately, mean loss."""
+    from mmolre.losses import compute_loss
+    model = build(ep_size=1, ep_rank=0)
+    batch = fixed_batch()
+    records, losses = [], []
+    for lo in (0, BATCH // 2):
+        half = slice_batch(batch, lo, lo + BATCH // 2)
+        out = model(half.features, half.masks)
+        loss = compute_loss(out, half, aux_weight=0.5, emotion_weight=1.0)
+        losses.append(loss.total)
+        records.append({"sentiment": out.sentiment.detach(), "emotion": out.emotion_logits.detach(),
+                        "loss": loss.total.detach(), "aux": out.aux_loss.detach()})
+    torch.stack(losses).mean().backward()
+    torch.save({"halves": records, "experts": expert_grads(model, 1, 0), "dense": dense_grads(model)}, out_path)
+
+
+def training_worker(rank: int, world: int, port: int, out_path: str):
+    """world=2, ep=2, ZeRO-2: train on fixed batches; record the loss curve and expert-load totals."""
+    import deepspeed
+    from mmolre import distributed
+    from mmolre.engine import optimizer_groups
+    from mmolre.losses import compute_loss
+    info = setup(rank, world, port)
+    model = build(ep_size=world, ep_rank=rank, dropout=0.1)
+    opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=3e-3)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(2))
+    torch.manual_seed(100 + rank)
+    losses, loads = [], []
+    for step in range(40):
+        batch = slice_batch(fixed_batch(seed=step % 4, n=BATCH), rank * 4, rank * 4 + 4)
+        out = engine(batch.features, batch.masks)
+        loss = compute_loss(out, batch, aux_weight=0.01, emotion_weight=1.0)
+        engine.backward(loss.total)
+        engine.step()
+        losses.append(float(distributed.all_reduce_sum(loss.total.detach().clone(), info)) / world)
+        loads.append(out.expert_load.sum().item())
+    local_params = sum(p.numel() for _, e in model.shared_expert_groups() for p in e.parameters())
+    gathered = distributed.gather_to_main({"losses": losses, "loads": loads, "local_expert_params": local_params},
+                                          info)
+    if info.is_main:
+        torch.save(gathered, out_path)

@@ -1,0 +1,116 @@
+"""The real command line: `deepspeed --num_gpus 2 launch.py ...` with 2 CPU processes on tiny settings."""
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--ds_config", "ds_configs/zero2.json", "--synthetic_scale", "0.02", "--d_model", "16",
+        "--num_experts", "8", "--expert_rank", "4", "--batch_size", "8", "--log_every", "2", "--blocks", "2"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_deepspeed(tmp, *args, procs=2, check=True):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "DEEPSPEED_TIMEOUT": "2", "OMP_NUM_THREADS": "1",
+           "MMOLRE_CACHE": str(tmp / "cache")}
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port",
+           str(_port()), "launch.py", *TINY, "--output_dir", str(tmp / "runs"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    proc = run_deepspeed(tmp, "--run_name", "tiny", "--epochs", "1")
+    return tmp, proc, tmp / "runs" / "tiny"
+
+
+def test_results_json_has_every_documented_key(first_run):
+    _, proc, run = first_run
+    r = json.loads((run / "results.json").read_text())
+    assert r["synthetic"] is True and r["world_size"] == 2 and r["ep_size"] == 2
+    assert r["num_experts"] == 8 and r["top_k"] == 2 and r["best_epoch"] == 1
+    for k in ("total", "expert", "active_per_utterance"):
+        assert r["params"][k] > 0
+    assert r["params"]["active_per_utterance"] < r["params"]["total"]
+    assert r["train"]["seconds"] > 0 and r["train"]["samples_per_s"] > 0
+    for split in ("valid", "test"):
+        for k in ("has0_acc2", "has0_f1", "non0_acc2", "non0_f1", "acc5", "acc7", "mae", "corr"):
+            assert isinstance(r[split]["sentiment"][k], float)
+        e = r[split]["emotion"]
+        for k in ("micro_f1", "jaccard_acc", "mean_wacc", "mean_wf1"):
+            assert 0.0 <= e[k] <= 1.0
+        assert set(e["per_emotion"]) == {"happy", "sad", "anger", "surprise", "disgust", "fear"}
+        assert set(e["per_emotion"]["fear"]) == {"wacc", "wf1"}
+    assert {"mean_mae", "majority_non0_acc2"} <= set(r["baselines"])
+    assert r["config"]["model"]["num_experts"] == 8
+    assert "SYNTHETIC DATA" in proc.stdout and "| MMoLRE |" in proc.stdout
+
+
+def test_predictions_cover_the_test_split_once(first_run):
+    _, _, run = first_run
+    r = json.loads((run / "results.json").read_text())
+    with open(run / "predictions_test.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == r["test"]["samples"] == len({row["id"] for row in rows})
+    assert {"id", "sentiment_true", "sentiment_pred", "happy_prob", "fear_true"} <= set(rows[0])
+
+
+def test_tensorboard_has_per_task_aux_losses_and_routing(first_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, _, run = first_run
+    tags = set()
+    for root, _, files in os.walk(run / "tensorboard"):
+        if any(f.startswith("events.out.tfevents") for f in files):
+            acc = EventAccumulator(root, size_guidance={"scalars": 0, "histograms": 0})
+            acc.Reload()
+            tags |= set(acc.Tags()["scalars"]) | set(acc.Tags()["histograms"])
+    for layer in ("text.0", "text.1", "audio.0", "vision.1"):
+        for task in ("sentiment", "emotion"):
+            assert f"moe/{layer}/{task}/aux_loss" in tags
+            assert f"moe/{layer}/{task}/router_entropy" in tags
+            assert f"moe/{layer}/{task}/rows/expert_000" in tags
+            assert f"moe/{layer}/{task}/rows_per_expert" in tags
+    for tag in ("loss/sentiment", "loss/emotion", "loss/aux", "train/lr", "train/samples_per_s",
+                "valid/sentiment/mae", "valid/emotion/micro_f1", "fusion/emotion/audio"):
+        assert tag in tags
+
+
+def test_checkpoint_holds_experts_per_global_id(first_run):
+    _, _, run = first_run
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    files = os.listdir(run / "checkpoints" / tag)
+    # 3 modalities x 2 blocks = 6 MoE layers, 8 experts each, saved by global expert id across both ranks
+    experts = [f for f in files if f.startswith("layer_") and "_expert_" in f]
+    assert len(experts) == 6 * 8
+    assert "layer_5_expert_7_mp_rank_00_model_states.pt" in files
+
+
+def test_resume_continues_from_the_checkpoint(first_run):
+    tmp, _, run = first_run
+    first = json.loads((run / "results.json").read_text())
+    proc = run_deepspeed(tmp, "--run_name", "tiny", "--epochs", "2", "--resume")
+    assert "resumed from" in proc.stdout and "epoch 1, step" in proc.stdout
+    second = json.loads((run / "results.json").read_text())
+    assert second["train"]["epochs"] == 2
+    assert [h["epoch"] for h in second["history"]] == [1, 2]
+    assert second["history"][0] == first["history"][0]      # epoch 1 was not trained again
+    assert second["global_step"] == 2 * first["global_step"]
+
+
+def test_impossible_configuration_fails_at_once(tmp_path):
+    proc = run_deepspeed(tmp_path, "--num_experts", "3", "--ep_size", "2", check=False)
+    assert proc.returncode != 0
+    assert "--num_experts 3 is not divisible by --ep_size 2" in proc.stdout + proc.stderr
