@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from mmolre.config import ConfigError, RunConfig, TrainConfig, parse_args
+from mmolre.distributed import choose_ep_size
+from mmolre.engine import load_ds_config
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num_experts", "6", "--ep_size", "4"], "--num_experts 6 is not divisible by --ep_size 4"),
+    (["--top_k", "9"], "--top_k 9 must be between 1 and --num_experts 8"),
+    (["--modalities", "text,smell"], "--modalities: unknown ['smell']"),
+    (["--ds_config", "nope.json"], "--ds_config: no such file 'nope.json'"),
+    (["--capacity_factor", "-1"], "--capacity_factor must be >= 0"),
+])
+def test_impossible_flags_fail_with_a_clear_message(argv, message):
+    with pytest.raises(ConfigError) as e:
+        parse_args(argv)
+    assert message in str(e.value)
+
+
+def test_flags_fill_the_dataclasses_and_round_trip():
+    cfg = parse_args(["--num_experts", "16", "--top_k", "1", "--resume", "--modalities", "text", "--local_rank=1"])
+    assert cfg.model.num_experts == 16 and cfg.model.top_k == 1 and cfg.train.resume is True
+    assert cfg.data.modality_list == ["text"]
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("requested, world, experts, per_node, expected", [
+    (0, 2, 8, 2, 2), (0, 1, 8, 1, 1), (0, 16, 64, 8, 8), (0, 8, 6, 8, 2), (0, 4, 7, 4, 1), (2, 4, 8, 4, 2)])
+def test_expert_parallel_size_rule(requested, world, experts, per_node, expected):
+    assert choose_ep_size(requested, world, experts, per_node) == expected
+
+
+def test_expert_parallel_size_must_divide_the_world():
+    with pytest.raises(ValueError, match="--ep_size 4 does not divide the world size 2"):
+        choose_ep_size(4, 2, 8, 2)
+
+
+def _ds(tmp_path, content):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(content))
+    return TrainConfig(ds_config=str(path))
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3}},
+     "ZeRO stage 3"),
+    ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "fp16": {"enabled": True}}, "fp16"),
+    ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "Adam"}},
+     "remove the 'optimizer' section"),
+    ({"train_micro_batch_size_per_gpu": 4}, "set 'gradient_clipping' explicitly"),
+])
+def test_deepspeed_config_problems_are_named(tmp_path, content, message):
+    with pytest.raises(ConfigError, match=message):
+        load_ds_config(_ds(tmp_path, content), None, on_gpu=False)
+
+
+def test_deepspeed_config_overrides(tmp_path):
+    cfg = _ds(tmp_path, {"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "train_batch_size": 64,
+                         "tensorboard": {"enabled": True, "output_path": "x"}})
+    cfg.batch_size = 16
+    ds = load_ds_config(cfg, "/tmp/tb", on_gpu=False)
+    assert ds["train_micro_batch_size_per_gpu"] == 16 and "train_batch_size" not in ds
+    assert ds["tensorboard"] == {"enabled": True, "output_path": "/tmp/tb", "job_name": "deepspeed"}
