@@ -52,6 +52,8 @@ class ModelConfig:
     capacity_factor: float = _help("expert capacity factor; 0 means no row is ever dropped", default=0.0)
     router_noise: bool = _help("Gumbel noise on the 2nd expert choice while training (top-2 only)",
                                default=False)
+    grouped_experts: bool = _help("compute all local experts in one batched call on occupied slots only "
+                                  "(false: DeepSpeed's per-expert loop)", default=True)
 
     @property
     def task_rank(self) -> int:

@@ -64,10 +64,11 @@ def ds_config(stage: int):
 def expert_grads(model, ep_size: int, ep_rank: int) -> dict:
     """{(layer, global expert id, param name): grad} for this rank's experts."""
     out = {}
-    for layer, experts in model.shared_expert_groups():
-        for local, expert in enumerate(experts):
-            for name, p in expert.named_parameters():
-                out[(layer, ep_rank * len(experts) + local, name)] = p.grad.detach().clone()
+    for layer, block in model.moe_blocks():
+        local = block.moe.num_local_experts
+        for i in range(local):
+            for name, grad in block.shared_expert_grads(i).items():
+                out[(layer, ep_rank * local + i, name)] = grad.detach().clone()
     return out
 
 
@@ -100,9 +101,10 @@ def parity_worker(rank: int, world: int, port: int, out_path: str):
 
 
 def reference_single_process(out_path: str):
-    """One process, ep=1, no DeepSpeed engine: the two halves forwarded separately, mean loss."""
+    """One process, ep=1, no DeepSpeed engine, DeepSpeed's stock per-expert loop: the two halves forwarded
+    separately, mean loss. (The 2-process side uses the grouped fast path.)"""
     from mmolre.losses import compute_loss
-    model = build(ep_size=1, ep_rank=0)
+    model = build(ep_size=1, ep_rank=0, grouped_experts=False)
     batch = fixed_batch()
     records, losses = [], []
     for lo in (0, BATCH // 2):
@@ -136,7 +138,7 @@ def training_worker(rank: int, world: int, port: int, out_path: str):
         engine.step()
         losses.append(float(distributed.all_reduce_sum(loss.total.detach().clone(), info)) / world)
         loads.append(out.expert_load.sum().item())
-    local_params = sum(p.numel() for _, e in model.shared_expert_groups() for p in e.parameters())
+    local_params = sum(p.numel() for _, b in model.moe_blocks() for p in b.shared_experts.parameters())
     gathered = distributed.gather_to_main({"losses": losses, "loads": loads, "local_expert_params": local_params},
                                           info)
     if info.is_main:

@@ -34,16 +34,18 @@ def test_each_shared_expert_starts_differently_and_depends_only_on_global_id():
     cfg = ModelConfig(d_model=16, num_experts=4, top_k=2, expert_rank=4, blocks=1)
     full = MMoLRE(cfg, SHAPES, ep_size=1)
     full.init_shared_experts(seed=3, ep_rank=0)
-    experts = list(full.shared_expert_groups())[0][1]
-    w = [e.down.weight for e in experts]
+    block = next(full.moe_blocks())[1]
+    w = [block.shared_expert(i)["down.weight"] for i in range(4)]
     assert not any(torch.equal(w[i], w[j]) for i in range(4) for j in range(i + 1, 4))
-    # Rank 1 of an expert-parallel pair holds global experts 2 and 3, with the same weights.
-    half = MMoLRE(cfg, SHAPES, ep_size=2)
-    half.init_shared_experts(seed=3, ep_rank=1)
-    local = list(half.shared_expert_groups())[0][1]
-    assert len(local) == 2
-    torch.testing.assert_close(local[0].down.weight, experts[2].down.weight)
-    torch.testing.assert_close(local[1].up.bias, experts[3].up.bias)
+    # Rank 1 of an expert-parallel pair holds global experts 2 and 3, with the same weights, whether the
+    # experts are stacked (the fast path) or DeepSpeed's own modules.
+    for grouped in (True, False):
+        half = MMoLRE(ModelConfig(**{**cfg.__dict__, "grouped_experts": grouped}), SHAPES, ep_size=2)
+        half.init_shared_experts(seed=3, ep_rank=1)
+        local = next(half.moe_blocks())[1]
+        assert local.moe.num_local_experts == 2
+        torch.testing.assert_close(local.shared_expert(0)["down.weight"], w[2])
+        torch.testing.assert_close(local.shared_expert(1)["up.bias"], block.shared_expert(3)["up.bias"])
 
 
 def test_parameter_accounting_is_global_and_counts_active_experts():

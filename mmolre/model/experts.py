@@ -13,6 +13,16 @@ from torch import nn
 from torch.nn import functional as F
 
 
+@torch.no_grad()
+def init_low_rank_(down_w, down_b, up_w, up_b, generator: torch.Generator | None = None) -> None:
+    """nn.Conv1d's default init (kaiming-uniform weights, uniform biases, bound 1/sqrt(fan_in)), in a fixed
+    draw order so a standalone expert and a slice of stacked experts get the same values."""
+    for weight, bias in ((down_w, down_b), (up_w, up_b)):
+        bound = 1.0 / math.sqrt(weight.shape[1] * weight.shape[2])   # in_channels * kernel_size
+        weight.uniform_(-bound, bound, generator=generator)
+        bias.uniform_(-bound, bound, generator=generator)
+
+
 class LowRankExpert(nn.Module):
     """Conv1d(d -> r, k=3) -> GELU -> Conv1d(r -> d, k=1); about 4*d*r parameters instead of 4*d^2."""
 
@@ -23,14 +33,9 @@ class LowRankExpert(nn.Module):
         self.up = nn.Conv1d(rank, d_model, kernel_size=1)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Kaiming-uniform weights and uniform biases like nn.Conv1d, drawn from `generator` so that each
-        expert gets its own start (DeepSpeed deep-copies one template into every expert)."""
-        for conv in (self.down, self.up):
-            fan_in = conv.in_channels * conv.kernel_size[0]
-            bound = 1.0 / math.sqrt(fan_in)
-            with torch.no_grad():
-                conv.weight.uniform_(-bound, bound, generator=generator)
-                conv.bias.uniform_(-bound, bound, generator=generator)
+        """Draws from `generator` so that each expert gets its own start (DeepSpeed deep-copies one
+        template into every expert)."""
+        init_low_rank_(self.down.weight, self.down.bias, self.up.weight, self.up.bias, generator)
 
     def forward_sequences(self, x: torch.Tensor) -> torch.Tensor:
         """[N, T, d] -> [N, T, d]."""
@@ -38,11 +43,11 @@ class LowRankExpert(nn.Module):
         return self.up(F.gelu(h)).transpose(1, 2)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        """MoE use: [..., rows, T*d] flattened utterances -> same shape."""
+        """MoE use: [..., rows, T*d] flattened utterances -> same shape (DeepSpeed's stock `Experts` calls
+        this on every capacity slot of the expert, padding included)."""
         width = self.seq_len * self.d_model
         assert rows.shape[-1] == width, f"expert expects rows of width T*d = {width}, got {rows.shape[-1]}"
-        seqs = rows.reshape(-1, self.seq_len, self.d_model)
-        return self.forward_sequences(seqs).reshape(rows.shape)
+        return self.forward_sequences(rows.reshape(-1, self.seq_len, self.d_model)).reshape(rows.shape)
 
 
 def expert_parameter_count(d_model: int, rank: int) -> int:

@@ -52,7 +52,7 @@ class MMoLRE(nn.Module):
             m: UniTSE(cfg.blocks, d_model=d, seq_len=t, num_experts=cfg.num_experts, top_k=cfg.top_k,
                       expert_rank=cfg.expert_rank, task_rank=cfg.task_rank, num_tasks=len(TASKS),
                       ep_size=ep_size, dropout=cfg.dropout, capacity_factor=cfg.capacity_factor,
-                      router_noise=cfg.router_noise)
+                      router_noise=cfg.router_noise, grouped_experts=cfg.grouped_experts)
             for m, (t, _) in shapes.items()})
         self.fusion = nn.ModuleList(TaskAdaptiveFusion(d, self.modalities) for _ in TASKS)
         self.sentiment_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, 1))
@@ -63,20 +63,21 @@ class MMoLRE(nn.Module):
         """'text.0', 'text.1', ... in the order DeepSpeed numbers MoE layers in checkpoints."""
         return [f"{m}.{i}" for m in self.modalities for i in range(self.cfg.blocks)]
 
-    def shared_expert_groups(self):
-        """(layer name, ModuleList of this rank's shared experts) for every MoE layer."""
+    def moe_blocks(self):
+        """(layer name, UniTSEBlock) for every MoE layer, in checkpoint order."""
         for m in self.modalities:
             for i, block in enumerate(self.unitse[m].blocks):
-                yield f"{m}.{i}", block.local_shared
+                yield f"{m}.{i}", block
 
     def init_shared_experts(self, seed: int, ep_rank: int) -> None:
         """Give every shared expert its own initial weights, a function of (seed, layer, GLOBAL expert id)
         only, so the same seed builds the same global model under any expert-parallel size."""
-        for layer_idx, (_, experts) in enumerate(self.shared_expert_groups()):
-            for local_id, expert in enumerate(experts):
-                global_id = ep_rank * len(experts) + local_id
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + layer_idx * 10_007 + global_id)
-                expert.reset_parameters(gen)
+        for layer_idx, (_, block) in enumerate(self.moe_blocks()):
+            local = block.moe.num_local_experts
+            for local_id in range(local):
+                global_id = ep_rank * local + local_id
+                block.reset_shared_expert(
+                    local_id, torch.Generator().manual_seed(seed * 1_000_003 + layer_idx * 10_007 + global_id))
 
     def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> ModelOutput:
         streams: dict[str, list[torch.Tensor]] = {}
@@ -104,7 +105,7 @@ class MMoLRE(nn.Module):
 def count_parameters(model: MMoLRE) -> dict[str, int]:
     """Global parameter counts (all experts on all ranks), whatever this rank holds."""
     cfg = model.cfg
-    local_shared = sum(p.numel() for _, experts in model.shared_expert_groups() for p in experts.parameters())
+    local_shared = sum(p.numel() for _, block in model.moe_blocks() for p in block.shared_experts.parameters())
     local_total = sum(p.numel() for p in model.parameters())
     dense = local_total - local_shared
     shared = local_shared * model.ep_size

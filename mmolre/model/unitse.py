@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from deepspeed.moe.layer import MoE
 
-from .experts import LowRankExpert
+from .experts import LowRankExpert, init_low_rank_
+from .grouped import PARAMS, CompactMOELayer, StackedLowRankExperts, _stacked_name
 from .routing import RowRouting, TaskRoutedGate
 
 
@@ -33,22 +34,45 @@ class BlockStats:
 class UniTSEBlock(nn.Module):
     def __init__(self, d_model: int, seq_len: int, num_experts: int, top_k: int, expert_rank: int,
                  task_rank: int, num_tasks: int, ep_size: int, dropout: float, capacity_factor: float,
-                 router_noise: bool):
+                 router_noise: bool, grouped_experts: bool = True):
         super().__init__()
         self.seq_len, self.d_model, self.num_tasks = seq_len, d_model, num_tasks
-        self.moe = MoE(hidden_size=1, expert=LowRankExpert(d_model, expert_rank, seq_len),
-                       num_experts=num_experts, ep_size=ep_size, k=top_k, min_capacity=0,
-                       drop_tokens=capacity_factor > 0, use_rts=False)
-        self.moe.deepspeed_moe.gate = TaskRoutedGate(d_model, seq_len, num_experts, num_tasks, top_k,
-                                                     capacity_factor, router_noise)
+        template = LowRankExpert(d_model, expert_rank, seq_len)
+        self.moe = MoE(hidden_size=1, expert=template, num_experts=num_experts, ep_size=ep_size, k=top_k,
+                       min_capacity=0, drop_tokens=capacity_factor > 0, use_rts=False)
+        gate = TaskRoutedGate(d_model, seq_len, num_experts, num_tasks, top_k, capacity_factor, router_noise)
+        if grouped_experts:  # DeepSpeed's layer with a compact dispatch and batched experts (grouped.py)
+            moe = self.moe
+            moe.deepspeed_moe = CompactMOELayer(
+                gate, StackedLowRankExperts(template, moe.num_local_experts, moe.expert_group_name),
+                moe.expert_group_name, moe.ep_size, moe.num_local_experts)
+        else:  # DeepSpeed's layer as it comes, with our gate
+            self.moe.deepspeed_moe.gate = gate
         self.task_specific = nn.ModuleList(LowRankExpert(d_model, task_rank) for _ in range(num_tasks))
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
 
     @property
-    def local_shared(self) -> nn.ModuleList:
-        """This rank's shared experts (num_experts / ep_size of them)."""
-        return self.moe.deepspeed_moe.experts.deepspeed_experts
+    def shared_experts(self) -> nn.Module:
+        """This rank's shared experts (num_experts / ep_size of them): DeepSpeed's `Experts` or ours."""
+        return self.moe.deepspeed_moe.experts
+
+    def shared_expert(self, i: int) -> dict[str, torch.Tensor]:
+        """Local shared expert i's parameters (views for stacked experts), named like a LowRankExpert's."""
+        experts = self.shared_experts
+        if isinstance(experts, StackedLowRankExperts):
+            return experts.expert(i)
+        return dict(experts.deepspeed_experts[i].named_parameters())
+
+    def shared_expert_grads(self, i: int) -> dict[str, torch.Tensor | None]:
+        experts = self.shared_experts
+        if isinstance(experts, StackedLowRankExperts):
+            grads = {n: getattr(experts, _stacked_name(n)).grad for n in PARAMS}
+            return {n: None if g is None else g[i] for n, g in grads.items()}
+        return {n: p.grad for n, p in experts.deepspeed_experts[i].named_parameters()}
+
+    def reset_shared_expert(self, i: int, generator: torch.Generator) -> None:
+        init_low_rank_(*self.shared_expert(i).values(), generator)
 
     def forward(self, streams: list[torch.Tensor], time_mask: torch.Tensor):
         """streams: one [B, T, d] tensor per task; time_mask: [B, T] bool."""
