@@ -21,11 +21,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     try:
         cfg = parse_args(argv)
-        from mmolre.train import train
+        from mmolre.train import NonFiniteLoss, train
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    try:
         train(cfg)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
     return 0
 
 

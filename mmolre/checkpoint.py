@@ -1,45 +1,116 @@
-"""Checkpoints through DeepSpeed's engine (experts saved per global expert id), kept as latest + best."""
+"""Checkpoints through DeepSpeed's engine (experts saved per global expert id), made crash-safe.
+
+Every save goes to a new tag (`step00000120`). DeepSpeed writes its files and its `latest` pointer; then
+every rank writes its RNG state, all ranks meet at a barrier, and rank 0 writes `mmolre_complete.json`.
+Only a tag with that marker counts: a save interrupted anywhere before it (a crash, a SIGKILL, a full
+disk) leaves the previous checkpoints untouched, and resuming skips the half-written tag with a warning
+that names it. After each save the oldest complete tags beyond `keep` are removed, except the best.
+"""
 from __future__ import annotations
 
+import json
 import os
+import random
+import re
 import shutil
+import warnings
+
+import numpy as np
+import torch
+
+MARKER = "mmolre_complete.json"
+TAG_RE = re.compile(r"^step(\d{8})$")
 
 
 def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
-def latest_tag(ckpt_dir: str) -> str | None:
-    path = os.path.join(ckpt_dir, "latest")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return f.read().strip() or None
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
 
 
-def save(engine, ckpt_dir: str, tag: str, client_state: dict) -> None:
-    """Every rank must call this with the same tag; DeepSpeed writes `latest` after the save."""
+def _tags(ckpt_dir: str) -> list[str]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(t for t in os.listdir(ckpt_dir) if TAG_RE.match(t) and os.path.isdir(os.path.join(ckpt_dir, t)))
+
+
+def is_complete(ckpt_dir: str, tag: str) -> bool:
+    return os.path.isfile(os.path.join(ckpt_dir, tag, MARKER))
+
+
+def read_marker(ckpt_dir: str, tag: str) -> dict:
+    with open(os.path.join(ckpt_dir, tag, MARKER)) as f:
+        return json.load(f)
+
+
+def latest_complete(ckpt_dir: str, warn: bool = True) -> str | None:
+    """The newest tag with a completion marker; newer tags without one are named in a warning."""
+    tags = _tags(ckpt_dir)
+    skipped = []
+    for tag in reversed(tags):
+        if is_complete(ckpt_dir, tag):
+            if skipped and warn:
+                warnings.warn(f"skipping incomplete checkpoint(s) {skipped} in {ckpt_dir} (interrupted while "
+                              f"saving); resuming from {tag}", stacklevel=2)
+            return tag
+        skipped.append(tag)
+    return None
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, ckpt_dir: str, tag: str, client_state: dict, rank: int, barrier, marker: dict) -> None:
+    """Every rank calls this with the same tag. Saving again under a tag first withdraws its marker."""
+    if rank == 0 and is_complete(ckpt_dir, tag):
+        os.remove(os.path.join(ckpt_dir, tag, MARKER))
+    barrier()
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
+    torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        path = os.path.join(ckpt_dir, tag, MARKER)
+        with open(path + ".tmp", "w") as f:
+            json.dump(marker, f)
+        os.replace(path + ".tmp", path)
+    barrier()
 
 
-def load(engine, ckpt_dir: str, tag: str | None = None, weights_only: bool = False) -> dict:
-    """Load `tag` (default: latest) into the engine; returns the client state saved with it."""
-    tag = tag or latest_tag(ckpt_dir)
-    if tag is None:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no 'latest' file)")
+def load(engine, ckpt_dir: str, tag: str, rank: int, weights_only: bool = False) -> dict:
+    """Load `tag` into the engine (and this rank's RNG state unless weights_only); returns the client state."""
     path, client_state = engine.load_checkpoint(
         ckpt_dir, tag=tag, load_optimizer_states=not weights_only, load_lr_scheduler_states=not weights_only,
         load_module_only=weights_only)
     if path is None:
         raise FileNotFoundError(f"checkpoint {tag!r} in {ckpt_dir} could not be loaded")
+    rng_path = os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt")
+    if not weights_only and os.path.isfile(rng_path):
+        set_rng_state(torch.load(rng_path, weights_only=False))
     return client_state or {}
 
 
-def prune(ckpt_dir: str, keep: set[str]) -> None:
-    """Remove every tag directory but `keep` (call on one rank per file system)."""
-    if not os.path.isdir(ckpt_dir):
-        return
-    for name in os.listdir(ckpt_dir):
-        path = os.path.join(ckpt_dir, name)
-        if os.path.isdir(path) and name not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+def prune(ckpt_dir: str, keep: int, protect: set[str]) -> list[str]:
+    """Remove all but the newest `keep` complete tags (never those in `protect`), and incomplete tags older
+    than the newest complete one. Call on one rank per file system. Returns the removed tags."""
+    tags = _tags(ckpt_dir)
+    complete = [t for t in tags if is_complete(ckpt_dir, t)]
+    newest = complete[-1] if complete else None
+    doomed = [t for t in complete[:-keep] if t not in protect] if keep > 0 else []
+    doomed += [t for t in tags if t not in complete and newest and t < newest]
+    for tag in doomed:
+        shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+    return doomed

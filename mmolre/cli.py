@@ -13,7 +13,7 @@ import sys
 
 
 def _show(args) -> int:
-    from .train import format_table
+    from .report import format_table
     path = os.path.join(args.run_dir, "results.json")
     if not os.path.isfile(path):
         print(f"error: {path} does not exist (has the run finished?)", file=sys.stderr)

@@ -83,6 +83,13 @@ class TrainConfig:
     ep_size: int = _help("expert-parallel group size (0: automatic, the largest that divides the world "
                          "size and --num_experts within one node)", default=0)
     log_every: int = _help("optimizer steps between TensorBoard scalars", default=10)
+    save_every: int = _help("also checkpoint every this many optimizer steps (0: at epoch ends only)",
+                            default=0)
+    keep_checkpoints: int = _help("complete checkpoints kept besides the best one", default=2)
+    on_nonfinite: str = _help("what a NaN/inf loss does: 'stop' the run, or 'skip' the step and count it",
+                              default="stop")
+    dist_timeout: float = _help("seconds a collective may wait for a missing rank before the run fails",
+                                default=600.0)
 
 
 @dataclass
@@ -172,6 +179,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--max_steps and --batch_size must be >= 0")
     if t.lr <= 0:
         raise ConfigError(f"--lr must be > 0, got {t.lr}")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"--on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
+    if t.save_every < 0 or t.keep_checkpoints < 1 or t.dist_timeout <= 0:
+        raise ConfigError("--save_every must be >= 0, --keep_checkpoints >= 1 and --dist_timeout > 0")
+    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    if t.ep_size and world % t.ep_size:
+        raise ConfigError(f"--ep_size {t.ep_size} does not divide the world size {world}")
     if not os.path.isfile(t.ds_config):
         raise ConfigError(f"--ds_config: no such file {t.ds_config!r}")
     if d.dataset == "synthetic" and not 0 < d.synthetic_scale <= 1:

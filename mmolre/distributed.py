@@ -48,11 +48,14 @@ def fill_env() -> None:
         env["MASTER_PORT"] = str(_free_port())
 
 
-def init() -> DistInfo:
-    import deepspeed  # after fill_env, so DeepSpeed finds every variable it needs
+def init(timeout_s: float | None = None) -> DistInfo:
+    """Create the process group. A collective that waits longer than timeout_s (default: env
+    DEEPSPEED_TIMEOUT minutes, else 10 minutes) for a missing rank fails instead of hanging."""
     fill_env()
-    minutes = float(os.environ.get("DEEPSPEED_TIMEOUT", "10"))
-    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=minutes))
+    import deepspeed  # after fill_env, so DeepSpeed finds every variable it needs
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("DEEPSPEED_TIMEOUT", "10")) * 60
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world)
     return DistInfo(dist.get_rank(), int(os.environ["LOCAL_RANK"]), world, local_world)
@@ -82,6 +85,15 @@ def gather_to_main(obj, info: DistInfo):
         return [obj]
     out = [None] * info.world_size if info.is_main else None
     dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_gather(obj, info: DistInfo) -> list:
+    """Every rank's object, on every rank."""
+    if info.world_size == 1:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
     return out
 
 

@@ -1,6 +1,7 @@
 """The DeepSpeed engine: config checks and overrides, MoE-aware optimizer groups, LR schedule."""
 from __future__ import annotations
 
+import difflib
 import json
 import math
 
@@ -10,13 +11,38 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from .config import ConfigError, TrainConfig
 
 
-def load_ds_config(cfg: TrainConfig, tensorboard_dir: str | None, on_gpu: bool) -> dict:
-    """Read --ds_config, reject what this trainer owns or cannot run, apply the flags that override it."""
+# Top-level keys DeepSpeed reads that are not in deepspeed.runtime.constants (monitors, ZeRO, profilers, ...).
+_KNOWN_SECTIONS = {
+    "zero_optimization", "tensorboard", "wandb", "csv_monitor", "comet", "flops_profiler", "comms_logger",
+    "activation_checkpointing", "aio", "amp", "autotuning", "elasticity", "compression_training",
+    "data_efficiency", "curriculum_learning", "sparse_attention", "pipeline", "checkpoint", "nebula",
+    "weight_quantization", "hybrid_engine", "compile", "timers", "zenflow", "tensor_parallel",
+    "expert_parallel", "sequence_parallel_size", "gradient_accumulation_dtype", "communication_data_type",
+    "seed", "train_batch_size", "dump_state", "graph_harvesting", "eigenvalue", "progressive_layer_drop",
+    "quantize_training", "mics_shard_size", "mics_hierarchical_params_gather", "use_node_local_storage",
+    "zero_allow_untested_optimizer", "memory_breakdown", "sparse_gradients", "disable_allgather",
+}
+
+
+def _known_keys() -> set[str]:
+    import deepspeed.runtime.constants as constants
+    return _KNOWN_SECTIONS | {v for k, v in vars(constants).items() if k.isupper() and isinstance(v, str)}
+
+
+def load_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
+    """Read --ds_config, reject what this trainer owns or cannot run, apply the flags that override it.
+    Runs before any process group exists, so a bad config costs no start-up."""
     try:
         with open(cfg.ds_config) as f:
             ds = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"--ds_config {cfg.ds_config}: not valid JSON ({e})") from e
+    known = _known_keys()
+    for key in ds:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            raise ConfigError(f"--ds_config {cfg.ds_config}: unknown key {key!r}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
     for owned in ("optimizer", "scheduler"):
         if owned in ds:
             raise ConfigError(f"--ds_config {cfg.ds_config}: remove the '{owned}' section; the trainer builds "
@@ -35,13 +61,21 @@ def load_ds_config(cfg: TrainConfig, tensorboard_dir: str | None, on_gpu: bool) 
         ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
     if "train_micro_batch_size_per_gpu" not in ds:
         raise ConfigError(f"--ds_config {cfg.ds_config}: set 'train_micro_batch_size_per_gpu' or pass --batch_size")
-    ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro batch x accumulation x world
     ds.setdefault("gradient_accumulation_steps", 1)
+    implied = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
+    if "train_batch_size" in ds and ds["train_batch_size"] != implied:
+        raise ConfigError(f"--ds_config {cfg.ds_config}: train_batch_size {ds['train_batch_size']} != micro batch "
+                          f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']}"
+                          f" x world size {world_size} = {implied}; remove train_batch_size or make them agree")
+    return ds
+
+
+def point_tensorboard(ds: dict, tensorboard_dir: str | None) -> None:
+    """DeepSpeed's own TensorBoard events go beside ours, under the run directory."""
     tb = ds.get("tensorboard")
     if tb is not None:
         tb["enabled"] = bool(tb.get("enabled")) and tensorboard_dir is not None
         tb["output_path"], tb["job_name"] = tensorboard_dir or "", "deepspeed"
-    return ds
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

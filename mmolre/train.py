@@ -1,52 +1,54 @@
 """The one training loop: data -> DeepSpeed engine -> epochs with validation and checkpoints -> test once.
 
 Every rank runs every forward (MoE all-to-alls need all ranks); rank 0 alone prints, logs and writes files.
+Once per step the ranks all-reduce two flags, "this rank's loss is not finite" and "this rank was asked to
+stop", so a NaN or a SIGTERM/SIGUSR1 on any rank is acted on by all of them at the same step.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
-import platform
-import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__, checkpoint, distributed
-from .config import EMOTIONS, ConfigError, RunConfig
-from .data import Batch, PreparedData, eval_batches, prepare, train_loader
-from .engine import compute_dtype, initialize, load_ds_config
+from . import checkpoint, distributed
+from .config import ConfigError, RunConfig
+from .data import prepare, train_loader
+from .engine import compute_dtype, initialize, load_ds_config, point_tensorboard
+from .evaluate import evaluate, inputs, to_device
 from .losses import compute_loss
-from .metrics import baselines, emotion_metrics, sentiment_metrics
+from .metrics import baselines
 from .model import MMoLRE, count_parameters
 from .monitor import Monitor, tensorboard_dir
+from .preemption import StopRequest
+from .report import SYNTHETIC_NOTICE, flatten, format_table, git_commit, versions, write_predictions
 
-SYNTHETIC_NOTICE = "SYNTHETIC DATA: these numbers say nothing about accuracy on real MOSI/MOSEI."
+# Test hook: make the loss NaN at this global step (1-based) on rank MMOLRE_FAULT_NAN_RANK (default 0).
+FAULT_NAN_STEP = "MMOLRE_FAULT_NAN_STEP"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
 
 
 @dataclass
 class TrainState:
     """Everything besides the engine's own state that a resumed run needs; saved as client state."""
     epoch: int = 0                 # completed epochs
-    global_step: int = 0
+    epoch_step: int = 0            # batches of the current epoch already consumed
+    global_step: int = 0           # optimizer steps taken
     train_seconds: float = 0.0
     train_samples: int = 0
+    skipped_nonfinite: int = 0
     best_tag: str | None = None
     best_epoch: int = 0
     best_valid_loss: float = float("inf")
     history: list = field(default_factory=list)
-
-
-@dataclass
-class EvalResult:
-    loss: float
-    metrics: dict
-    predictions: dict | None = None   # rank 0 only: arrays keyed by column
 
 
 def log(info: distributed.DistInfo, *parts) -> None:
@@ -60,8 +62,8 @@ def resolve_run_dir(cfg: RunConfig, info: distributed.DistInfo) -> str:
     if info.is_main:
         if name is None and t.resume:
             candidates = [d for d in os.listdir(t.output_dir)
-                          if checkpoint.latest_tag(checkpoint.checkpoint_dir(os.path.join(t.output_dir, d)))] \
-                if os.path.isdir(t.output_dir) else []
+                          if checkpoint.latest_complete(checkpoint.checkpoint_dir(os.path.join(t.output_dir, d)),
+                                                        warn=False)] if os.path.isdir(t.output_dir) else []
             if not candidates:
                 raise ConfigError(f"--resume: no run with a checkpoint in {t.output_dir!r}")
             name = max(candidates, key=lambda d: os.path.getmtime(os.path.join(t.output_dir, d)))
@@ -70,111 +72,6 @@ def resolve_run_dir(cfg: RunConfig, info: distributed.DistInfo) -> str:
                     f"{time.strftime('%Y%m%d-%H%M%S')}")
     name = distributed.broadcast_from_main(name, info)
     return os.path.join(t.output_dir, name)
-
-
-def _to_device(batch: Batch, device, dtype) -> Batch:
-    batch = batch.to(device)
-    batch.features = {m: x.to(dtype) for m, x in batch.features.items()}
-    return batch
-
-
-@torch.no_grad()
-def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, device, dtype) -> EvalResult:
-    """Run on every rank (padded to equal batches); gather predictions with ids to rank 0."""
-    engine.eval()
-    ds = data.splits[split]
-    parts = {"ids": [], "sentiment_pred": [], "sentiment_true": [], "emotion_prob": [], "emotion_true": [],
-             "has_emotion": []}
-    for batch in eval_batches(ds, engine.train_micro_batch_size_per_gpu(), info.rank, info.world_size):
-        out = engine(*_inputs(_to_device(batch, device, dtype)))
-        keep = batch.valid.numpy()
-        parts["ids"].extend(i for i, k in zip(batch.ids, keep) if k)
-        parts["sentiment_pred"].append(out.sentiment.float().cpu().numpy()[keep])
-        parts["sentiment_true"].append(batch.sentiment.numpy()[keep])
-        parts["emotion_prob"].append(torch.sigmoid(out.emotion_logits.float()).cpu().numpy()[keep])
-        parts["emotion_true"].append(batch.emotions.numpy()[keep])
-        parts["has_emotion"].append(batch.has_emotion.numpy()[keep])
-    engine.train()
-    local = {k: (v if k == "ids" else np.concatenate(v)) for k, v in parts.items()}
-    gathered = distributed.gather_to_main(local, info)
-    preds, summary = None, None
-    if info.is_main:
-        preds = {k: (sum((g[k] for g in gathered), []) if k == "ids" else np.concatenate([g[k] for g in gathered]))
-                 for k in local}
-        summary = _score(preds, cfg)
-    loss, metrics = distributed.broadcast_from_main(summary, info)  # every rank selects the same checkpoint
-    return EvalResult(loss, metrics, preds)
-
-
-def _score(preds: dict, cfg: RunConfig) -> tuple[float, dict]:
-    sent = sentiment_metrics(preds["sentiment_pred"], preds["sentiment_true"])
-    metrics = {"sentiment": sent, "samples": len(preds["ids"])}
-    loss = sent["mae"]
-    has = preds["has_emotion"].astype(bool)
-    if has.any():
-        metrics["emotion"] = emotion_metrics(preds["emotion_prob"][has], preds["emotion_true"][has])
-        p = np.clip(preds["emotion_prob"][has], 1e-7, 1 - 1e-7)
-        y = (preds["emotion_true"][has] > 0).astype(np.float64)
-        bce = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
-        metrics["emotion"]["bce"] = bce
-        loss += cfg.train.emotion_loss_weight * bce
-    metrics["loss"] = loss
-    return loss, metrics
-
-
-def _inputs(batch: Batch):
-    return batch.features, batch.masks
-
-
-def _write_predictions(path: str, preds: dict) -> None:
-    order = np.argsort(np.asarray(preds["ids"]), kind="stable")
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "sentiment_true", "sentiment_pred", "has_emotion",
-                    *[f"{e}_true" for e in EMOTIONS], *[f"{e}_prob" for e in EMOTIONS]])
-        for i in order:
-            w.writerow([preds["ids"][i], f"{preds['sentiment_true'][i]:.6g}", f"{preds['sentiment_pred'][i]:.6g}",
-                        int(preds["has_emotion"][i]), *[f"{v:.6g}" for v in preds["emotion_true"][i]],
-                        *[f"{v:.6g}" for v in preds["emotion_prob"][i]]])
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _versions() -> dict:
-    import deepspeed
-    return {"mmolre": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
-
-
-def format_table(results: dict) -> str:
-    """The final test table, printed at the end of a run and by `mmolre show`."""
-    test, base = results["test"], results["baselines"]
-    s = test["sentiment"]
-    lines = ["", "test metrics" + (" (SYNTHETIC DATA)" if results["synthetic"] else ""),
-             "| sentiment | Has0 Acc-2 | Has0 F1 | Non0 Acc-2 | Non0 F1 | Acc-5 | Acc-7 | MAE | Corr |",
-             "|---|---|---|---|---|---|---|---|---|",
-             "| MMoLRE | " + " | ".join(f"{s[k]:.4f}" for k in
-                                          ("has0_acc2", "has0_f1", "non0_acc2", "non0_f1", "acc5", "acc7", "mae",
-                                           "corr")) + " |",
-             f"| baseline | | | {base['majority_non0_acc2']:.4f} (majority) | | | | {base['mean_mae']:.4f} "
-             f"(train mean) | |"]
-    if "emotion" in test:
-        e = test["emotion"]
-        lines += ["", "| emotions | micro-F1 | Jaccard acc | mean WA | mean wF1 |", "|---|---|---|---|---|",
-                  f"| MMoLRE | {e['micro_f1']:.4f} | {e['jaccard_acc']:.4f} | {e['mean_wacc']:.4f} | "
-                  f"{e['mean_wf1']:.4f} |"]
-        if "majority_emotion_micro_f1" in base:
-            lines.append(f"| majority | {base['majority_emotion_micro_f1']:.4f} | "
-                         f"{base['majority_emotion_jaccard_acc']:.4f} | | |")
-    if results["synthetic"]:
-        lines += ["", SYNTHETIC_NOTICE]
-    return "\n".join(lines)
 
 
 def _routing_summary(out, info) -> tuple[np.ndarray, ...]:
@@ -193,154 +90,240 @@ def _routing_summary(out, info) -> tuple[np.ndarray, ...]:
             (w / n).view_as(weights).numpy(), l.view_as(load).numpy())
 
 
-def train(cfg: RunConfig) -> dict | None:
-    """Run training end to end; returns results.json's content on rank 0 (None on other ranks)."""
-    if os.environ.get("MMOLRE_DS_LOG", "warning").lower() != "info":
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    info = distributed.init()
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-    acc = get_accelerator()
-    on_gpu = acc.device_name() != "cpu"
-    device = torch.device(acc.device_name(info.local_rank) if on_gpu else "cpu")
-    if on_gpu:
-        acc.set_device(info.local_rank)
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        if os.environ.get("MMOLRE_DS_LOG", "warning").lower() != "info":
+            logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.cfg = cfg
+        m, t = cfg.model, cfg.train
+        # Everything that can be checked without a process group is checked first.
+        on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+        world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+        ds_config = load_ds_config(t, world, on_gpu)
+        self.stop = StopRequest().install()
 
-    m, t = cfg.model, cfg.train
-    ep_size = distributed.choose_ep_size(t.ep_size, info.world_size, m.num_experts, info.local_world_size)
-    run_dir = resolve_run_dir(cfg, info)
-    ds_config = load_ds_config(t, tensorboard_dir(run_dir), on_gpu)
-    if info.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({**cfg.to_dict(), "ds_config": ds_config}, f, indent=1)
+        info = self.info = distributed.init(t.dist_timeout)
+        from deepspeed.accelerator import get_accelerator
+        acc = get_accelerator()
+        on_gpu = acc.device_name() != "cpu"
+        self.device = torch.device(acc.device_name(info.local_rank) if on_gpu else "cpu")
+        if on_gpu:
+            acc.set_device(info.local_rank)
+        self.ep_size = distributed.choose_ep_size(t.ep_size, info.world_size, m.num_experts, info.local_world_size)
+        self.run_dir = resolve_run_dir(cfg, info)
+        self.ckpt_dir = checkpoint.checkpoint_dir(self.run_dir)
+        point_tensorboard(ds_config, tensorboard_dir(self.run_dir))
 
-    data = prepare(cfg.data, builds=info.local_rank == 0, barrier=lambda: distributed.barrier(info))
-    if data.synthetic:
-        log(info, SYNTHETIC_NOTICE)
-    for split, rep in data.meta["splits"].items():
-        if rep["nonfinite_replaced"]:
-            log(info, f"data: {split}: replaced non-finite feature values with 0: {rep['nonfinite_replaced']}")
+        self.data = prepare(cfg.data, builds=info.local_rank == 0, barrier=lambda: distributed.barrier(info))
+        if self.data.synthetic:
+            log(info, SYNTHETIC_NOTICE)
+        for split, rep in self.data.meta["splits"].items():
+            if rep["nonfinite_replaced"]:
+                log(info, f"data: {split}: replaced non-finite feature values with 0: {rep['nonfinite_replaced']}")
+        if info.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                json.dump({**cfg.to_dict(), "ds_config": ds_config}, f, indent=1)
+            with open(os.path.join(self.run_dir, "data_meta.json"), "w") as f:  # what export/predict need
+                json.dump({"shapes": {k: list(v) for k, v in self.data.shapes.items()},
+                           "normalisation": {k: self.data.meta["normalisation"][k] for k in self.data.shapes},
+                           "source": self.data.meta["source"], "synthetic": self.data.synthetic}, f)
 
-    torch.manual_seed(t.seed)
-    model = MMoLRE(m, data.shapes, ep_size=ep_size)
-    model.init_shared_experts(t.seed, distributed.expert_parallel_rank(info.rank, ep_size))
-    params = count_parameters(model)
-    micro = t.batch_size or ds_config["train_micro_batch_size_per_gpu"]
-    loader = train_loader(data.splits["train"], micro, info.rank, info.world_size, t.seed)
-    steps_per_epoch = len(loader)
-    total_steps = min(steps_per_epoch * t.epochs, t.max_steps or 10**12)
-    engine = initialize(model, t, ds_config, total_steps)
-    torch.manual_seed(t.seed * 1000 + info.rank + 1)  # dropout differs per rank, weights were broadcast
-    dtype = compute_dtype(engine)
-    log(info, f"run: {run_dir} | world {info.world_size} | expert parallel {ep_size} | "
-              f"{m.num_experts} experts, top-{m.top_k}, rank {m.expert_rank} | params {params['total']:,} "
-              f"(experts {params['expert']:,}) | {steps_per_epoch} steps/epoch x {t.epochs} epochs")
+        torch.manual_seed(t.seed)
+        self.model = MMoLRE(m, self.data.shapes, ep_size=self.ep_size)
+        self.model.init_shared_experts(t.seed, distributed.expert_parallel_rank(info.rank, self.ep_size))
+        self.params = count_parameters(self.model)
+        self.params["expert_bytes_per_rank"] = sum(p.numel() * p.element_size() for _, b in self.model.moe_blocks()
+                                                   for p in b.shared_experts.parameters())
+        self.micro = ds_config["train_micro_batch_size_per_gpu"]
+        self.loader = train_loader(self.data.splits["train"], self.micro, info.rank, info.world_size, t.seed)
+        self.steps_per_epoch = len(self.loader)
+        total_steps = min(self.steps_per_epoch * t.epochs, t.max_steps or 10**12)
+        self.engine = initialize(self.model, t, ds_config, total_steps)
+        torch.manual_seed(t.seed * 1000 + info.rank + 1)  # dropout differs per rank; weights were broadcast
+        self.dtype = compute_dtype(self.engine)
+        self.monitor = Monitor(tensorboard_dir(self.run_dir) if info.is_main else None)
+        self.state = TrainState()
+        log(info, f"run: {self.run_dir} | world {info.world_size} | expert parallel {self.ep_size} | "
+                  f"{m.num_experts} experts, top-{m.top_k}, rank {m.expert_rank} | params "
+                  f"{self.params['total']:,} (experts {self.params['expert']:,}) | {self.steps_per_epoch} "
+                  f"steps/epoch x {t.epochs} epochs")
 
-    ckpt_dir = checkpoint.checkpoint_dir(run_dir)
-    state = TrainState()
-    if t.resume and checkpoint.latest_tag(ckpt_dir):
-        client = checkpoint.load(engine, ckpt_dir)
-        state = TrainState(**client["train_state"])
-        log(info, f"resumed from {ckpt_dir}/{checkpoint.latest_tag(ckpt_dir)}: epoch {state.epoch}, "
-                  f"step {state.global_step}")
-    elif t.resume:
-        raise ConfigError(f"--resume: no checkpoint in {ckpt_dir}")
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def save(self) -> str:
+        tag = checkpoint.tag_for(self.state.global_step)
+        marker = {"step": self.state.global_step, "epoch": self.state.epoch, "epoch_step": self.state.epoch_step,
+                  "world_size": self.info.world_size, "ep_size": self.ep_size}
+        checkpoint.save(self.engine, self.ckpt_dir, tag, {"train_state": asdict(self.state)}, self.info.rank,
+                        lambda: distributed.barrier(self.info), marker)
+        if self.info.local_rank == 0:
+            checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints, protect={self.state.best_tag})
+        return tag
 
-    monitor = Monitor(tensorboard_dir(run_dir) if info.is_main else None)
-    global_batch = micro * info.world_size
-    done = t.max_steps and state.global_step >= t.max_steps
-    while state.epoch < t.epochs and not done:
-        loader.sampler.set_epoch(state.epoch)
-        bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{t.epochs}", disable=not info.is_main,
-                   dynamic_ncols=True, leave=False)
-        tick, window_samples = time.perf_counter(), 0
-        for batch in bar:
-            step_start = time.perf_counter()
-            batch = _to_device(batch, device, dtype)
-            out = engine(*_inputs(batch))
-            loss = compute_loss(out, batch, t.aux_loss_weight, t.emotion_loss_weight)
-            engine.backward(loss.total)
-            engine.step()
-            state.global_step += 1
-            state.train_samples += global_batch
-            state.train_seconds += time.perf_counter() - step_start
-            window_samples += global_batch
-            if state.global_step % t.log_every == 0:
-                losses = distributed.all_reduce_sum(torch.stack(
-                    [loss.total.detach(), loss.sentiment.detach(), loss.emotion.detach(), loss.aux.detach()]).float()
-                    .cpu(), info) / info.world_size
-                aux, entropy, dropped, weights, load = _routing_summary(out, info)
-                now = time.perf_counter()
-                monitor.scalars({"loss/total": losses[0], "loss/sentiment": losses[1], "loss/emotion": losses[2],
-                                 "loss/aux": losses[3], "train/lr": engine.get_lr()[0],
-                                 "train/samples_per_s": window_samples / (now - tick),
-                                 "train/epoch": state.epoch}, state.global_step)
-                monitor.routing(out.layer_names, aux, load, entropy, dropped, state.global_step)
-                monitor.fusion(model.modalities, weights, state.global_step)
-                tick, window_samples = now, 0
-                bar.set_postfix(loss=f"{losses[0]:.3f}", mae=f"{losses[1]:.3f}", bce=f"{losses[2]:.3f}")
-            if t.max_steps and state.global_step >= t.max_steps:
-                done = True
-                break
-        bar.close()
+    def resume(self) -> None:
+        tag = checkpoint.latest_complete(self.ckpt_dir, warn=self.info.is_main)
+        if tag is None:
+            raise ConfigError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
+        marker = checkpoint.read_marker(self.ckpt_dir, tag)
+        same = marker["world_size"] == self.info.world_size and marker["ep_size"] == self.ep_size
+        client = checkpoint.load(self.engine, self.ckpt_dir, tag, self.info.rank, weights_only=not same)
+        self.state = TrainState(**client["train_state"])
+        if same:
+            log(self.info, f"resumed from {self.ckpt_dir}/{tag}: epoch {self.state.epoch}, step "
+                           f"{self.state.global_step}")
+            return
+        # Experts are stored per global id, so the weights load under any expert-parallel size; ZeRO's
+        # optimizer shards are laid out for the old world and cannot be.
+        sched = self.engine.lr_scheduler
+        sched.last_epoch = self.state.global_step - 1
+        sched.step()
+        self.state.epoch_step = 0
+        log(self.info, f"resumed WEIGHTS ONLY from {self.ckpt_dir}/{tag}, saved with world size "
+                       f"{marker['world_size']} / expert parallel {marker['ep_size']}, now {self.info.world_size} / "
+                       f"{self.ep_size}: the optimizer state was reset (the LR schedule continues at step "
+                       f"{self.state.global_step}), and epoch {self.state.epoch + 1} restarts from its first batch")
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def _flags(self, loss) -> tuple[bool, bool]:
+        """(some rank's loss is not finite, some rank was asked to stop), the same on every rank."""
+        flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(self.stop.requested)])
+        flags = distributed.all_reduce_sum(flags, self.info)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _nonfinite(self, loss, batch) -> None:
+        bad = [] if torch.isfinite(loss.detach()).item() else [i for i, v in zip(batch.ids, batch.valid) if v]
+        ids = sum(distributed.all_gather(bad, self.info), [])
+        where = f"step {self.state.global_step + 1} (epoch {self.state.epoch + 1}, batch {self.state.epoch_step + 1})"
+        if self.cfg.train.on_nonfinite == "stop":
+            raise NonFiniteLoss(f"non-finite loss at {where}; the weights were not updated. Samples of the "
+                                f"batch: {ids[:20]}{' ...' if len(ids) > 20 else ''}. Use --on_nonfinite skip "
+                                f"to skip such steps instead")
+        self.state.skipped_nonfinite += 1
+        log(self.info, f"warning: skipped a non-finite loss at {where}; samples {ids[:10]}")
+
+    def _log_step(self, loss, out, tick, window_samples, bar) -> None:
+        info, state = self.info, self.state
+        losses = distributed.all_reduce_sum(torch.stack(
+            [loss.total.detach(), loss.sentiment.detach(), loss.emotion.detach(), loss.aux.detach()]).float().cpu(),
+            info) / info.world_size
+        aux, entropy, dropped, weights, load = _routing_summary(out, info)
+        self.monitor.scalars({"loss/total": losses[0], "loss/sentiment": losses[1], "loss/emotion": losses[2],
+                              "loss/aux": losses[3], "train/lr": self.engine.get_lr()[0],
+                              "train/samples_per_s": window_samples / (time.perf_counter() - tick),
+                              "train/epoch": state.epoch}, state.global_step)
+        self.monitor.routing(out.layer_names, aux, load, entropy, dropped, state.global_step)
+        self.monitor.fusion(self.model.modalities, weights, state.global_step)
+        bar.set_postfix(loss=f"{losses[0]:.3f}", mae=f"{losses[1]:.3f}", bce=f"{losses[2]:.3f}")
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def run(self) -> dict | None:
+        """Train, validate and test; returns results.json's content on rank 0, None elsewhere or when a
+        stop signal ended the run early (after saving a checkpoint)."""
+        t, info = self.cfg.train, self.info
+        if t.resume:
+            self.resume()
+        state = self.state
+        fault_step = int(os.environ.get(FAULT_NAN_STEP, 0))
+        fault_rank = int(os.environ.get("MMOLRE_FAULT_NAN_RANK", 0))
+        global_batch = self.micro * info.world_size
+        done = bool(t.max_steps) and state.global_step >= t.max_steps
+        while state.epoch < t.epochs and not done:
+            self.loader.sampler.start_at(state.epoch, state.epoch_step * self.micro)
+            bar = tqdm(self.loader, desc=f"epoch {state.epoch + 1}/{t.epochs}", disable=not info.is_main,
+                       dynamic_ncols=True, leave=False, initial=state.epoch_step, total=self.steps_per_epoch)
+            tick, window_samples = time.perf_counter(), 0
+            for batch in bar:
+                step_start = time.perf_counter()
+                batch = to_device(batch, self.device, self.dtype)
+                out = self.engine(*inputs(batch))
+                loss = compute_loss(out, batch, t.aux_loss_weight, t.emotion_loss_weight)
+                if fault_step == state.global_step + 1 and info.rank == fault_rank:
+                    loss.total = loss.total * float("nan")
+                nonfinite, stop = self._flags(loss.total)
+                state.epoch_step += 1
+                if nonfinite:
+                    self._nonfinite(loss.total, batch)
+                else:
+                    self.engine.backward(loss.total)
+                    self.engine.step()
+                    state.global_step += 1
+                    state.train_samples += global_batch
+                    state.train_seconds += time.perf_counter() - step_start
+                    window_samples += global_batch
+                    if state.global_step % t.log_every == 0:
+                        self._log_step(loss, out, tick, window_samples, bar)
+                        tick, window_samples = time.perf_counter(), 0
+                    done = bool(t.max_steps) and state.global_step >= t.max_steps
+                if stop:
+                    tag = self.save()
+                    bar.close()
+                    log(info, f"stop requested ({self.stop.signal_name or 'on another rank'}): saved "
+                              f"{self.ckpt_dir}/{tag} at step {state.global_step}; continue with --resume")
+                    self.monitor.close()
+                    return None
+                mid_epoch = state.epoch_step < self.steps_per_epoch
+                if t.save_every and state.global_step % t.save_every == 0 and mid_epoch and not done and not nonfinite:
+                    self.save()
+                if done:
+                    break
+            bar.close()
+            self._end_epoch()
+        return self._test()
+
+    def _end_epoch(self) -> None:
+        info, state = self.info, self.state
         state.epoch += 1
-
-        valid = evaluate(engine, data, "valid", cfg, info, device, dtype)
+        state.epoch_step = 0
+        valid = evaluate(self.engine, self.data, "valid", self.cfg, info, self.device, self.dtype)
         state.history.append({"epoch": state.epoch, "step": state.global_step, "valid_loss": valid.loss,
                               "valid": valid.metrics})
-        monitor.scalars(_flatten("valid", valid.metrics), state.global_step)
-        tag = f"epoch{state.epoch}"
+        self.monitor.scalars(flatten("valid", valid.metrics), state.global_step)
+        tag = checkpoint.tag_for(state.global_step)
         if valid.loss < state.best_valid_loss:
             state.best_valid_loss, state.best_tag, state.best_epoch = valid.loss, tag, state.epoch
-        checkpoint.save(engine, ckpt_dir, tag, {"train_state": state.__dict__, "config": cfg.to_dict()})
-        if info.local_rank == 0:
-            checkpoint.prune(ckpt_dir, keep={tag, state.best_tag})
-        distributed.barrier(info)
+        self.save()
         v = valid.metrics["sentiment"]
         log(info, f"epoch {state.epoch}: valid loss {valid.loss:.4f} | MAE {v['mae']:.4f} | Non0 Acc-2 "
                   f"{v['non0_acc2']:.4f}" + (f" | emotion micro-F1 {valid.metrics['emotion']['micro_f1']:.4f}"
                                              if "emotion" in valid.metrics else "")
                   + (" (best)" if state.best_tag == tag else ""))
-        monitor.flush()
+        self.monitor.flush()
 
-    # The test split is evaluated once, with the checkpoint that validation selected.
-    checkpoint.load(engine, ckpt_dir, tag=state.best_tag, weights_only=True)
-    test = evaluate(engine, data, "test", cfg, info, device, dtype)
-    monitor.scalars(_flatten("test", test.metrics), state.global_step)
-    monitor.close()
-    if not info.is_main:
-        return None
+    def _test(self) -> dict | None:
+        """The test split is evaluated once, with the checkpoint that validation selected."""
+        info, state, m = self.info, self.state, self.cfg.model
+        checkpoint.load(self.engine, self.ckpt_dir, state.best_tag, info.rank, weights_only=True)
+        test = evaluate(self.engine, self.data, "test", self.cfg, info, self.device, self.dtype)
+        self.monitor.scalars(flatten("test", test.metrics), state.global_step)
+        self.monitor.close()
+        if not info.is_main:
+            return None
+        train_split = self.data.splits["train"].hf
+        best = next(h for h in state.history if h["epoch"] == state.best_epoch)
+        emo_rows = np.asarray(train_split["has_emotion"], bool)
+        has = test.predictions["has_emotion"].astype(bool)
+        results = {
+            "config": self.cfg.to_dict(), "synthetic": self.data.synthetic, "dataset": self.cfg.data.dataset,
+            "world_size": info.world_size, "ep_size": self.ep_size, "num_experts": m.num_experts, "top_k": m.top_k,
+            "best_epoch": state.best_epoch, "best_checkpoint": state.best_tag, "global_step": state.global_step,
+            "params": self.params,
+            "train": {"seconds": state.train_seconds, "samples": state.train_samples,
+                      "samples_per_s": state.train_samples / max(state.train_seconds, 1e-9), "epochs": state.epoch,
+                      "skipped_nonfinite": state.skipped_nonfinite},
+            "valid": best["valid"], "test": test.metrics,
+            "baselines": baselines(np.asarray(train_split["sentiment"]),
+                                   np.asarray(train_split["emotions"])[emo_rows],
+                                   test.predictions["sentiment_true"], test.predictions["emotion_true"][has]),
+            "history": state.history, "seed": self.cfg.train.seed, "versions": versions(),
+            "git_commit": git_commit(),
+        }
+        write_predictions(os.path.join(self.run_dir, "predictions_test.csv"), test.predictions)
+        with open(os.path.join(self.run_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print(format_table(results), flush=True)
+        print(f"\nwrote {self.run_dir}/results.json, predictions_test.csv, tensorboard/, checkpoints/", flush=True)
+        return results
 
-    train_split = data.splits["train"].hf
-    best = next(h for h in state.history if h["epoch"] == state.best_epoch)
-    emo_rows = np.asarray(train_split["has_emotion"], bool)
-    results = {
-        "config": cfg.to_dict(), "synthetic": data.synthetic, "dataset": cfg.data.dataset,
-        "world_size": info.world_size, "ep_size": ep_size, "num_experts": m.num_experts, "top_k": m.top_k,
-        "best_epoch": state.best_epoch, "global_step": state.global_step, "params": params,
-        "train": {"seconds": state.train_seconds, "samples": state.train_samples,
-                  "samples_per_s": state.train_samples / max(state.train_seconds, 1e-9), "epochs": state.epoch},
-        "valid": best["valid"], "test": test.metrics,
-        "baselines": baselines(np.asarray(train_split["sentiment"]), np.asarray(train_split["emotions"])[emo_rows],
-                               test.predictions["sentiment_true"],
-                               test.predictions["emotion_true"][test.predictions["has_emotion"].astype(bool)]),
-        "history": state.history, "seed": t.seed, "versions": _versions(), "git_commit": _git_commit(),
-    }
-    _write_predictions(os.path.join(run_dir, "predictions_test.csv"), test.predictions)
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(format_table(results), flush=True)
-    print(f"\nwrote {run_dir}/results.json, predictions_test.csv, tensorboard/, checkpoints/", flush=True)
-    return results
 
-
-def _flatten(prefix: str, d: dict) -> dict[str, float]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(f"{prefix}/{k}", v))
-        elif isinstance(v, (int, float)):
-            out[f"{prefix}/{k}"] = v
-    return out
-
+def train(cfg: RunConfig) -> dict | None:
+    return Trainer(cfg).run()

@@ -4,7 +4,7 @@ import pytest
 
 from mmolre.config import ConfigError, RunConfig, TrainConfig, parse_args
 from mmolre.distributed import choose_ep_size
-from mmolre.engine import load_ds_config
+from mmolre.engine import load_ds_config, point_tensorboard
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -13,8 +13,11 @@ from mmolre.engine import load_ds_config
     (["--modalities", "text,smell"], "--modalities: unknown ['smell']"),
     (["--ds_config", "nope.json"], "--ds_config: no such file 'nope.json'"),
     (["--capacity_factor", "-1"], "--capacity_factor must be >= 0"),
+    (["--on_nonfinite", "ignore"], "--on_nonfinite must be 'stop' or 'skip'"),
+    (["--ep_size", "4", "--num_experts", "8"], "--ep_size 4 does not divide the world size 2"),
 ])
-def test_impossible_flags_fail_with_a_clear_message(argv, message):
+def test_impossible_flags_fail_with_a_clear_message(argv, message, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError) as e:
         parse_args(argv)
     assert message in str(e.value)
@@ -51,16 +54,27 @@ def _ds(tmp_path, content):
     ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "Adam"}},
      "remove the 'optimizer' section"),
     ({"train_micro_batch_size_per_gpu": 4}, "set 'gradient_clipping' explicitly"),
+    ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "zero_optimisation": {"stage": 2}},
+     "unknown key 'zero_optimisation' \\(did you mean 'zero_optimization'\\?\\)"),
+    ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "train_batch_size": 12},
+     "train_batch_size 12 != micro batch 4 x accumulation 1 x world size 2 = 8"),
 ])
 def test_deepspeed_config_problems_are_named(tmp_path, content, message):
     with pytest.raises(ConfigError, match=message):
-        load_ds_config(_ds(tmp_path, content), None, on_gpu=False)
+        load_ds_config(_ds(tmp_path, content), world_size=2, on_gpu=False)
 
 
 def test_deepspeed_config_overrides(tmp_path):
     cfg = _ds(tmp_path, {"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "train_batch_size": 64,
                          "tensorboard": {"enabled": True, "output_path": "x"}})
     cfg.batch_size = 16
-    ds = load_ds_config(cfg, "/tmp/tb", on_gpu=False)
-    assert ds["train_micro_batch_size_per_gpu"] == 16 and "train_batch_size" not in ds
+    ds = load_ds_config(cfg, world_size=4, on_gpu=False)
+    assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["train_batch_size"] == 64
+    point_tensorboard(ds, "/tmp/tb")
     assert ds["tensorboard"] == {"enabled": True, "output_path": "/tmp/tb", "job_name": "deepspeed"}
+
+
+def test_shipped_configs_pass_the_checks():
+    for name in ("zero0", "zero1", "zero2"):
+        load_ds_config(TrainConfig(ds_config=f"ds_configs/{name}.json"), world_size=2, on_gpu=False)
+    load_ds_config(TrainConfig(ds_config="ds_configs/zero2_bf16.json"), world_size=8, on_gpu=True)

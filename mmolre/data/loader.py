@@ -85,11 +85,28 @@ def _identity(batch):
     return batch
 
 
+class ResumableSampler(DistributedSampler):
+    """A DistributedSampler that can start an epoch part-way, so a resumed run sees exactly the batches
+    the interrupted one had not seen yet (the order depends only on seed and epoch)."""
+
+    skip = 0
+
+    def start_at(self, epoch: int, samples_done: int) -> None:
+        self.set_epoch(epoch)
+        self.skip = samples_done
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
 def train_loader(ds: SplitDataset, batch_size: int, rank: int, world: int, seed: int) -> DataLoader:
     if len(ds) < batch_size * world:
         raise ValueError(f"the train split has {len(ds)} samples, fewer than one batch of {batch_size} "
                          f"on each of {world} ranks")
-    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=_identity)
 
 

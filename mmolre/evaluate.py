@@ -1,0 +1,74 @@
+"""Evaluation on every rank (equal padded batches), predictions gathered with their ids to rank 0, and
+the metrics of the gathered predictions."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import distributed
+from .config import RunConfig
+from .data import Batch, PreparedData, eval_batches
+from .metrics import emotion_metrics, sentiment_metrics
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    metrics: dict
+    predictions: dict | None = None   # rank 0 only: arrays keyed by column
+
+
+def to_device(batch: Batch, device, dtype) -> Batch:
+    batch = batch.to(device)
+    batch.features = {m: x.to(dtype) for m, x in batch.features.items()}
+    return batch
+
+
+@torch.no_grad()
+def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, device, dtype) -> EvalResult:
+    """Run on every rank (padded to equal batches); gather predictions with ids to rank 0."""
+    engine.eval()
+    ds = data.splits[split]
+    parts = {"ids": [], "sentiment_pred": [], "sentiment_true": [], "emotion_prob": [], "emotion_true": [],
+             "has_emotion": []}
+    for batch in eval_batches(ds, engine.train_micro_batch_size_per_gpu(), info.rank, info.world_size):
+        out = engine(*inputs(to_device(batch, device, dtype)))
+        keep = batch.valid.numpy()
+        parts["ids"].extend(i for i, k in zip(batch.ids, keep) if k)
+        parts["sentiment_pred"].append(out.sentiment.float().cpu().numpy()[keep])
+        parts["sentiment_true"].append(batch.sentiment.numpy()[keep])
+        parts["emotion_prob"].append(torch.sigmoid(out.emotion_logits.float()).cpu().numpy()[keep])
+        parts["emotion_true"].append(batch.emotions.numpy()[keep])
+        parts["has_emotion"].append(batch.has_emotion.numpy()[keep])
+    engine.train()
+    local = {k: (v if k == "ids" else np.concatenate(v)) for k, v in parts.items()}
+    gathered = distributed.gather_to_main(local, info)
+    preds, summary = None, None
+    if info.is_main:
+        preds = {k: (sum((g[k] for g in gathered), []) if k == "ids" else np.concatenate([g[k] for g in gathered]))
+                 for k in local}
+        summary = _score(preds, cfg)
+    loss, metrics = distributed.broadcast_from_main(summary, info)  # every rank selects the same checkpoint
+    return EvalResult(loss, metrics, preds)
+
+
+def _score(preds: dict, cfg: RunConfig) -> tuple[float, dict]:
+    sent = sentiment_metrics(preds["sentiment_pred"], preds["sentiment_true"])
+    metrics = {"sentiment": sent, "samples": len(preds["ids"])}
+    loss = sent["mae"]
+    has = preds["has_emotion"].astype(bool)
+    if has.any():
+        metrics["emotion"] = emotion_metrics(preds["emotion_prob"][has], preds["emotion_true"][has])
+        p = np.clip(preds["emotion_prob"][has], 1e-7, 1 - 1e-7)
+        y = (preds["emotion_true"][has] > 0).astype(np.float64)
+        bce = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+        metrics["emotion"]["bce"] = bce
+        loss += cfg.train.emotion_loss_weight * bce
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def inputs(batch: Batch):
+    return batch.features, batch.masks
