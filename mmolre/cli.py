@@ -2,6 +2,8 @@
 
     mmolre show RUN_DIR                 print a finished run's test table from its results.json
     mmolre synthetic OUT.pkl [--scale]  write the embedded synthetic dataset as an MMSA-schema pickle
+    mmolre export RUN_DIR OUT.pt        one consolidated fp32 model file (all experts, config, normalisation)
+    mmolre predict MODEL.pt DATA.pkl    run an exported model on CPU, no DeepSpeed engine or launcher
 """
 from __future__ import annotations
 
@@ -34,6 +36,25 @@ def _synthetic(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export import export
+    payload = export(args.run_dir, args.out, args.tag)
+    n = sum(v.numel() for v in payload["state_dict"].values())
+    print(f"wrote {args.out}: checkpoint {payload['checkpoint']} of {args.run_dir}, {n:,} parameters (fp32)")
+    return 0
+
+
+def _predict(args) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from .config import default_cache_dir
+    from .export import predict
+    from .report import write_predictions
+    preds = predict(args.model, args.data, args.split, args.cache_dir or default_cache_dir())
+    write_predictions(args.out, preds)
+    print(f"wrote {args.out}: {len(preds['ids'])} predictions for split {args.split!r} of {args.data}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mmolre", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,8 +67,24 @@ def main(argv=None) -> int:
     syn.add_argument("--scale", type=float, default=0.5, help="fraction of MOSEI's split sizes")
     syn.add_argument("--seed", type=int, default=0)
     syn.set_defaults(func=_synthetic)
+    exp = sub.add_parser("export", help="write one consolidated fp32 model file from a run's checkpoint")
+    exp.add_argument("run_dir")
+    exp.add_argument("out")
+    exp.add_argument("--tag", default="best", help="'best' (validation's choice), 'latest', or a tag name")
+    exp.set_defaults(func=_export)
+    pred = sub.add_parser("predict", help="predict with an exported model on CPU")
+    pred.add_argument("model")
+    pred.add_argument("data", help="an MMSA-schema pickle")
+    pred.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    pred.add_argument("--out", default="predictions.csv")
+    pred.add_argument("--cache_dir", default=None, help="Arrow cache directory (default: as for training)")
+    pred.set_defaults(func=_predict)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

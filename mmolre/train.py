@@ -28,7 +28,8 @@ from .monitor import Monitor, tensorboard_dir
 from .preemption import StopRequest
 from .report import SYNTHETIC_NOTICE, flatten, format_table, git_commit, versions, write_predictions
 
-# Test hook: make the loss NaN at this global step (1-based) on rank MMOLRE_FAULT_NAN_RANK (default 0).
+# Test hook: make the loss of the N-th batch this process trains on (1-based) NaN on rank
+# MMOLRE_FAULT_NAN_RANK (default 0).
 FAULT_NAN_STEP = "MMOLRE_FAULT_NAN_STEP"
 
 
@@ -226,6 +227,7 @@ class Trainer:
         fault_step = int(os.environ.get(FAULT_NAN_STEP, 0))
         fault_rank = int(os.environ.get("MMOLRE_FAULT_NAN_RANK", 0))
         global_batch = self.micro * info.world_size
+        batches_here = 0
         done = bool(t.max_steps) and state.global_step >= t.max_steps
         while state.epoch < t.epochs and not done:
             self.loader.sampler.start_at(state.epoch, state.epoch_step * self.micro)
@@ -237,13 +239,14 @@ class Trainer:
                 batch = to_device(batch, self.device, self.dtype)
                 out = self.engine(*inputs(batch))
                 loss = compute_loss(out, batch, t.aux_loss_weight, t.emotion_loss_weight)
-                if fault_step == state.global_step + 1 and info.rank == fault_rank:
+                batches_here += 1
+                if fault_step == batches_here and info.rank == fault_rank:
                     loss.total = loss.total * float("nan")
                 nonfinite, stop = self._flags(loss.total)
-                state.epoch_step += 1
                 if nonfinite:
                     self._nonfinite(loss.total, batch)
-                else:
+                state.epoch_step += 1
+                if not nonfinite:
                     self.engine.backward(loss.total)
                     self.engine.step()
                     state.global_step += 1

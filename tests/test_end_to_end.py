@@ -2,32 +2,10 @@
 import csv
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--ds_config", "ds_configs/zero2.json", "--synthetic_scale", "0.02", "--d_model", "16",
-        "--num_experts", "8", "--expert_rank", "4", "--batch_size", "8", "--log_every", "2", "--blocks", "2"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_deepspeed(tmp, *args, procs=2, check=True):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "DEEPSPEED_TIMEOUT": "2", "OMP_NUM_THREADS": "1",
-           "MMOLRE_CACHE": str(tmp / "cache")}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port",
-           str(_port()), "launch.py", *TINY, "--output_dir", str(tmp / "runs"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        pytest.fail(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
+from tests.launcher import run_deepspeed
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,10 @@ def train_loader(ds: SplitDataset, batch_size: int, rank: int, world: int, seed:
         raise ValueError(f"the train split has {len(ds)} samples, fewer than one batch of {batch_size} "
                          f"on each of {world} ranks")
     sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=_identity)
+    # A generator of its own: a DataLoader otherwise draws from the global RNG each time an epoch's iterator
+    # starts, which would shift dropout's random stream after a mid-epoch resume.
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=_identity,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def eval_batches(ds: SplitDataset, batch_size: int, rank: int, world: int):

@@ -1,0 +1,102 @@
+"""A consolidated model for inference without DeepSpeed's engine, launcher or process group.
+
+`export` reads a run's DeepSpeed checkpoint files directly: the dense weights from
+`mp_rank_00_model_states.pt` and every shared expert from its `layer_<L>_expert_<E>_...` file (stored
+per global expert id, so the export does not depend on how many ranks trained it), and writes one fp32
+file with the model configuration, the feature shapes and the train-split normalisation. `predict` builds
+the model with expert parallelism 1 and runs it on CPU.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import ModelConfig
+from .data.cache import build_cache, load_cache
+from .data.loader import SplitDataset, eval_batches
+from .model import MMoLRE
+
+FORMAT = "mmolre-export-1"
+
+
+def _tag(run_dir: str, tag: str) -> str:
+    ckpt_dir = checkpoint.checkpoint_dir(run_dir)
+    if tag == "best":
+        path = os.path.join(run_dir, "results.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist; the run has no selected checkpoint yet "
+                                    f"(use --tag latest)")
+        with open(path) as f:
+            return json.load(f)["best_checkpoint"]
+    if tag == "latest":
+        found = checkpoint.latest_complete(ckpt_dir)
+        if found is None:
+            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir}")
+        return found
+    return tag
+
+
+def export(run_dir: str, out_path: str, tag: str = "best") -> dict:
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    with open(os.path.join(run_dir, "data_meta.json")) as f:
+        data_meta = json.load(f)
+    tag = _tag(run_dir, tag)
+    tag_dir = os.path.join(checkpoint.checkpoint_dir(run_dir), tag)
+    if not checkpoint.is_complete(checkpoint.checkpoint_dir(run_dir), tag):
+        raise FileNotFoundError(f"{tag_dir} is not a complete checkpoint")
+    state = dict(torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
+                            weights_only=False)["module"])
+    for path in glob.glob(os.path.join(tag_dir, "layer_*_expert_*_mp_rank_00_model_states.pt")):
+        state.update(torch.load(path, map_location="cpu", weights_only=False))
+    model_cfg = ModelConfig(**cfg["model"])
+    shapes = {m: tuple(v) for m, v in data_meta["shapes"].items()}
+    model = MMoLRE(model_cfg, shapes, ep_size=1)
+    model.load_state_dict(state, strict=True)   # global expert ids are the local ids at ep_size 1
+    payload = {"format": FORMAT, "model_config": cfg["model"], "shapes": data_meta["shapes"],
+               "normalisation": data_meta["normalisation"], "synthetic": data_meta["synthetic"],
+               "source_run": os.path.abspath(run_dir), "checkpoint": tag,
+               "state_dict": {k: v.float() for k, v in model.state_dict().items()}}
+    torch.save(payload, out_path)
+    return payload
+
+
+def load_exported(path: str) -> tuple[MMoLRE, dict]:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an mmolre export (format {payload.get('format')!r})")
+    cfg = ModelConfig(**payload["model_config"])
+    model = MMoLRE(cfg, {m: tuple(v) for m, v in payload["shapes"].items()}, ep_size=1)
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), payload
+
+
+@torch.no_grad()
+def predict(model_path: str, data_path: str, split: str, cache_dir: str, batch_size: int = 64) -> dict:
+    """Predictions for one split of an MMSA-schema pickle: ids, sentiment, emotion probabilities, labels."""
+    model, payload = load_exported(model_path)
+    hf, meta = load_cache(build_cache(data_path, cache_dir))
+    modalities = list(payload["shapes"])
+    for m in modalities:
+        if m not in meta["shapes"] or meta["shapes"][m] != list(payload["shapes"][m]):
+            raise ValueError(f"{data_path}: modality {m!r} has shape {meta['shapes'].get(m)}, the model expects "
+                             f"{payload['shapes'][m]}")
+    ds = SplitDataset(hf[split], modalities, payload["normalisation"])
+    out = {"ids": [], "sentiment_pred": [], "sentiment_true": [], "emotion_prob": [], "emotion_true": [],
+           "has_emotion": []}
+    for batch in eval_batches(ds, batch_size, rank=0, world=1):
+        pred = model(batch.features, batch.masks)
+        keep = batch.valid.numpy()
+        out["ids"].extend(i for i, k in zip(batch.ids, keep) if k)
+        out["sentiment_pred"].append(pred.sentiment.numpy()[keep])
+        out["emotion_prob"].append(torch.sigmoid(pred.emotion_logits).numpy()[keep])
+        out["sentiment_true"].append(batch.sentiment.numpy()[keep])
+        out["emotion_true"].append(batch.emotions.numpy()[keep])
+        out["has_emotion"].append(batch.has_emotion.numpy()[keep])
+    return {k: (v if k == "ids" else np.concatenate(v)) for k, v in out.items()}
+

@@ -1,0 +1,42 @@
+"""Start `launch.py` through the real `deepspeed` launcher with CPU processes, for the end-to-end tests."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--ds_config", "ds_configs/zero2.json", "--synthetic_scale", "0.02", "--d_model", "16",
+        "--num_experts", "8", "--expert_rank", "4", "--batch_size", "8", "--log_every", "2", "--blocks", "2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(tmp, args, procs=2):
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port",
+            str(free_port()), "launch.py", *TINY, "--output_dir", str(tmp / "runs"), *args]
+
+
+def environment(tmp, **extra):
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "DEEPSPEED_TIMEOUT": "2", "OMP_NUM_THREADS": "1",
+            "MMOLRE_CACHE": str(tmp / "cache"), **extra}
+
+
+def run_deepspeed(tmp, *args, procs=2, check=True, env=None):
+    proc = subprocess.run(command(tmp, args, procs), cwd=ROOT, env=environment(tmp, **(env or {})),
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def start_deepspeed(tmp, *args, procs=2, log=None):
+    """Start in the background, in its own session (so the whole group can be killed)."""
+    out = open(log, "w") if log else subprocess.DEVNULL
+    return subprocess.Popen(command(tmp, args, procs), cwd=ROOT, env=environment(tmp), stdout=out,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -1,0 +1,189 @@
+"""Kill, stop, corrupt and resume real 2-process runs started through the `deepspeed` launcher."""
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from tests.launcher import ROOT, environment, run_deepspeed, start_deepspeed
+
+RUN = ["--epochs", "2", "--save_every", "4", "--keep_checkpoints", "3", "--dropout", "0.1"]
+
+
+def results(run):
+    return json.loads((run / "results.json").read_text())
+
+
+def final_weights(run):
+    """The module weights of the newest complete checkpoint, dense and experts."""
+    tags = sorted(glob.glob(str(run / "checkpoints" / "step*" / "mmolre_complete.json")))
+    tag_dir = os.path.dirname(tags[-1])
+    state = dict(torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), weights_only=False)["module"])
+    for path in glob.glob(os.path.join(tag_dir, "layer_*_expert_*")):
+        state.update(torch.load(path, weights_only=False))
+    return os.path.basename(tag_dir), state
+
+
+def complete_tags(run):
+    return sorted(os.path.basename(os.path.dirname(p))
+                  for p in glob.glob(str(run / "checkpoints" / "step*" / "mmolre_complete.json")))
+
+
+def wait_for(predicate, proc, timeout=300):
+    start = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before the condition held")
+        if time.time() - start > timeout:
+            pytest.fail("timed out")
+        time.sleep(0.05)
+
+
+def rank_pid(launcher, rank):
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if f"--local_rank={rank}" in " ".join(child.cmdline()):
+            return child.pid
+    raise AssertionError(f"no process for rank {rank}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    run_deepspeed(tmp, "--run_name", "ref", *RUN)
+    return tmp, tmp / "runs" / "ref"
+
+
+def test_same_seed_gives_bit_identical_metrics(reference, tmp_path):
+    _, ref = reference
+    run_deepspeed(tmp_path, "--run_name", "again", *RUN)
+    again = tmp_path / "runs" / "again"
+    assert results(again)["test"] == results(ref)["test"]
+    assert results(again)["valid"] == results(ref)["valid"]
+    r = results(ref)
+    assert r["seed"] == 1 and r["versions"]["deepspeed"] and r["versions"]["torch"] and "git_commit" in r
+
+
+def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(reference, tmp_path):
+    _, ref = reference
+    run = tmp_path / "runs" / "killed"
+    proc = start_deepspeed(tmp_path, "--run_name", "killed", *RUN, log=tmp_path / "killed.log")
+    wait_for(lambda: complete_tags(run), proc)
+    time.sleep(random.uniform(0.0, 1.0))          # somewhere after the first checkpoint
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (run / "results.json").exists()
+    resumed = run_deepspeed(tmp_path, "--run_name", "killed", *RUN, "--resume")
+    assert "resumed from" in resumed.stdout
+    assert results(run)["test"] == results(ref)["test"]
+    assert results(run)["history"] == results(ref)["history"]
+    (tag_a, a), (tag_b, b) = final_weights(ref), final_weights(run)
+    assert tag_a == tag_b and a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sigterm_on_one_rank_checkpoints_on_all_and_exits_zero(tmp_path):
+    run = tmp_path / "runs" / "stopped"
+    proc = start_deepspeed(tmp_path, "--run_name", "stopped", "--epochs", "3", log=tmp_path / "stopped.log")
+    wait_for(lambda: glob.glob(str(run / "tensorboard" / "events.*")), proc)
+    os.kill(rank_pid(proc, 1), signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    log = (tmp_path / "stopped.log").read_text()
+    assert "stop requested" in log and "continue with --resume" in log
+    tags = complete_tags(run)
+    assert tags and not (run / "results.json").exists()
+    marker = json.loads((run / "checkpoints" / tags[-1] / "mmolre_complete.json").read_text())
+    assert marker["epoch"] < 3
+    done = run_deepspeed(tmp_path, "--run_name", "stopped", "--epochs", "3", "--resume")
+    assert f"step {marker['step']}" in done.stdout
+    assert results(run)["train"]["epochs"] == 3
+
+
+def test_a_half_written_checkpoint_is_skipped_with_a_warning(reference, tmp_path):
+    _, ref = reference
+    run = tmp_path / "runs" / "ref"
+    shutil.copytree(ref, run)
+    newest = complete_tags(run)[-1]
+    # what a crash in the middle of a save leaves: no marker, a truncated file
+    os.remove(run / "checkpoints" / newest / "mmolre_complete.json")
+    with open(run / "checkpoints" / newest / "mp_rank_00_model_states.pt", "r+b") as f:
+        f.truncate(100)
+    (run / "results.json").unlink()
+    proc = run_deepspeed(tmp_path, "--run_name", "ref", *RUN, "--resume")
+    out = proc.stdout + proc.stderr
+    assert f"skipping incomplete checkpoint(s) ['{newest}']" in out
+    # resuming from the previous checkpoint redoes the lost work exactly
+    assert results(run)["test"] == results(ref)["test"]
+
+
+def test_resume_under_another_expert_parallel_size_loads_the_weights(reference, tmp_path):
+    _, ref = reference
+    run = tmp_path / "runs" / "ref"
+    shutil.copytree(ref, run)
+    proc = run_deepspeed(tmp_path, "--run_name", "ref", *RUN, "--resume", procs=1)
+    assert "resumed WEIGHTS ONLY" in proc.stdout and "the optimizer state was reset" in proc.stdout
+    assert "expert parallel 2, now 1 / 1" in proc.stdout
+    one, two = results(run), results(ref)
+    assert one["ep_size"] == 1 and two["ep_size"] == 2
+    for k, v in two["test"]["sentiment"].items():   # same weights, evaluated by one process
+        assert one["test"]["sentiment"][k] == pytest.approx(v, abs=1e-4), k
+
+
+def test_export_then_predict_matches_the_trainers_test_predictions(reference, tmp_path):
+    tmp, ref = reference
+    model = tmp_path / "model.pt"
+    env = environment(tmp)
+    cli = [sys.executable, "-m", "mmolre.cli"]
+    subprocess.run([*cli, "export", str(ref), str(model)], cwd=ROOT, env=env, check=True, capture_output=True)
+    source = json.loads((ref / "data_meta.json").read_text())["source"]
+    out = tmp_path / "pred.csv"
+    subprocess.run([*cli, "predict", str(model), source, "--out", str(out)], cwd=ROOT,
+                   env={**env, "WORLD_SIZE": "", "RANK": ""}, check=True, capture_output=True)
+    import csv
+    trainer = {r["id"]: r for r in csv.DictReader(open(ref / "predictions_test.csv"))}
+    exported = {r["id"]: r for r in csv.DictReader(open(out))}
+    assert trainer.keys() == exported.keys()
+    for sid, row in trainer.items():
+        for col in ("sentiment_pred", "happy_prob", "fear_prob"):
+            assert float(exported[sid][col]) == pytest.approx(float(row[col]), abs=1e-4), (sid, col)
+
+
+def test_a_nan_loss_stops_the_run_naming_step_and_samples(tmp_path):
+    proc = run_deepspeed(tmp_path, "--run_name", "nan", "--epochs", "1", check=False,
+                         env={"MMOLRE_FAULT_NAN_STEP": "3", "MMOLRE_FAULT_NAN_RANK": "1"})
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "non-finite loss at step 3 (epoch 1, batch 3); the weights were not updated" in out
+    assert "synth" in out.split("Samples of the batch:")[1][:200]
+
+
+def test_a_nan_loss_can_be_skipped_and_counted(tmp_path):
+    run_deepspeed(tmp_path, "--run_name", "skip", "--epochs", "1", "--on_nonfinite", "skip",
+                  env={"MMOLRE_FAULT_NAN_STEP": "3"})
+    r = results(tmp_path / "runs" / "skip")
+    assert r["train"]["skipped_nonfinite"] == 1
+    steps_per_epoch = 326 // (8 * 2)
+    assert r["global_step"] == steps_per_epoch - 1
+    assert r["test"]["sentiment"]["mae"] == r["test"]["sentiment"]["mae"]   # finite, not NaN
+
+
+def test_a_dead_rank_ends_the_run_in_bounded_time(tmp_path):
+    run = tmp_path / "runs" / "dead"
+    proc = start_deepspeed(tmp_path, "--run_name", "dead", "--epochs", "20", "--dist_timeout", "30",
+                           log=tmp_path / "dead.log")
+    wait_for(lambda: glob.glob(str(run / "tensorboard" / "events.*")), proc)
+    killed = time.time()
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)
+    code = proc.wait(timeout=120)
+    elapsed = time.time() - killed
+    assert code != 0
+    assert elapsed < 45, f"the surviving rank took {elapsed:.0f} s to exit"
