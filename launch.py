@@ -14,6 +14,8 @@ def _threads_per_process() -> None:
 
 
 def main(argv=None) -> int:
+    from mmolre.distributed import fill_env
+    fill_env()  # RANK/WORLD_SIZE/LOCAL_SIZE from the launcher, from srun's variables, or one process
     _threads_per_process()
     import torch
     from mmolre.config import ConfigError, parse_args

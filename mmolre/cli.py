@@ -4,6 +4,7 @@
     mmolre synthetic OUT.pkl [--scale]  write the embedded synthetic dataset as an MMSA-schema pickle
     mmolre export RUN_DIR OUT.pt        one consolidated fp32 model file (all experts, config, normalisation)
     mmolre predict MODEL.pt DATA.pkl    run an exported model on CPU, no DeepSpeed engine or launcher
+    mmolre report RUN_DIR...            group runs (experts, top-k, ... ), mean ± std over seeds, figures
 """
 from __future__ import annotations
 
@@ -55,6 +56,26 @@ def _predict(args) -> int:
     return 0
 
 
+def _report(args) -> int:
+    from .report import load_runs, markdown_report, plot_sweep
+    runs = load_runs(args.run_dirs)
+    table = markdown_report(runs)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("error: --plot needs matplotlib: pip install 'mmolre[plot]'", file=sys.stderr)
+            return 2
+        metric = tuple(args.metric.split("."))
+        for path in plot_sweep(runs, args.plot, metric):
+            print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mmolre", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,6 +100,12 @@ def main(argv=None) -> int:
     pred.add_argument("--out", default="predictions.csv")
     pred.add_argument("--cache_dir", default=None, help="Arrow cache directory (default: as for training)")
     pred.set_defaults(func=_predict)
+    rep = sub.add_parser("report", help="a table (and figures) over many runs, e.g. a sweep")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", help="also write the markdown table here")
+    rep.add_argument("--plot", help="write PREFIX_vs_experts.png and PREFIX_heatmap.png (needs matplotlib)")
+    rep.add_argument("--metric", default="test.sentiment.mae", help="the metric the figures show")
+    rep.set_defaults(func=_report)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

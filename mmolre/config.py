@@ -62,8 +62,10 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    ds_config: str = _help("DeepSpeed JSON config (ZeRO stage, micro batch, clipping, precision)",
-                           default="ds_configs/zero2.json")
+    ds_config: str = _help("DeepSpeed JSON config (ZeRO stage, micro batch, clipping, precision); under "
+                           "`accelerate launch`, the config file of its DeepSpeed plugin",
+                           default_factory=lambda: os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE",
+                                                                  "ds_configs/zero2.json"))
     output_dir: str = _help("parent directory of run directories", default="runs")
     run_name: Optional[str] = _help("run directory name (default: dataset, experts, top-k and a timestamp)",
                                     default=None)
@@ -183,7 +185,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
     if t.save_every < 0 or t.keep_checkpoints < 1 or t.dist_timeout <= 0:
         raise ConfigError("--save_every must be >= 0, --keep_checkpoints >= 1 and --dist_timeout > 0")
-    world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    world = int(os.environ.get("WORLD_SIZE") or 1)
     if t.ep_size and world % t.ep_size:
         raise ConfigError(f"--ep_size {t.ep_size} does not divide the world size {world}")
     if not os.path.isfile(t.ds_config):

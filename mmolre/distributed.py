@@ -29,14 +29,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def fill_env() -> None:
-    """Make RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* exist: from Slurm's variables under `srun`, or a
-    single process when started without any launcher (DeepSpeed would otherwise try mpi4py)."""
-    env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+def fill_env(env=None) -> None:
+    """Make RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* exist in `env` (default os.environ): from Slurm's variables
+    in a task started by srun, or a single process when started without any launcher (DeepSpeed would
+    otherwise try mpi4py)."""
+    env = os.environ if env is None else env
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        # a task started by srun: "2(x3)" in SLURM_TASKS_PER_NODE means 2 tasks on each of 3 nodes
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-        env.setdefault("LOCAL_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        env.setdefault("LOCAL_SIZE", env.get("SLURM_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
     env.setdefault("LOCAL_RANK", "0")

@@ -99,7 +99,7 @@ class Trainer:
         m, t = cfg.model, cfg.train
         # Everything that can be checked without a process group is checked first.
         on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
-        world = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+        world = int(os.environ.get("WORLD_SIZE") or 1)
         ds_config = load_ds_config(t, world, on_gpu)
         self.stop = StopRequest().install()
 

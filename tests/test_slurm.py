@@ -1,0 +1,116 @@
+"""The slurm/ scripts under a real Slurm controller (tests/slurm/cluster.sh starts a one-node cluster).
+
+CI installs and starts the cluster before the tests and sets MMOLRE_REQUIRE_SLURM=1, so there a missing
+cluster is a failure; elsewhere these tests are skipped with the command that enables them.
+"""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.launcher import ROOT, TINY
+
+
+
+def _cluster_up() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return out.returncode == 0 and any(s in out.stdout for s in ("idle", "mix", "alloc"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    if not _cluster_up():
+        if os.environ.get("MMOLRE_REQUIRE_SLURM") == "1":
+            pytest.fail("MMOLRE_REQUIRE_SLURM=1 but no Slurm cluster answers (tests/slurm/cluster.sh start)")
+        pytest.skip("no Slurm cluster: run `tests/slurm/cluster.sh install start` (as root) to enable")
+
+
+def submit(tmp, script, *args, sbatch=(), env=None):
+    exports = {"DS_ACCELERATOR": "cpu", "OUTPUT_DIR": str(tmp / "runs"), "MMOLRE_CACHE": str(tmp / "cache"),
+               "DEEPSPEED_TIMEOUT": "2", **(env or {})}
+    cmd = ["sbatch", "--parsable", "--chdir", ROOT, "--output", str(tmp / "slurm-%j.out"),
+           "--ntasks-per-node=2", "--gpus-per-node=0",
+           "--export=ALL," + ",".join(f"{k}={v}" for k, v in exports.items()), *sbatch, script, *TINY, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def job_states(job) -> list[str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    return [field.split("=", 1)[1] for line in out.splitlines() for field in line.split() if field.startswith("JobState=")]
+
+
+def wait_done(job, timeout=600, on_pending=None):
+    start = time.time()
+    while time.time() - start < timeout:
+        states = job_states(job)
+        if states and all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+                          for s in states):
+            return states
+        if on_pending and "PENDING" in states:
+            on_pending()
+        time.sleep(1)
+    subprocess.run(["scancel", job])
+    pytest.fail(f"job {job} did not finish in {timeout} s: {job_states(job)}")
+
+
+def log_of(tmp, job):
+    return "\n".join(open(p).read() for p in glob.glob(str(tmp / f"slurm-{job}*.out")))
+
+
+def test_single_node_script_trains_with_two_tasks(tmp_path):
+    job = submit(tmp_path, "slurm/single_node.sbatch", "--epochs", "1")
+    assert wait_done(job) == ["COMPLETED"], log_of(tmp_path, job)
+    r = json.loads((tmp_path / "runs" / f"job{job}" / "results.json").read_text())
+    assert r["world_size"] == 2 and r["ep_size"] == 2 and r["test"]["sentiment"]["mae"] > 0
+
+
+def test_many_nodes_script_on_one_node_with_two_tasks(tmp_path):
+    job = submit(tmp_path, "slurm/multi_node.sbatch", "--epochs", "1", sbatch=["--nodes=1"])
+    assert wait_done(job) == ["COMPLETED"], log_of(tmp_path, job)
+    r = json.loads((tmp_path / "runs" / f"job{job}" / "results.json").read_text())
+    assert r["world_size"] == 2 and r["ep_size"] == 2
+
+
+def test_sweep_array_and_report(tmp_path):
+    job = submit(tmp_path, "slurm/sweep_experts.sbatch", "--epochs", "1", sbatch=["--array=0-2"],
+                 env={"EXPERTS": "4 8 16", "TOP_KS": "2"})
+    assert set(wait_done(job)) == {"COMPLETED"}, log_of(tmp_path, job)
+    runs = sorted(glob.glob(str(tmp_path / "runs" / f"sweep{job}_e*_k2_s1")))
+    assert [os.path.basename(r) for r in runs] == [f"sweep{job}_e{e}_k2_s1" for e in (16, 4, 8)]
+    out = subprocess.run(["mmolre", "report", *runs, "--plot", str(tmp_path / "sweep")], capture_output=True,
+                         text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[0] for row in rows] == ["| 4", "| 8", "| 16"]   # one row per expert count
+    assert os.path.getsize(tmp_path / "sweep_heatmap.png") > 0
+    assert os.path.getsize(tmp_path / "sweep_vs_experts.png") > 0
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
+    job = submit(tmp_path, "slurm/single_node.sbatch", "--epochs", "4")
+    run = tmp_path / "runs" / f"job{job}"
+    start = time.time()
+    while not glob.glob(str(run / "tensorboard" / "events.*")):
+        assert time.time() - start < 300, log_of(tmp_path, job)
+        time.sleep(0.2)
+    # What Slurm does before a preemption or the time limit with --signal=B:USR1@...
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    # A requeued job waits for an eligibility delay; let it start at once.
+    release = lambda: subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],  # noqa: E731
+                                     capture_output=True)
+    assert wait_done(job, on_pending=release) == ["COMPLETED"], log_of(tmp_path, job)
+    log = log_of(tmp_path, job)
+    assert "USR1 received" in log and "stop requested (SIGUSR1)" in log and "requeueing job" in log
+    assert f"restart 1 of job {job}" in log
+    saved = int(log.split("saved ")[1].split(" at step ")[1].split(";")[0])
+    assert f"resumed from {run}/checkpoints/step{saved:08d}: " in log
+    r = json.loads((run / "results.json").read_text())
+    assert r["train"]["epochs"] == 4 and r["global_step"] == 4 * 20    # the global step continued
+    info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert "Restarts=1" in info
