@@ -54,10 +54,35 @@ class ModelConfig:
                                default=False)
     grouped_experts: bool = _help("compute all local experts in one batched call on occupied slots only "
                                   "(false: DeepSpeed's per-expert loop)", default=True)
+    # Ablations and baselines (README "Reproducing the paper's experiments").
+    model: str = _help("'mmolre'; or a baseline: 'hard_sharing' (one shared encoder, two heads) or 'mmoe' "
+                       "(dense shared experts mixed by per-task softmax gates, no task experts)",
+                       default="mmolre")
+    shared_experts: bool = _help("use the routed shared experts (false: task-specific experts only)",
+                                 default=True)
+    task_experts: bool = _help("use the task-specific experts (false: shared experts only)", default=True)
+    routers: bool = _help("route with the task routers (false: a uniform mixture of all shared experts)",
+                          default=True)
+    full_rank: bool = _help("full-rank experts (rank = --d_model) instead of low-rank ones", default=False)
+    fusion: str = _help("'adaptive' (task-specific attention pooling and modality weights) or 'concat' "
+                        "(mean-pooled modalities concatenated)", default="adaptive")
+
+    @property
+    def rank(self) -> int:
+        return self.d_model if self.full_rank else self.expert_rank
 
     @property
     def task_rank(self) -> int:
-        return self.task_expert_rank or self.expert_rank
+        return self.d_model if self.full_rank else (self.task_expert_rank or self.expert_rank)
+
+    @property
+    def dense_mixture(self) -> bool:
+        """Every row visits every shared expert (no router: uniform; MMoE: softmax gates)."""
+        return not self.routers or self.model == "mmoe"
+
+    @property
+    def effective_top_k(self) -> int:
+        return self.num_experts if self.dense_mixture else self.top_k
 
 
 @dataclass
@@ -84,6 +109,8 @@ class TrainConfig:
     emotion_loss_weight: float = _help("weight λ of the emotion BCE loss", default=1.0)
     ep_size: int = _help("expert-parallel group size (0: automatic, the largest that divides the world "
                          "size and --num_experts within one node)", default=0)
+    tasks: str = _help("train 'both' tasks, or a single task: 'sentiment' or 'emotion' (the other head gets no "
+                       "loss)", default="both")
     log_every: int = _help("optimizer steps between TensorBoard scalars", default=10)
     save_every: int = _help("also checkpoint every this many optimizer steps (0: at epoch ends only)",
                             default=0)
@@ -181,6 +208,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--max_steps and --batch_size must be >= 0")
     if t.lr <= 0:
         raise ConfigError(f"--lr must be > 0, got {t.lr}")
+    choices = {"--model": (m.model, ("mmolre", "hard_sharing", "mmoe")), "--fusion": (m.fusion, ("adaptive", "concat")),
+               "--tasks": (t.tasks, ("both", "sentiment", "emotion"))}
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+    if m.model == "mmolre" and not (m.shared_experts or m.task_experts):
+        raise ConfigError("--shared_experts false and --task_experts false leave UniTSE without experts")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"--on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
     if t.save_every < 0 or t.keep_checkpoints < 1 or t.dist_timeout <= 0:

@@ -20,7 +20,10 @@ class LossParts:
     aux: torch.Tensor        # Σ over layers and tasks (unweighted)
 
 
-def compute_loss(out: "ModelOutput", batch: "Batch", aux_weight: float, emotion_weight: float) -> LossParts:
+def compute_loss(out: "ModelOutput", batch: "Batch", aux_weight: float, emotion_weight: float,
+                 tasks: str = "both") -> LossParts:
+    """tasks: 'both', or 'sentiment' / 'emotion' for single-task training (the other head and its router
+    get no loss)."""
     valid = batch.valid
     sentiment = F.l1_loss(out.sentiment[valid].float(), batch.sentiment[valid])
     emo_rows = valid & batch.has_emotion
@@ -29,5 +32,10 @@ def compute_loss(out: "ModelOutput", batch: "Batch", aux_weight: float, emotion_
         emotion = F.binary_cross_entropy_with_logits(out.emotion_logits[emo_rows].float(), target)
     else:  # keep the head in the graph so every rank reduces the same gradients
         emotion = out.emotion_logits.float().sum() * 0.0
-    aux = out.aux_loss.float().sum()
-    return LossParts(sentiment + emotion_weight * emotion + aux_weight * aux, sentiment, emotion, aux)
+    aux_terms = out.aux_loss.float()
+    if tasks != "both" and aux_terms.shape[-1] == 2:
+        aux_terms = aux_terms[:, 0 if tasks == "sentiment" else 1]
+    aux = aux_terms.sum()
+    w_sent = 0.0 if tasks == "emotion" else 1.0
+    w_emo = 0.0 if tasks == "sentiment" else emotion_weight
+    return LossParts(w_sent * sentiment + w_emo * emotion + aux_weight * aux, sentiment, emotion, aux)

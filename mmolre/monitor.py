@@ -25,11 +25,12 @@ class Monitor:
     def routing(self, layer_names: list[str], aux: np.ndarray, load: np.ndarray, entropy: np.ndarray,
                 dropped: np.ndarray, step: int) -> None:
         """aux, entropy: [layers, tasks]; load: [layers, tasks, N] rows per expert (all ranks); dropped: [layers]."""
-        if not self.writer:
+        if not self.writer or load.shape[-1] == 0:   # no shared experts (an ablation): nothing routed
             return
+        streams = TASKS if aux.shape[1] == len(TASKS) else ("shared",)
         for li, layer in enumerate(layer_names):
             self.writer.add_scalar(f"moe/{layer}/dropped_fraction", float(dropped[li]), step)
-            for ti, task in enumerate(TASKS):
+            for ti, task in enumerate(streams):
                 prefix = f"moe/{layer}/{task}"
                 counts = load[li, ti]
                 self.writer.add_scalar(f"{prefix}/aux_loss", float(aux[li, ti]), step)

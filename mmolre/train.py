@@ -238,7 +238,7 @@ class Trainer:
                 step_start = time.perf_counter()
                 batch = to_device(batch, self.device, self.dtype)
                 out = self.engine(*inputs(batch))
-                loss = compute_loss(out, batch, t.aux_loss_weight, t.emotion_loss_weight)
+                loss = compute_loss(out, batch, t.aux_loss_weight, t.emotion_loss_weight, t.tasks)
                 batches_here += 1
                 if fault_step == batches_here and info.rank == fault_rank:
                     loss.total = loss.total * float("nan")

@@ -143,3 +143,33 @@ def training_worker(rank: int, world: int, port: int, out_path: str):
                                           info)
     if info.is_main:
         torch.save(gathered, out_path)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def variant_training_worker(rank: int, world: int, port: int, out_path: str, model_kw: dict):
+    """A few ZeRO-2 steps of an ablation or baseline with 2 processes (expert parallel where it has experts)."""
+    import deepspeed
+    from mmolre import distributed
+    from mmolre.engine import optimizer_groups
+    from mmolre.losses import compute_loss
+    info = setup(rank, world, port)
+    model = build(ep_size=world, ep_rank=rank, **model_kw)
+    opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=3e-3)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(2))
+    losses = []
+    for step in range(20):
+        batch = slice_batch(fixed_batch(seed=step % 2, n=BATCH), rank * 4, rank * 4 + 4)
+        out = engine(batch.features, batch.masks)
+        loss = compute_loss(out, batch, aux_weight=0.01, emotion_weight=1.0)
+        engine.backward(loss.total)
+        engine.step()
+        losses.append(float(distributed.all_reduce_sum(loss.total.detach().clone(), info)) / world)
+    gathered = distributed.gather_to_main({"losses": losses}, info)
+    if info.is_main:
+        torch.save(gathered, out_path)

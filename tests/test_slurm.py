@@ -61,7 +61,9 @@ def wait_done(job, timeout=600, on_pending=None):
 
 
 def log_of(tmp, job):
-    return "\n".join(open(p).read() for p in glob.glob(str(tmp / f"slurm-{job}*.out")))
+    # errors="replace": several processes write into one log (progress bars included), and a write can cut
+    # a multi-byte character
+    return "\n".join(open(p, errors="replace").read() for p in glob.glob(str(tmp / f"slurm-{job}*.out")))
 
 
 def test_single_node_script_trains_with_two_tasks(tmp_path):

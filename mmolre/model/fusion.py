@@ -36,3 +36,20 @@ class TaskAdaptiveFusion(nn.Module):
         pooled = torch.stack([self.pools[m](streams[m], masks[m]) for m in self.modalities], 1)  # [B, M, d]
         weights = torch.softmax(self.weigher(pooled.flatten(1)), dim=-1)
         return torch.einsum("bm,bmd->bd", weights, pooled), weights
+
+
+class ConcatFusion(nn.Module):
+    """The ablation of task-adaptive fusion: masked mean of each modality, concatenated, projected to d."""
+
+    def __init__(self, d_model: int, modalities: list[str]):
+        super().__init__()
+        self.modalities = list(modalities)
+        self.proj = nn.Linear(d_model * len(self.modalities), d_model)
+
+    def forward(self, streams: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]):
+        pooled = []
+        for m in self.modalities:
+            w = masks[m].unsqueeze(-1).to(streams[m].dtype)
+            pooled.append((streams[m] * w).sum(1) / w.sum(1).clamp_min(1.0))
+        z = self.proj(torch.cat(pooled, -1))
+        return z, z.new_full((z.shape[0], len(self.modalities)), 1.0 / len(self.modalities))

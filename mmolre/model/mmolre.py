@@ -8,7 +8,7 @@ from torch import nn
 
 from ..config import EMOTIONS, TASKS, ModelConfig
 from .experts import LowRankExpert
-from .fusion import TaskAdaptiveFusion
+from .fusion import ConcatFusion, TaskAdaptiveFusion
 from .unitse import BlockStats, UniTSE
 
 
@@ -48,13 +48,19 @@ class MMoLRE(nn.Module):
         d = cfg.d_model
         self.encoders = nn.ModuleDict(
             {m: ModalityEncoder(f, t, d, cfg.dropout) for m, (t, f) in shapes.items()})
+        # hard_sharing: one stream shared by both tasks; otherwise one stream per task
+        self.num_streams = 1 if cfg.model == "hard_sharing" else len(TASKS)
         self.unitse = nn.ModuleDict({
-            m: UniTSE(cfg.blocks, d_model=d, seq_len=t, num_experts=cfg.num_experts, top_k=cfg.top_k,
-                      expert_rank=cfg.expert_rank, task_rank=cfg.task_rank, num_tasks=len(TASKS),
+            m: UniTSE(cfg.blocks, d_model=d, seq_len=t, num_experts=cfg.num_experts, top_k=cfg.effective_top_k,
+                      expert_rank=cfg.rank, task_rank=cfg.task_rank, num_tasks=self.num_streams,
                       ep_size=ep_size, dropout=cfg.dropout, capacity_factor=cfg.capacity_factor,
-                      router_noise=cfg.router_noise, grouped_experts=cfg.grouped_experts)
+                      router_noise=cfg.router_noise, grouped_experts=cfg.grouped_experts,
+                      use_shared=cfg.shared_experts and cfg.model != "hard_sharing",
+                      use_task=cfg.task_experts and cfg.model != "mmoe",
+                      uniform_gate=not cfg.routers)
             for m, (t, _) in shapes.items()})
-        self.fusion = nn.ModuleList(TaskAdaptiveFusion(d, self.modalities) for _ in TASKS)
+        fusion = TaskAdaptiveFusion if cfg.fusion == "adaptive" else ConcatFusion
+        self.fusion = nn.ModuleList(fusion(d, self.modalities) for _ in range(self.num_streams))
         self.sentiment_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, 1))
         self.emotion_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout),
                                           nn.Linear(d, len(EMOTIONS)))
@@ -73,7 +79,7 @@ class MMoLRE(nn.Module):
         """Give every shared expert its own initial weights, a function of (seed, layer, GLOBAL expert id)
         only, so the same seed builds the same global model under any expert-parallel size."""
         for layer_idx, (_, block) in enumerate(self.moe_blocks()):
-            local = block.moe.num_local_experts
+            local = block.num_local_shared
             for local_id in range(local):
                 global_id = ep_rank * local + local_id
                 block.reset_shared_expert(
@@ -87,10 +93,12 @@ class MMoLRE(nn.Module):
             streams[m], s = self.unitse[m](x, masks[m])
             stats.extend(s)
         fused, weights = [], []
-        for task, fusion in enumerate(self.fusion):
-            z, w = fusion({m: streams[m][task] for m in self.modalities}, masks)
+        for stream, fusion in enumerate(self.fusion):
+            z, w = fusion({m: streams[m][stream] for m in self.modalities}, masks)
             fused.append(z)
             weights.append(w)
+        if self.num_streams == 1:  # hard sharing: both heads read the one shared representation
+            fused, weights = fused * len(TASKS), weights * len(TASKS)
         return ModelOutput(
             sentiment=self.sentiment_head(fused[0]).squeeze(-1),
             emotion_logits=self.emotion_head(fused[1]),
@@ -109,11 +117,11 @@ def count_parameters(model: MMoLRE) -> dict[str, int]:
     local_total = sum(p.numel() for p in model.parameters())
     dense = local_total - local_shared
     shared = local_shared * model.ep_size
-    per_expert = shared // (cfg.num_experts * len(model.moe_layer_names()))
-    layers = len(model.moe_layer_names())
+    layers = sum(1 for _, b in model.moe_blocks() if b.moe is not None)
+    per_expert = shared // (cfg.num_experts * layers) if layers else 0
     # Each task's row visits k shared experts per MoE layer: the parameters one utterance touches
     # (both tasks) are the dense ones plus at most tasks*k experts per layer.
-    active = dense + layers * min(cfg.num_experts, len(TASKS) * cfg.top_k) * per_expert
+    active = dense + layers * min(cfg.num_experts, model.num_streams * cfg.effective_top_k) * per_expert
     full_rank_shared = layers * cfg.num_experts * sum(
         p.numel() for p in LowRankExpert(cfg.d_model, cfg.d_model).parameters())
     return {"total": dense + shared, "expert": shared, "dense": dense, "per_expert": per_expert,

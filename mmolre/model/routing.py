@@ -66,19 +66,23 @@ class TaskRoutedGate(TopKGate):
     """A `TopKGate` whose logits come from one router per task on the utterance summary."""
 
     def __init__(self, d_model: int, seq_len: int, num_experts: int, num_tasks: int, k: int,
-                 capacity_factor: float = 0.0, router_noise: bool = False):
+                 capacity_factor: float = 0.0, router_noise: bool = False, uniform: bool = False):
         drop_tokens = capacity_factor > 0
         super().__init__(model_dim=1, num_experts=num_experts, k=k,
                          capacity_factor=capacity_factor or 1.0, eval_capacity_factor=capacity_factor or 1.0,
                          min_capacity=0, noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False,
                          top2_2nd_expert_sampling=router_noise)
         del self.wg  # replaced by the task routers below; a T*d -> N linear map is what we avoid
-        self.d_model, self.seq_len, self.num_tasks = d_model, seq_len, num_tasks
-        self.routers = nn.ModuleList(Router(d_model, num_experts) for _ in range(num_tasks))
+        self.d_model, self.seq_len, self.num_tasks, self.num_experts = d_model, seq_len, num_tasks, num_experts
+        # uniform: the "without routers" ablation; every row gets equal logits (use k = N for a uniform mixture)
+        self.routers = nn.ModuleList() if uniform else nn.ModuleList(Router(d_model, num_experts)
+                                                                      for _ in range(num_tasks))
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def route_logits(self, rows: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         """Per-row logits [S, N], each row scored by its own task's router."""
+        if not len(self.routers):
+            return rows.new_zeros(rows.shape[0], self.num_experts, dtype=torch.float32)
         summary = masked_time_mean(rows.float().view(-1, self.seq_len, self.d_model), routing.time_mask)
         summary = summary.to(self.routers[0].net[0].weight.dtype)  # bf16 engines cast the routers too
         all_logits = torch.stack([router(summary).float() for router in self.routers])  # [tasks, S, N]

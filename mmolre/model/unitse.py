@@ -34,28 +34,38 @@ class BlockStats:
 class UniTSEBlock(nn.Module):
     def __init__(self, d_model: int, seq_len: int, num_experts: int, top_k: int, expert_rank: int,
                  task_rank: int, num_tasks: int, ep_size: int, dropout: float, capacity_factor: float,
-                 router_noise: bool, grouped_experts: bool = True):
+                 router_noise: bool, grouped_experts: bool = True, use_shared: bool = True,
+                 use_task: bool = True, uniform_gate: bool = False):
         super().__init__()
-        self.seq_len, self.d_model, self.num_tasks = seq_len, d_model, num_tasks
-        template = LowRankExpert(d_model, expert_rank, seq_len)
-        self.moe = MoE(hidden_size=1, expert=template, num_experts=num_experts, ep_size=ep_size, k=top_k,
-                       min_capacity=0, drop_tokens=capacity_factor > 0, use_rts=False)
-        gate = TaskRoutedGate(d_model, seq_len, num_experts, num_tasks, top_k, capacity_factor, router_noise)
-        if grouped_experts:  # DeepSpeed's layer with a compact dispatch and batched experts (grouped.py)
-            moe = self.moe
-            moe.deepspeed_moe = CompactMOELayer(
-                gate, StackedLowRankExperts(template, moe.num_local_experts, moe.expert_group_name),
-                moe.expert_group_name, moe.ep_size, moe.num_local_experts)
-        else:  # DeepSpeed's layer as it comes, with our gate
-            self.moe.deepspeed_moe.gate = gate
-        self.task_specific = nn.ModuleList(LowRankExpert(d_model, task_rank) for _ in range(num_tasks))
+        self.seq_len, self.d_model, self.num_tasks, self.num_experts = seq_len, d_model, num_tasks, num_experts
+        self.moe = None
+        if use_shared:
+            template = LowRankExpert(d_model, expert_rank, seq_len)
+            self.moe = MoE(hidden_size=1, expert=template, num_experts=num_experts, ep_size=ep_size, k=top_k,
+                           min_capacity=0, drop_tokens=capacity_factor > 0, use_rts=False)
+            gate = TaskRoutedGate(d_model, seq_len, num_experts, num_tasks, top_k, capacity_factor, router_noise,
+                                  uniform=uniform_gate)
+            if grouped_experts:  # DeepSpeed's layer with a compact dispatch and batched experts (grouped.py)
+                moe = self.moe
+                moe.deepspeed_moe = CompactMOELayer(
+                    gate, StackedLowRankExperts(template, moe.num_local_experts, moe.expert_group_name),
+                    moe.expert_group_name, moe.ep_size, moe.num_local_experts)
+            else:  # DeepSpeed's layer as it comes, with our gate
+                self.moe.deepspeed_moe.gate = gate
+        self.task_specific = (nn.ModuleList(LowRankExpert(d_model, task_rank) for _ in range(num_tasks))
+                              if use_task else None)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(d_model)
 
     @property
     def shared_experts(self) -> nn.Module:
-        """This rank's shared experts (num_experts / ep_size of them): DeepSpeed's `Experts` or ours."""
-        return self.moe.deepspeed_moe.experts
+        """This rank's shared experts (num_experts / ep_size of them): DeepSpeed's `Experts` or ours
+        (an empty module when the block has no shared experts)."""
+        return self.moe.deepspeed_moe.experts if self.moe is not None else nn.Module()
+
+    @property
+    def num_local_shared(self) -> int:
+        return self.moe.num_local_experts if self.moe is not None else 0
 
     def shared_expert(self, i: int) -> dict[str, torch.Tensor]:
         """Local shared expert i's parameters (views for stacked experts), named like a LowRankExpert's."""
@@ -77,19 +87,23 @@ class UniTSEBlock(nn.Module):
     def forward(self, streams: list[torch.Tensor], time_mask: torch.Tensor):
         """streams: one [B, T, d] tensor per task; time_mask: [B, T] bool."""
         batch = streams[0].shape[0]
-        rows = torch.cat(streams, 0)                                    # [tasks*B, T, d], task-major
-        keep = time_mask.unsqueeze(-1).to(rows.dtype)
-        rows = rows * keep.repeat(self.num_tasks, 1, 1)                 # experts see zeros past the end
-        task_ids = torch.arange(self.num_tasks, device=rows.device).repeat_interleave(batch)
-        routing = RowRouting(task_ids, time_mask.repeat(self.num_tasks, 1))
-        shared, aux, load = self.moe(rows.reshape(rows.shape[0], -1), routing)
-        shared = shared.view_as(rows).split(batch, 0)
-        out = []
-        for task, x in enumerate(streams):
-            update = shared[task] + self.task_specific[task].forward_sequences(x * keep)
-            out.append(self.norm(x + self.dropout(update)))
-        gate = self.moe.deepspeed_moe.gate
-        return out, BlockStats(aux, load, gate.last_stats["entropy"], gate.last_stats["dropped_fraction"])
+        keep = time_mask.unsqueeze(-1).to(streams[0].dtype)
+        updates = [torch.zeros_like(x) for x in streams]
+        if self.moe is not None:
+            rows = torch.cat(streams, 0) * keep.repeat(self.num_tasks, 1, 1)  # [tasks*B, T, d], task-major;
+            task_ids = torch.arange(self.num_tasks, device=rows.device).repeat_interleave(batch)  # experts see
+            routing = RowRouting(task_ids, time_mask.repeat(self.num_tasks, 1))             # zeros past the end
+            shared, aux, load = self.moe(rows.reshape(rows.shape[0], -1), routing)
+            updates = [u + s for u, s in zip(updates, shared.view_as(rows).split(batch, 0))]
+            gate = self.moe.deepspeed_moe.gate
+            stats = BlockStats(aux, load, gate.last_stats["entropy"], gate.last_stats["dropped_fraction"])
+        else:
+            zero = streams[0].new_zeros(self.num_tasks, dtype=torch.float32)
+            stats = BlockStats(zero, zero.new_zeros(self.num_tasks, 0), zero, zero.new_zeros(()))
+        if self.task_specific is not None:
+            updates = [u + e.forward_sequences(x * keep) for u, e, x in zip(updates, self.task_specific, streams)]
+        out = [self.norm(x + self.dropout(u)) for x, u in zip(streams, updates)]
+        return out, stats
 
 
 class UniTSE(nn.Module):
