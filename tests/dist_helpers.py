@@ -118,31 +118,47 @@ def reference_single_process(out_path: str):
     torch.save({"halves": records, "experts": expert_grads(model, 1, 0), "dense": dense_grads(model)}, out_path)
 
 
-def training_worker(rank: int, world: int, port: int, out_path: str):
-    """world=2, ep=2, ZeRO-2: train on fixed batches; record the loss curve and expert-load totals."""
+def _zero2_steps(rank, world, port, model_kw, steps, batches, lr=3e-3):
+    """Train a 2-process, ZeRO-2, expert-parallel model on fixed batches; returns (info, model, record)."""
     import deepspeed
     from mmolre import distributed
     from mmolre.engine import optimizer_groups
     from mmolre.losses import compute_loss
     info = setup(rank, world, port)
-    model = build(ep_size=world, ep_rank=rank, dropout=0.1)
-    opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=3e-3)
+    model = build(ep_size=world, ep_rank=rank, **model_kw)
+    opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(2))
     torch.manual_seed(100 + rank)
     losses, loads = [], []
-    for step in range(40):
-        batch = slice_batch(fixed_batch(seed=step % 4, n=BATCH), rank * 4, rank * 4 + 4)
+    for step in range(steps):
+        batch = slice_batch(fixed_batch(seed=step % batches, n=BATCH), rank * 4, rank * 4 + 4)
         out = engine(batch.features, batch.masks)
         loss = compute_loss(out, batch, aux_weight=0.01, emotion_weight=1.0)
         engine.backward(loss.total)
         engine.step()
         losses.append(float(distributed.all_reduce_sum(loss.total.detach().clone(), info)) / world)
         loads.append(out.expert_load.sum().item())
-    local_params = sum(p.numel() for _, b in model.moe_blocks() for p in b.shared_experts.parameters())
-    gathered = distributed.gather_to_main({"losses": losses, "loads": loads, "local_expert_params": local_params},
-                                          info)
+    return info, model, {"losses": losses, "loads": loads}
+
+
+def _save_from_main(record, info, out_path):
+    from mmolre import distributed
+    gathered = distributed.gather_to_main(record, info)
     if info.is_main:
         torch.save(gathered, out_path)
+
+
+def training_worker(rank: int, world: int, port: int, out_path: str):
+    """world=2, ep=2, ZeRO-2: the loss curve, expert-load totals and this rank's expert parameter count."""
+    info, model, record = _zero2_steps(rank, world, port, {"dropout": 0.1}, steps=40, batches=4)
+    record["local_expert_params"] = sum(p.numel() for _, b in model.moe_blocks() for p in b.shared_experts.parameters())
+    _save_from_main(record, info, out_path)
+
+
+def variant_training_worker(rank: int, world: int, port: int, out_path: str, model_kw: dict):
+    """A few ZeRO-2 steps of an ablation or baseline with 2 processes (expert parallel where it has experts)."""
+    info, _, record = _zero2_steps(rank, world, port, model_kw, steps=20, batches=2)
+    _save_from_main(record, info, out_path)
 
 
 def free_port() -> int:
@@ -150,26 +166,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def variant_training_worker(rank: int, world: int, port: int, out_path: str, model_kw: dict):
-    """A few ZeRO-2 steps of an ablation or baseline with 2 processes (expert parallel where it has experts)."""
-    import deepspeed
-    from mmolre import distributed
-    from mmolre.engine import optimizer_groups
-    from mmolre.losses import compute_loss
-    info = setup(rank, world, port)
-    model = build(ep_size=world, ep_rank=rank, **model_kw)
-    opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=3e-3)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(2))
-    losses = []
-    for step in range(20):
-        batch = slice_batch(fixed_batch(seed=step % 2, n=BATCH), rank * 4, rank * 4 + 4)
-        out = engine(batch.features, batch.masks)
-        loss = compute_loss(out, batch, aux_weight=0.01, emotion_weight=1.0)
-        engine.backward(loss.total)
-        engine.step()
-        losses.append(float(distributed.all_reduce_sum(loss.total.detach().clone(), info)) / world)
-    gathered = distributed.gather_to_main({"losses": losses}, info)
-    if info.is_main:
-        torch.save(gathered, out_path)
