@@ -223,6 +223,10 @@ def validate(cfg: RunConfig) -> None:
     if t.ep_size and world % t.ep_size:
         raise ConfigError(f"--ep_size {t.ep_size} does not divide the world size {world}")
     if not os.path.isfile(t.ds_config):
-        raise ConfigError(f"--ds_config: no such file {t.ds_config!r}")
+        # a relative path such as the default also resolves against the repository, from any directory
+        beside_code = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), t.ds_config)
+        if os.path.isabs(t.ds_config) or not os.path.isfile(beside_code):
+            raise ConfigError(f"--ds_config: no such file {t.ds_config!r}")
+        t.ds_config = beside_code
     if d.dataset == "synthetic" and not 0 < d.synthetic_scale <= 1:
         raise ConfigError(f"--synthetic_scale must be in (0, 1], got {d.synthetic_scale}")
