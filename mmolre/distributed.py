@@ -60,7 +60,25 @@ def init(timeout_s: float | None = None) -> DistInfo:
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world)
-    return DistInfo(dist.get_rank(), int(os.environ["LOCAL_RANK"]), world, local_world)
+    info = DistInfo(dist.get_rank(), int(os.environ["LOCAL_RANK"]), world, local_world)
+    _unlink_shm_allreduce_buffer(info)
+    return info
+
+
+def _unlink_shm_allreduce_buffer(info: DistInfo) -> None:
+    """DeepSpeed's CPU shared-memory allreduce creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
+    <port>_<rank> (69 MB per rank) and never unlinks it, so every run leaves its buffers behind until
+    /dev/shm, which is RAM, runs out (seen here after a few hundred runs). Every rank maps all peers'
+    buffers inside init_distributed; once all ranks are past it, the names can go and the mappings stay."""
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
+            f"{os.environ.get('MASTER_PORT')}_{info.rank}")
+    if not os.path.exists(name):
+        return
+    barrier(info)
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
 
 
 def choose_ep_size(requested: int, world_size: int, num_experts: int, ranks_per_node: int) -> int:

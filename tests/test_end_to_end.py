@@ -1,5 +1,6 @@
 """The real command line: `deepspeed --num_gpus 2 launch.py ...` with 2 CPU processes on tiny settings."""
 import csv
+import glob
 import json
 import os
 
@@ -8,15 +9,25 @@ import pytest
 from tests.launcher import run_deepspeed
 
 
+def _shm_buffers():
+    return set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
+    before = _shm_buffers()
     proc = run_deepspeed(tmp, "--run_name", "tiny", "--epochs", "1")
-    return tmp, proc, tmp / "runs" / "tiny"
+    return tmp, proc, tmp / "runs" / "tiny", _shm_buffers() - before
+
+
+def test_a_run_leaves_no_shared_memory_behind(first_run):
+    """DeepSpeed's CPU allreduce buffers (69 MB per rank) are unlinked, not left in /dev/shm."""
+    assert first_run[3] == set()
 
 
 def test_results_json_has_every_documented_key(first_run):
-    _, proc, run = first_run
+    _, proc, run, _ = first_run
     r = json.loads((run / "results.json").read_text())
     assert r["synthetic"] is True and r["world_size"] == 2 and r["ep_size"] == 2
     assert r["num_experts"] == 8 and r["top_k"] == 2 and r["best_epoch"] == 1
@@ -38,7 +49,7 @@ def test_results_json_has_every_documented_key(first_run):
 
 
 def test_predictions_cover_the_test_split_once(first_run):
-    _, _, run = first_run
+    _, _, run, _ = first_run
     r = json.loads((run / "results.json").read_text())
     with open(run / "predictions_test.csv") as f:
         rows = list(csv.DictReader(f))
@@ -48,7 +59,7 @@ def test_predictions_cover_the_test_split_once(first_run):
 
 def test_tensorboard_has_per_task_aux_losses_and_routing(first_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    _, _, run = first_run
+    _, _, run, _ = first_run
     tags = set()
     for root, _, files in os.walk(run / "tensorboard"):
         if any(f.startswith("events.out.tfevents") for f in files):
@@ -67,7 +78,7 @@ def test_tensorboard_has_per_task_aux_losses_and_routing(first_run):
 
 
 def test_checkpoint_holds_experts_per_global_id(first_run):
-    _, _, run = first_run
+    _, _, run, _ = first_run
     tag = (run / "checkpoints" / "latest").read_text().strip()
     files = os.listdir(run / "checkpoints" / tag)
     # 3 modalities x 2 blocks = 6 MoE layers, 8 experts each, saved by global expert id across both ranks
@@ -77,7 +88,7 @@ def test_checkpoint_holds_experts_per_global_id(first_run):
 
 
 def test_resume_continues_from_the_checkpoint(first_run):
-    tmp, _, run = first_run
+    tmp, _, run, _ = first_run
     first = json.loads((run / "results.json").read_text())
     proc = run_deepspeed(tmp, "--run_name", "tiny", "--epochs", "2", "--resume")
     assert "resumed from" in proc.stdout and "epoch 1, step" in proc.stdout
