@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..config import DataConfig
-from .cache import build_cache, load_cache
+from .cache import build_cache, cache_path_for, load_cache
 from .loader import Batch, SplitDataset, eval_batches, train_loader
 from .schema import SPLITS, DataError
 from .synthetic import ensure_synthetic
@@ -46,18 +46,13 @@ def prepare(cfg: DataConfig, builds: bool, barrier: Callable[[], None]) -> Prepa
     barrier()
     if error is not None:
         raise error
-    hf, meta = load_cache(_cache_dir_of(cfg))
+    hf, meta = load_cache(cache_path_for(source_path(cfg), cfg.cache_dir))
     missing = [m for m in cfg.modality_list if m not in meta["modalities"]]
     if missing:
         raise DataError(f"{meta['source']}: --modalities asks for {missing}, but the dataset has only "
                         f"{meta['modalities']}")
     splits = {s: SplitDataset(hf[s], cfg.modality_list, meta["normalisation"]) for s in SPLITS}
     return PreparedData(splits, meta, bool(meta.get("synthetic")))
-
-
-def _cache_dir_of(cfg: DataConfig) -> str:
-    from .cache import cache_path_for
-    return cache_path_for(source_path(cfg), cfg.cache_dir)
 
 
 __all__ = ["Batch", "DataError", "PreparedData", "SplitDataset", "eval_batches", "prepare", "train_loader"]
