@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from mmolre.distributed import free_port  # noqa: E402
 
 VARIANTS = {
     "MMoLRE (full)": [],
@@ -30,12 +31,6 @@ VARIANTS = {
     "baseline: hard sharing": ["--model", "hard_sharing"],
     "baseline: MMoE (dense)": ["--model", "mmoe"],
 }
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None) -> str:
@@ -59,7 +54,7 @@ def main(argv=None) -> str:
             env = {**os.environ}
             env.setdefault("DS_ACCELERATOR", "cpu")
             cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.processes),
-                   "--master_port", str(_port()), "launch.py", *launch_args, *VARIANTS[name], "--seed", seed,
+                   "--master_port", str(free_port()), "launch.py", *launch_args, *VARIANTS[name], "--seed", seed,
                    "--output_dir", args.output_dir, "--run_name", run]
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             if proc.returncode:

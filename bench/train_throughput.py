@@ -12,19 +12,15 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mmolre.distributed import free_port  # noqa: E402
 
 
 def samples_per_s(run_dir: str) -> float:
@@ -41,7 +37,7 @@ def run(procs: int, experts: int, rank: int, args, workdir: str) -> dict:
     if not args.gpu:
         env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // procs)))
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port",
-           str(_port()), "launch.py", "--ds_config", args.ds_config, "--synthetic_scale", str(args.scale),
+           str(free_port()), "launch.py", "--ds_config", args.ds_config, "--synthetic_scale", str(args.scale),
            "--num_experts", str(experts), "--expert_rank", str(rank), "--d_model", str(args.d_model),
            "--epochs", "1", "--max_steps", str(args.steps), "--log_every", "5", "--batch_size", str(args.batch_size),
            "--output_dir", workdir, "--run_name", name]

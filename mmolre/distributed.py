@@ -23,7 +23,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on this host right now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -47,7 +48,7 @@ def fill_env(env=None) -> None:
         if env["WORLD_SIZE"] != "1":
             raise RuntimeError("MASTER_PORT is not set for a multi-process run; use the deepspeed launcher, "
                                "torchrun or the slurm/ scripts")
-        env["MASTER_PORT"] = str(_free_port())
+        env["MASTER_PORT"] = str(free_port())
 
 
 def init(timeout_s: float | None = None) -> DistInfo:
@@ -129,6 +130,15 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.world_size > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def shutdown(info: DistInfo) -> None:
+    """Meet, then destroy the process group, for workers that end right after their last collective
+    (torch.multiprocessing.spawn in the tests): left to interpreter teardown, gloo's threads sometimes
+    abort such a process ("terminate called without an active exception") after its work is done."""
+    if dist.is_available() and dist.is_initialized():
+        barrier(info)
+        dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:

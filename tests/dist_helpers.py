@@ -80,7 +80,6 @@ def dense_grads(model) -> dict:
 def parity_worker(rank: int, world: int, port: int, out_path: str):
     """world=2, ep=2, ZeRO-0: forward one half of the batch per rank, backward, gather everything."""
     import deepspeed
-    from mmolre import distributed
     from mmolre.engine import optimizer_groups
     from mmolre.losses import compute_loss
     info = setup(rank, world, port)
@@ -95,9 +94,7 @@ def parity_worker(rank: int, world: int, port: int, out_path: str):
     record = {"sentiment": out.sentiment.detach(), "emotion": out.emotion_logits.detach(),
               "loss": loss.total.detach(), "aux": out.aux_loss.detach(),
               "experts": expert_grads(model, world, rank), "dense": dense_grads(model)}
-    gathered = distributed.gather_to_main(record, info)
-    if info.is_main:
-        torch.save(gathered, out_path)
+    _save_from_main(record, info, out_path)
 
 
 def reference_single_process(out_path: str):
@@ -146,6 +143,7 @@ def _save_from_main(record, info, out_path):
     gathered = distributed.gather_to_main(record, info)
     if info.is_main:
         torch.save(gathered, out_path)
+    distributed.shutdown(info)
 
 
 def training_worker(rank: int, world: int, port: int, out_path: str):
@@ -159,10 +157,3 @@ def variant_training_worker(rank: int, world: int, port: int, out_path: str, mod
     """A few ZeRO-2 steps of an ablation or baseline with 2 processes (expert parallel where it has experts)."""
     info, _, record = _zero2_steps(rank, world, port, model_kw, steps=20, batches=2)
     _save_from_main(record, info, out_path)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,20 +1,15 @@
 """Start `launch.py` through the real `deepspeed` launcher with CPU processes, for the end-to-end tests."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from mmolre.distributed import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--ds_config", "ds_configs/zero2.json", "--synthetic_scale", "0.02", "--d_model", "16",
         "--num_experts", "8", "--expert_rank", "4", "--batch_size", "8", "--log_every", "2", "--blocks", "2"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(tmp, args, procs=2):

@@ -2,23 +2,16 @@
 
 The 2-process side runs the grouped fast path, the 1-process reference DeepSpeed's per-expert loop, so the
 parity tests also show the fast path is exact under expert parallelism."""
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from mmolre.distributed import free_port
 from tests import dist_helpers as h
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(worker, out_path, world=2):
-    mp.spawn(worker, args=(world, _port(), str(out_path)), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, free_port(), str(out_path)), nprocs=world, join=True)
     return torch.load(out_path, weights_only=False)
 
 
