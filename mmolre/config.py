@@ -26,10 +26,17 @@ def default_cache_dir() -> str:
 
 @dataclass
 class DataConfig:
-    dataset: str = _help("dataset name; 'synthetic' is the embedded, generated default", default="synthetic")
-    data_path: Optional[str] = _help("path of the dataset's files (unused for 'synthetic')", default=None)
-    modalities: str = _help("comma-separated modalities to use, among text,audio,vision",
-                            default="text,audio,vision")
+    dataset: str = _help("'synthetic' (the embedded, generated default), 'mosi', 'mosei' or 'mmsa' (any "
+                         "MMSA-schema pickle); several joined by '+' train together", default="synthetic")
+    data_path: Optional[str] = _help("an MMSA pickle or a directory holding one, per non-synthetic dataset, "
+                                     "comma-separated in --dataset's order", default=None)
+    alignment: str = _help("which pickle a --data_path directory provides: 'aligned' (aligned_50.pkl) or "
+                           "'unaligned' (unaligned_50.pkl)", default="aligned")
+    emotion_labels: Optional[str] = _help("MOSEI emotion labels joined by (video, clip): an SDK "
+                                          "CMU_MOSEI_Labels.csd or a CSV table (video_id, clip_index, happy..fear)",
+                                          default=None)
+    modalities: str = _help("comma-separated modalities to use, among text,audio,vision (default: every "
+                            "modality the dataset has)", default="")
     cache_dir: str = _help("where generated data and Arrow caches live (env MMOLRE_CACHE)",
                            default_factory=default_cache_dir)
     synthetic_scale: float = _help("fraction of MOSEI's split sizes the synthetic dataset has", default=0.5)
@@ -187,8 +194,10 @@ def validate(cfg: RunConfig) -> None:
     """Checks that need no process group; world-size checks are in distributed.choose_ep_size."""
     m, t, d = cfg.model, cfg.train, cfg.data
     unknown = [x for x in d.modality_list if x not in MODALITIES]
-    if unknown or not d.modality_list:
-        raise ConfigError(f"--modalities: unknown {unknown or 'empty list'}; choose among {','.join(MODALITIES)}")
+    if unknown:
+        raise ConfigError(f"--modalities: unknown {unknown}; choose among {','.join(MODALITIES)}")
+    if d.alignment not in ("aligned", "unaligned"):
+        raise ConfigError(f"--alignment must be 'aligned' or 'unaligned', got {d.alignment!r}")
     if m.num_experts < 1:
         raise ConfigError(f"--num_experts must be >= 1, got {m.num_experts}")
     if not 1 <= m.top_k <= m.num_experts:

@@ -50,6 +50,12 @@ def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, devic
         preds = {k: (sum((g[k] for g in gathered), []) if k == "ids" else np.concatenate([g[k] for g in gathered]))
                  for k in local}
         summary = _score(preds, cfg)
+        if len(data.names) > 1:  # mixed datasets: each one's metrics too (ids carry "name/")
+            for name in data.names:
+                rows = np.array([i.startswith(f"{name}/") for i in preds["ids"]])
+                summary[1].setdefault("per_dataset", {})[name] = _score(
+                    {k: ([i for i, r in zip(v, rows) if r] if k == "ids" else v[rows]) for k, v in preds.items()},
+                    cfg)[1]
     loss, metrics = distributed.broadcast_from_main(summary, info)  # every rank selects the same checkpoint
     return EvalResult(loss, metrics, preds)
 

@@ -62,6 +62,11 @@ def format_table(results: dict) -> str:
         if "majority_emotion_micro_f1" in base:
             lines.append(f"| majority | {base['majority_emotion_micro_f1']:.4f} | "
                          f"{base['majority_emotion_jaccard_acc']:.4f} | | |")
+    for name, part in test.get("per_dataset", {}).items():
+        s = part["sentiment"]
+        lines += ["", f"{name} ({part['samples']} test samples): MAE {s['mae']:.4f} | Corr {s['corr']:.4f} | "
+                      f"Non0 Acc-2 {s['non0_acc2']:.4f} | Acc-7 {s['acc7']:.4f}"
+                  + (f" | emotion micro-F1 {part['emotion']['micro_f1']:.4f}" if "emotion" in part else "")]
     if results["synthetic"]:
         lines += ["", SYNTHETIC_NOTICE]
     return "\n".join(lines)

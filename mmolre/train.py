@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .config import ConfigError, RunConfig
-from .data import prepare, train_loader
+from .data import describe_source, prepare, train_loader
 from .engine import compute_dtype, initialize, load_ds_config, point_tensorboard
 from .evaluate import evaluate, inputs, to_device
 from .losses import compute_loss
@@ -118,17 +118,17 @@ class Trainer:
         self.data = prepare(cfg.data, builds=info.local_rank == 0, barrier=lambda: distributed.barrier(info))
         if self.data.synthetic:
             log(info, SYNTHETIC_NOTICE)
-        for split, rep in self.data.meta["splits"].items():
-            if rep["nonfinite_replaced"]:
-                log(info, f"data: {split}: replaced non-finite feature values with 0: {rep['nonfinite_replaced']}")
+        for name, meta in self.data.sources.items():
+            log(info, describe_source(name, meta, self.data.modalities))
         if info.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 json.dump({**cfg.to_dict(), "ds_config": ds_config}, f, indent=1)
             with open(os.path.join(self.run_dir, "data_meta.json"), "w") as f:  # what export/predict need
                 json.dump({"shapes": {k: list(v) for k, v in self.data.shapes.items()},
-                           "normalisation": {k: self.data.meta["normalisation"][k] for k in self.data.shapes},
-                           "source": self.data.meta["source"], "synthetic": self.data.synthetic}, f)
+                           "normalisation": self.data.normalisation,
+                           "sources": {n: meta["source"] for n, meta in self.data.sources.items()},
+                           "synthetic": self.data.synthetic}, f)
 
         torch.manual_seed(t.seed)
         self.model = MMoLRE(m, self.data.shapes, ep_size=self.ep_size)
@@ -310,6 +310,9 @@ class Trainer:
             "world_size": info.world_size, "ep_size": self.ep_size, "num_experts": m.num_experts, "top_k": m.top_k,
             "best_epoch": state.best_epoch, "best_checkpoint": state.best_tag, "global_step": state.global_step,
             "params": self.params,
+            "data": {name: {k: meta.get(k) for k in ("source", "sha256", "modalities", "shapes", "splits")}
+                     | {"emotion_labels": (meta.get("emotion_labels") or {}).get("summary")}
+                     for name, meta in self.data.sources.items()},
             "train": {"seconds": state.train_seconds, "samples": state.train_samples,
                       "samples_per_s": state.train_samples / max(state.train_seconds, 1e-9), "epochs": state.epoch,
                       "skipped_nonfinite": state.skipped_nonfinite},

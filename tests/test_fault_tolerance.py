@@ -144,7 +144,7 @@ def test_export_then_predict_matches_the_trainers_test_predictions(reference, tm
     env = environment(tmp)
     cli = [sys.executable, "-m", "mmolre.cli"]
     subprocess.run([*cli, "export", str(ref), str(model)], cwd=ROOT, env=env, check=True, capture_output=True)
-    source = json.loads((ref / "data_meta.json").read_text())["source"]
+    source = json.loads((ref / "data_meta.json").read_text())["sources"]["synthetic"]
     out = tmp_path / "pred.csv"
     subprocess.run([*cli, "predict", str(model), source, "--out", str(out)], cwd=ROOT,
                    env={**env, "WORLD_SIZE": "", "RANK": ""}, check=True, capture_output=True)

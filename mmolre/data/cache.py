@@ -1,6 +1,6 @@
-"""Convert an MMSA-schema pickle once into a Hugging Face `datasets` Arrow cache, memory-mapped by every rank.
+"""Convert an MMSA-schema pickle (and, optionally, emotion labels joined onto it) once into a Hugging Face `datasets` Arrow cache, memory-mapped by every rank.
 
-The cache directory is keyed by the source file's SHA-256, so a changed file gets a new cache and an
+The cache directory is keyed by the SHA-256 of the source file (and of the emotion label file), so a changed file gets a new cache and an
 unchanged one is never converted twice. Ranks on a node share the Arrow files through the page cache
 instead of each holding an unpickled copy. Beside the Arrow data, `meta.json` records the feature shapes,
 the per-feature normalisation statistics of the train split, and what validation replaced.
@@ -17,9 +17,10 @@ import datasets
 import numpy as np
 
 from ..config import EMOTIONS, MODALITIES
+from .emotions import join_emotions, read_emotion_labels
 from .schema import EMOTION_KEY, LENGTH_KEYS, SPLITS, DataError, check_dataset, decode_id
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def file_sha256(path: str) -> str:
@@ -30,11 +31,14 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def cache_path_for(source: str, cache_dir: str) -> str:
-    return os.path.join(cache_dir, "arrow", f"{file_sha256(source)[:24]}-f{CACHE_FORMAT}")
+def cache_path_for(source: str, cache_dir: str, emotion_labels: str | None = None) -> str:
+    key = file_sha256(source)[:24]
+    if emotion_labels:
+        key += "-emo" + file_sha256(emotion_labels)[:12]
+    return os.path.join(cache_dir, "arrow", f"{key}-f{CACHE_FORMAT}")
 
 
-def _load_pickle(path: str) -> dict:
+def load_pickle(path: str) -> dict:
     try:
         with open(path, "rb") as f:
             return pickle.load(f)
@@ -55,7 +59,7 @@ def _features(shapes: dict[str, tuple[int, int]]) -> datasets.Features:
 def _split_columns(data: dict, modalities: list[str]) -> dict:
     n = len(data["id"])
     cols = {"id": [decode_id(x) for x in np.asarray(data["id"]).reshape(-1)],
-            "sentiment": np.asarray(data["regression_labels"], np.float32).reshape(n, -1)[:, 0]}
+            "sentiment": np.asarray(data["regression_labels"], np.float32).reshape(n)}
     emo = np.asarray(data[EMOTION_KEY], np.float32) if EMOTION_KEY in data else np.full((n, 6), np.nan, np.float32)
     has = ~np.isnan(emo).any(1)
     cols["emotions"] = np.where(has[:, None], emo, 0.0).astype(np.float32)
@@ -70,27 +74,38 @@ def _split_columns(data: dict, modalities: list[str]) -> dict:
 
 
 def _normalisation(train: dict, modalities: list[str]) -> dict:
-    """Per-feature mean and std over the valid time steps of the train split."""
+    """Per-feature mean and std over the valid time steps of the train split (and their count, so the
+    statistics of several datasets can be pooled)."""
     stats = {}
     for m in modalities:
         x, lengths = train[m], train[f"{m}_length"]
         valid = np.arange(x.shape[1])[None, :] < lengths[:, None]
         flat = x[valid].astype(np.float64)
         std = flat.std(0)
-        stats[m] = {"mean": flat.mean(0).tolist(), "std": np.where(std > 1e-8, std, 1.0).tolist()}
+        stats[m] = {"mean": flat.mean(0).tolist(), "std": np.where(std > 1e-8, std, 1.0).tolist(),
+                    "count": int(flat.shape[0])}
     return stats
 
 
-def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None) -> str:
-    """Convert `source` (an MMSA-schema pickle) unless its cache exists; returns the cache directory."""
-    target = cache_path_for(source, cache_dir)
+def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
+                emotion_labels: str | None = None) -> str:
+    """Convert `source` (an MMSA-schema pickle) unless its cache exists; returns the cache directory.
+    With `emotion_labels` (an SDK .csd or a CSV table), the six intensities are joined by (video, clip)."""
+    target = cache_path_for(source, cache_dir, emotion_labels)
     if os.path.exists(os.path.join(target, "meta.json")):
         return target
-    raw = _load_pickle(source)
+    raw = load_pickle(source)
+    if not isinstance(raw, dict):
+        raise DataError(f"{source}: expected a dict with splits {SPLITS}, got {type(raw).__name__}")
     modalities = [m for m in MODALITIES if isinstance(raw.get("train"), dict) and m in raw["train"]]
     if not modalities:
         raise DataError(f"{source} [split 'train']: none of the modality keys {MODALITIES} is present")
-    reports = check_dataset(source, raw, modalities)
+    reports = check_dataset(source, raw, modalities)   # first: the join relies on valid ids and splits
+    join = None
+    if emotion_labels:
+        join = join_emotions(source, raw, read_emotion_labels(emotion_labels))
+        for split, again in check_dataset(source, raw, modalities).items():
+            reports[split].with_emotions = again.with_emotions
     columns = {s: _split_columns(raw[s], modalities) for s in SPLITS}
     del raw
     shapes = {m: tuple(columns["train"][m].shape[1:]) for m in modalities}
@@ -98,6 +113,10 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None) -> 
     dd = datasets.DatasetDict({s: datasets.Dataset.from_dict(columns[s], features=features) for s in SPLITS})
     meta = {"source": os.path.abspath(source), "sha256": file_sha256(source), "format": CACHE_FORMAT,
             "modalities": modalities, "shapes": {m: list(v) for m, v in shapes.items()},
+            "emotion_labels": None if join is None else {
+                "file": os.path.abspath(emotion_labels), "matched": join.matched,
+                "unmatched": join.unmatched, "sentiment_mismatches": join.sentiment_mismatches,
+                "summary": join.summary()},
             "normalisation": _normalisation(columns["train"], modalities),
             "splits": {s: {"samples": r.samples, "with_emotions": r.with_emotions,
                            "nonfinite_replaced": r.nonfinite_replaced} for s, r in reports.items()},

@@ -33,10 +33,18 @@ class Batch:
 
 
 class SplitDataset(Dataset):
-    """One split of the cache; `__getitems__` fetches a whole batch from Arrow in one call."""
+    """One split of the cache; `__getitems__` fetches a whole batch from Arrow in one call.
 
-    def __init__(self, hf_split, modalities: list[str], normalisation: dict):
+    A split of several datasets is their concatenation (still memory-mapped); `parts` names each one and
+    its row count, and ids then carry the dataset's name as a prefix ("mosi/video$_$clip").
+    """
+
+    def __init__(self, hf_split, modalities: list[str], normalisation: dict,
+                 parts: list[tuple[str, int]] | None = None):
         self.hf = hf_split.with_format("numpy")
+        self.parts = parts or []
+        self.prefixes = [f"{name}/" for name, _ in self.parts] if len(self.parts) > 1 else [""]
+        self.ends = np.cumsum([n for _, n in self.parts]) if len(self.parts) > 1 else np.array([len(self.hf)])
         self.modalities = list(modalities)
         self.shapes = {m: tuple(self.hf.features[m].shape) for m in self.modalities}
         self.mean = {m: np.asarray(normalisation[m]["mean"], np.float32) for m in self.modalities}
@@ -72,8 +80,10 @@ class SplitDataset(Dataset):
             features[m] = torch.from_numpy(x)
         ids = [""] * b
         if rows is not None:
-            for pos, sid in zip(np.flatnonzero(real), rows["id"]):
-                ids[pos] = str(sid)
+            real_indices = indices[real]
+            part = np.searchsorted(self.ends, real_indices, side="right")
+            for pos, sid, p in zip(np.flatnonzero(real), rows["id"], part):
+                ids[pos] = self.prefixes[p] + str(sid)
         return Batch(ids=ids, features=features, masks=masks,
                      sentiment=torch.from_numpy(column("sentiment", (), np.float32)),
                      emotions=torch.from_numpy(column("emotions", (6,), np.float32)),

@@ -1,7 +1,8 @@
 """The MMSA pickle schema this project reads, and the checks every source goes through.
 
 An MMSA file is `{'train'|'valid'|'test': {key: array with samples on axis 0}}`. The keys used here:
-`text`, `audio`, `vision` (float [N, T, F]), optional `audio_lengths`/`vision_lengths` (unaligned files),
+`text`, `audio`, `vision` (float [N, T, F]; a dataset may have any non-empty subset), optional
+`audio_lengths`/`vision_lengths` (unaligned files) and `text_lengths` (our extension, written by `mmolre featurize`),
 `id` ("video$_$clip", str or bytes), `regression_labels` (sentiment in [-3, 3]) and our extension
 `emotion_labels` (float [N, 6] intensities in [0, 3], order EMOTIONS; absent or NaN rows = no labels).
 """
@@ -16,7 +17,7 @@ from ..config import EMOTIONS, MODALITIES
 SPLITS = ("train", "valid", "test")
 ID_SEPARATOR = "$_$"
 EMOTION_KEY = "emotion_labels"
-LENGTH_KEYS = {"audio": "audio_lengths", "vision": "vision_lengths"}
+LENGTH_KEYS = {"text": "text_lengths", "audio": "audio_lengths", "vision": "vision_lengths"}
 
 
 class DataError(ValueError):
@@ -68,8 +69,12 @@ def check_split(path: str, split: str, data: dict, modalities: list[str]) -> Spl
         if arr.shape[0] != n:
             raise DataError(f"{where(path, split, key)}: {arr.shape[0]} samples but 'id' has {n}")
 
-    labels = np.asarray(data["regression_labels"], dtype=np.float64).reshape(n, -1)[:, 0]
+    labels = np.asarray(data["regression_labels"], dtype=np.float64)
     count_ok("regression_labels", labels)
+    if labels.size != n:  # [N] or [N, 1] as MMSA writes it; anything wider is not one sentiment per sample
+        raise DataError(f"{where(path, split, 'regression_labels')}: expected one sentiment per sample, got "
+                        f"shape {labels.shape}")
+    labels = labels.reshape(n)
     bad = np.flatnonzero(~np.isfinite(labels) | (labels < -3) | (labels > 3))
     if bad.size:
         i = bad[0]
@@ -103,7 +108,13 @@ def check_split(path: str, split: str, data: dict, modalities: list[str]) -> Spl
         if emo.ndim != 2 or emo.shape[1] != len(EMOTIONS):
             raise DataError(f"{where(path, split, EMOTION_KEY)}: expected [samples, {len(EMOTIONS)}] "
                             f"({', '.join(EMOTIONS)}), got shape {emo.shape}")
-        labelled = ~np.isnan(emo).any(1)
+        missing = np.isnan(emo)
+        partial = np.flatnonzero(missing.any(1) & ~missing.all(1))
+        if partial.size:  # a row is labelled (6 values) or not (all NaN); anything else is ambiguous
+            i = partial[0]
+            raise DataError(f"{where(path, split, EMOTION_KEY, ids[i])}: some but not all six intensities are "
+                            f"NaN ({emo[i].tolist()}); a sample without emotion labels has all six NaN")
+        labelled = ~missing.all(1)
         bad = np.flatnonzero(labelled & ((emo < 0).any(1) | (emo > 3).any(1)))
         if bad.size:
             i = bad[0]
