@@ -5,6 +5,9 @@
     mmolre export RUN_DIR OUT.pt        one consolidated fp32 model file (all experts, config, normalisation)
     mmolre predict MODEL.pt DATA.pkl    run an exported model on CPU, no DeepSpeed engine or launcher
     mmolre report RUN_DIR...            group runs (experts, top-k, ... ), mean ± std over seeds, figures
+    mmolre featurize TABLE OUT.pkl      transcripts -> a text-only MMSA-schema dataset (a HF text encoder)
+    mmolre data inspect PATH            splits, sizes, shapes, dtypes, label statistics, NaN/inf counts
+    mmolre data verify PATH             the file's SHA-256 against the hashes MMSA publishes
 """
 from __future__ import annotations
 
@@ -76,6 +79,37 @@ def _report(args) -> int:
     return 0
 
 
+def _featurize(args) -> int:
+    from .data.featurize import FeaturizeOptions, featurize
+    opts = FeaturizeOptions(text_encoder=args.text_encoder, max_length=args.max_length, batch_size=args.batch_size,
+                            skip_missing_text=args.skip_missing_text, train_from=args.train_from,
+                            dev_fraction=args.dev_fraction, split_seed=args.split_seed, device=args.device)
+    report = featurize(args.table, args.out, opts)
+    sizes = " / ".join(str(report["samples"][s]) for s in ("train", "valid", "test"))
+    print(f"wrote {args.out}: text [*, {report['max_length']}, {report['hidden_size']}] from {args.text_encoder}, "
+          f"{sizes} train/valid/test")
+    for reason, left in report["left_out"].items():
+        ids = left["ids"]
+        print(f"  left out, {reason}: {left['count']} rows ({', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''})")
+    return 0
+
+
+def _data_inspect(args) -> int:
+    from .data.inspect import inspect
+    print(inspect(args.path))
+    return 0
+
+
+def _data_verify(args) -> int:
+    from .data.inspect import verify
+    digest, known = verify(args.path)
+    if known:
+        print(f"{args.path}: OK, sha256 {digest} is MMSA's {known}")
+        return 0
+    print(f"{args.path}: sha256 {digest} matches none of the files MMSA publishes", file=sys.stderr)
+    return 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mmolre", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +140,30 @@ def main(argv=None) -> int:
     rep.add_argument("--plot", help="write PREFIX_vs_experts.png and PREFIX_heatmap.png (needs matplotlib)")
     rep.add_argument("--metric", default="test.sentiment.mae", help="the metric the figures show")
     rep.set_defaults(func=_report)
+    feat = sub.add_parser("featurize", help="transcripts in a label table -> a text-only MMSA-schema pickle")
+    feat.add_argument("table", help="MMSA label.csv (video_id, clip_id, text, label, mode) or a MOSEI table")
+    feat.add_argument("out", help="the pickle to write")
+    feat.add_argument("--text_encoder", default="roberta-base",
+                      help="a Hugging Face hub name or a local model directory (offline)")
+    feat.add_argument("--max_length", type=int, default=50, help="tokens per utterance (MMSA uses 50)")
+    feat.add_argument("--batch_size", type=int, default=32)
+    feat.add_argument("--device", default="cpu")
+    feat.add_argument("--skip_missing_text", action="store_true",
+                      help="leave out (and list) rows without a transcript instead of failing")
+    feat.add_argument("--train_from", default="train", choices=["train", "valid"],
+                      help="'valid': divide the valid split by video into train and valid (MOSEI has no "
+                           "train transcripts)")
+    feat.add_argument("--dev_fraction", type=float, default=0.2, help="with --train_from valid: share of videos "
+                                                                      "kept for validation")
+    feat.add_argument("--split_seed", type=int, default=0)
+    feat.set_defaults(func=_featurize)
+    data = sub.add_parser("data", help="look at a dataset file").add_subparsers(dest="data_command", required=True)
+    ins = data.add_parser("inspect", help="splits, sizes, shapes, dtypes, labels, NaN/inf counts of a pickle")
+    ins.add_argument("path")
+    ins.set_defaults(func=_data_inspect)
+    ver = data.add_parser("verify", help="check a pickle's SHA-256 against MMSA's published hashes")
+    ver.add_argument("path")
+    ver.set_defaults(func=_data_verify)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
