@@ -1,0 +1,402 @@
+"""Real-data formats with their quirks, written by the tests themselves: MMSA aligned/unaligned pickles
+(-inf audio, bytes ids, lengths), SDK-style HDF5 label files, label tables, the featurizer with a tiny
+random encoder, `mmolre data inspect|verify`, dataset mixing, and every malformed case named precisely."""
+import json
+import os
+import pickle
+
+import h5py
+import numpy as np
+import pytest
+
+from mmolre.cli import main as mmolre
+from mmolre.config import EMOTIONS, DataConfig
+from mmolre.data import prepare
+from mmolre.data.cache import build_cache, load_cache
+from mmolre.data.emotions import read_emotion_labels
+from mmolre.data.schema import DataError, check_dataset
+
+SIZES = {"train": 12, "valid": 4, "test": 6}
+# MOSI's feature sizes (audio 5, vision 20; unaligned 375/500 steps scaled down); text kept small.
+DIMS = {"text": 16, "audio": 5, "vision": 20}
+
+
+def mmsa_split(split: str, n: int, rng, aligned=True, bytes_ids=False, videos=3, base=0, emotions=False):
+    t = {"text": 8, "audio": 8 if aligned else 15, "vision": 8 if aligned else 20}
+    ids = [f"vid{split}{i % videos}$_${i // videos + base}" for i in range(n)]
+    d = {"id": np.array([i.encode() for i in ids]) if bytes_ids else np.array(ids, dtype=object),
+         "raw_text": np.array([f"utterance {i}" for i in range(n)]),
+         "regression_labels": np.round(rng.uniform(-3, 3, n) * 3) / 3,
+         "annotations": np.array(["Positive"] * n),
+         "classification_labels": np.ones(n),
+         "text_bert": np.zeros((n, 3, t["text"]), np.int64)}
+    for m, dim in DIMS.items():
+        d[m] = rng.normal(size=(n, t[m], dim)).astype(np.float32)
+    d["audio"][0, 0, :2] = -np.inf   # as in MMSA's COVAREP features
+    if not aligned:
+        d["audio_lengths"] = rng.integers(1, t["audio"] + 1, n)
+        d["vision_lengths"] = rng.integers(1, t["vision"] + 1, n)
+    if emotions:
+        d["emotion_labels"] = rng.uniform(0, 3, (n, 6)).astype(np.float32)
+    return d
+
+
+def mmsa(aligned=True, bytes_ids=False, seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    return {s: mmsa_split(s, n, rng, aligned, bytes_ids, **kw) for s, n in SIZES.items()}
+
+
+def dump(path, data):
+    with open(path, "wb") as f:
+        pickle.dump(data, f)
+    return str(path)
+
+
+def prepared(tmp_path, **kw):
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), **kw)
+    return prepare(cfg, builds=True, barrier=lambda: None)
+
+
+def test_unaligned_mmsa_directory_with_bytes_ids_and_lengths(tmp_path):
+    raw = mmsa(aligned=False, bytes_ids=True)
+    os.makedirs(tmp_path / "MOSI" / "Processed")
+    dump(tmp_path / "MOSI" / "Processed" / "unaligned_50.pkl", raw)
+    data = prepared(tmp_path, dataset="mosi", data_path=str(tmp_path / "MOSI"), alignment="unaligned")
+    assert data.modalities == ["text", "audio", "vision"]
+    # dims and lengths come from the file, not from constants
+    assert data.shapes == {"text": (8, 16), "audio": (15, 5), "vision": (20, 20)}
+    meta = data.sources["mosi"]
+    assert meta["splits"]["train"]["nonfinite_replaced"] == {"audio": 2}
+    batch = data.splits["train"].__getitems__(list(range(SIZES["train"])))
+    assert batch.ids[0] == "vidtrain0$_$0" and isinstance(batch.ids[0], str)
+    np.testing.assert_array_equal(batch.masks["audio"].sum(1).numpy(), raw["train"]["audio_lengths"])
+    np.testing.assert_array_equal(batch.masks["vision"].sum(1).numpy(), raw["train"]["vision_lengths"])
+    assert batch.masks["text"].all()   # aligned text: full length
+    assert not batch.has_emotion.any()
+    np.testing.assert_allclose(batch.sentiment.numpy(), raw["train"]["regression_labels"], atol=1e-6)
+    # the aligned file is the default pick inside a directory
+    with pytest.raises(DataError, match=r"no aligned_50.pkl in it or in its Processed/.*unaligned_50.pkl"):
+        prepared(tmp_path, dataset="mosi", data_path=str(tmp_path / "MOSI" / "Processed"))
+
+
+def csd(path, labels: dict[str, np.ndarray], root="All Labels"):
+    with h5py.File(path, "w") as f:
+        for video, feats in labels.items():
+            g = f.create_group(f"{root}/data/{video}")
+            g["features"] = feats
+            g["intervals"] = np.c_[np.arange(len(feats)), np.arange(len(feats)) + 1.0]
+        f.create_group(f"{root}/metadata")
+    return str(path)
+
+
+def sdk_labels_for(raw: dict, skip: str | None = None) -> dict[str, np.ndarray]:
+    """[sentiment, happy, sad, anger, surprise, disgust, fear] per segment, segment k = clip k."""
+    rows: dict[str, dict[int, np.ndarray]] = {}
+    for split in raw:
+        for sid, y in zip(raw[split]["id"], raw[split]["regression_labels"]):
+            video, clip = str(sid).split("$_$")
+            if sid == skip:
+                continue
+            emo = np.arange(6) / 2 + int(clip) / 10   # distinct per emotion and clip, within [0, 3]
+            rows.setdefault(video, {})[int(clip)] = np.r_[y, emo]
+    return {v: np.stack([clips[k] for k in sorted(clips)]) for v, clips in rows.items()}
+
+
+def test_mosei_emotions_join_from_an_sdk_csd_in_the_sdk_order(tmp_path):
+    raw = mmsa()
+    skip = str(raw["test"]["id"][-1])    # the last clip of a video: the others keep their positions
+    labels = csd(tmp_path / "CMU_MOSEI_Labels.csd", sdk_labels_for(raw, skip=skip))
+    data = prepared(tmp_path, dataset="mosei", data_path=dump(tmp_path / "mosei.pkl", raw), emotion_labels=labels)
+    join = data.sources["mosei"]["emotion_labels"]
+    assert join["matched"] == {"train": 12, "valid": 4, "test": 5}
+    assert join["unmatched"] == {"train": [], "valid": [], "test": [skip]}
+    assert skip in join["summary"]
+    test = data.splits["test"].__getitems__(list(range(SIZES["test"])))
+    assert test.has_emotion.tolist() == [True] * 5 + [False]
+    clip = int(test.ids[0].split("$_$")[1])
+    # column 1 of the CSD is happy, 6 is fear: the order is kept, not alphabetised
+    np.testing.assert_allclose(test.emotions[0].numpy(), np.arange(6) / 2 + clip / 10, atol=1e-6)
+    assert EMOTIONS == ("happy", "sad", "anger", "surprise", "disgust", "fear")
+
+
+def test_emotion_join_from_a_label_table_and_a_wrong_clip_numbering_is_caught(tmp_path):
+    raw = mmsa()
+    path = dump(tmp_path / "mosei.pkl", raw)
+
+    def table(name, shift):
+        lines = ["video_id,clip_index,sentiment," + ",".join(EMOTIONS)]
+        for split in raw:
+            for sid, y in zip(raw[split]["id"], raw[split]["regression_labels"]):
+                video, clip = str(sid).split("$_$")
+                lines.append(f"{video},{int(clip) + shift},{y}," + ",".join(str(0.5 + i / 10) for i in range(6)))
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+        return str(tmp_path / name)
+
+    data = prepared(tmp_path, dataset="mosei", data_path=path, emotion_labels=table("labels.csv", 0))
+    assert data.sources["mosei"]["splits"]["train"]["with_emotions"] == 12
+    batch = data.splits["valid"].__getitems__([0])
+    np.testing.assert_allclose(batch.emotions[0].numpy(), 0.5 + np.arange(6) / 10, atol=1e-6)
+    # 1-based clips against a 0-based pickle: the sentiments disagree and the join refuses
+    with pytest.raises(DataError, match="clip numbering of the two files does not agree"):
+        build_cache(path, str(tmp_path / "cache2"), emotion_labels=table("shifted.csv", 1))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("video_id,clip_index,happy\nv,0,1\n", r"missing column\(s\) \['sad', 'anger'"),
+    ("video_id,clip_index," + ",".join(EMOTIONS) + "\nv,0,1,1,1,1,1,3.5\n", r"line 2, sample 'v, clip 0'.*outside \[0, 3\]"),
+    ("video_id,clip_index," + ",".join(EMOTIONS) + "\nv,0,1,1,1,1,1,1\nv,0,1,1,1,1,1,1\n", r"line 3.*duplicate"),
+])
+def test_bad_label_tables_name_file_line_and_sample(tmp_path, content, message):
+    (tmp_path / "t.csv").write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_emotion_labels(str(tmp_path / "t.csv"))
+
+
+def test_bad_sdk_file_names_the_video(tmp_path):
+    path = csd(tmp_path / "bad.csd", {"vidA": np.ones((2, 5))})
+    with pytest.raises(DataError, match=r"All Labels/data/vidA/features\]: expected \[segments, 7\]"):
+        read_emotion_labels(path)
+
+
+def test_a_text_only_dataset_trains_on_what_it_has_and_modalities_name_the_missing(tmp_path):
+    raw = mmsa()
+    for split in raw.values():
+        del split["audio"], split["vision"]
+    path = dump(tmp_path / "text_only.pkl", raw)
+    data = prepared(tmp_path, dataset="mmsa", data_path=path)
+    assert data.modalities == ["text"] and list(data.shapes) == ["text"]
+    with pytest.raises(DataError, match=r"asks for 'audio', which mmsa lack\(s\).*has \['text'\]"):
+        prepared(tmp_path, dataset="mmsa", data_path=path, modalities="text,audio")
+    full = dump(tmp_path / "full.pkl", mmsa())
+    assert prepared(tmp_path, dataset="mmsa", data_path=full, modalities="vision,text").modalities == ["text", "vision"]
+
+
+def test_mixing_datasets_masks_emotions_prefixes_ids_and_pools_normalisation(tmp_path):
+    mosi = mmsa(seed=1)
+    mosei = mmsa(seed=2, emotions=True)
+    data = prepared(tmp_path, dataset="mosi+mosei",
+                    data_path=f"{dump(tmp_path / 'a.pkl', mosi)},{dump(tmp_path / 'b.pkl', mosei)}")
+    assert data.names == ["mosi", "mosei"]
+    train = data.splits["train"]
+    assert len(train) == 24
+    batch = train.__getitems__(list(range(24)))
+    assert all(i.startswith("mosi/") for i in batch.ids[:12]) and all(i.startswith("mosei/") for i in batch.ids[12:])
+    assert batch.has_emotion.tolist() == [False] * 12 + [True] * 12
+    # one normalisation over both train splits (valid time steps only; aligned = all), -inf counted as 0
+    text = np.concatenate([mosi["train"]["text"], mosei["train"]["text"]]).reshape(-1, DIMS["text"])
+    np.testing.assert_allclose(data.normalisation["text"]["mean"], text.mean(0), atol=1e-5)
+    np.testing.assert_allclose(data.normalisation["text"]["std"], text.std(0), atol=1e-5)
+    # a modality whose shape differs between the datasets cannot be mixed; --modalities can leave it out
+    other = mmsa(seed=3, aligned=False)
+    with pytest.raises(DataError, match=r"modality 'audio' has a different \[time, features\] shape per dataset"):
+        prepared(tmp_path, dataset="mosi+mosei", data_path=f"{tmp_path / 'a.pkl'},{dump(tmp_path / 'c.pkl', other)}")
+    mixed = prepared(tmp_path, dataset="mosi+mosei", modalities="text",
+                     data_path=f"{tmp_path / 'a.pkl'},{tmp_path / 'c.pkl'}")
+    assert mixed.modalities == ["text"]
+    with pytest.raises(DataError, match=r"2 dataset\(s\) need a path"):
+        prepared(tmp_path, dataset="mosi+mosei", data_path=str(tmp_path / "a.pkl"))
+
+
+def _malformed():
+    def wrong_rank(d):
+        d["train"]["vision"] = d["train"]["vision"][:, 0]
+
+    def dims_differ(d):
+        d["test"]["audio"] = d["test"]["audio"][:, :, :3]
+
+    def empty(d):
+        d["valid"] = {k: v[:0] for k, v in d["valid"].items()}
+
+    def lengths(d):
+        d["train"]["audio_lengths"] = d["train"]["audio_lengths"].copy()
+        d["train"]["audio_lengths"][2] = 99
+
+    def partial_nan(d):
+        d["train"]["emotion_labels"][3, 1] = np.nan
+
+    def wide_labels(d):
+        d["test"]["regression_labels"] = np.c_[d["test"]["regression_labels"], d["test"]["regression_labels"]]
+
+    return [
+        (lambda d: d.pop("test"), r"bad.pkl: missing split\(s\) \['test'\]"),
+        (lambda d: d["valid"].pop("regression_labels"), r"bad.pkl \[split 'valid', key 'regression_labels'\]: missing"),
+        (lambda d: d["train"].__setitem__("id", d["train"]["id"][:-1]), r"\[split 'train', key 'regression_labels'\]: 12 samples but 'id' has 11"),
+        (wrong_rank, r"\[split 'train', key 'vision'\]: expected \[samples, time, features\]"),
+        (dims_differ, r"\[key 'audio'\]: \[time, features\] differ across splits"),
+        (lambda d: d["test"]["regression_labels"].__setitem__(2, -3.2), r"\[split 'test', key 'regression_labels', sample 'vidtest2\$_\$0'\]: sentiment -3.2"),
+        (lambda d: d["valid"]["emotion_labels"].__setitem__((1, 0), -0.5), r"\[split 'valid', key 'emotion_labels', sample 'vidvalid1\$_\$0'\]"),
+        (lambda d: d["train"]["id"].__setitem__(4, b"vidtrain0$_$0"), r"\[split 'train', key 'id', sample 'vidtrain0\$_\$0'\]: duplicate id \(rows 0 and 4\)"),
+        (empty, r"\[split 'valid', key 'id'\]: the split is empty"),
+        (lengths, r"\[split 'train', key 'audio_lengths', sample 'vidtrain2\$_\$0'\]: length 99 outside \[1, 15\]"),
+        (partial_nan, r"\[split 'train', key 'emotion_labels', sample 'vidtrain0\$_\$1'\]: some but not all"),
+        (wide_labels, r"\[split 'test', key 'regression_labels'\]: expected one sentiment per sample"),
+    ]
+
+
+@pytest.mark.parametrize("break_it, message", _malformed())
+def test_every_malformed_case_names_file_split_key_and_sample(tmp_path, break_it, message):
+    raw = mmsa(aligned=False, bytes_ids=True, emotions=True)
+    break_it(raw)
+    path = dump(tmp_path / "bad.pkl", raw)
+    with pytest.raises(DataError, match=message):
+        build_cache(path, str(tmp_path / "cache"))
+    assert not os.path.exists(tmp_path / "cache" / "arrow") or not os.listdir(tmp_path / "cache" / "arrow")
+
+
+def test_data_inspect_and_verify(tmp_path, capsys, monkeypatch):
+    path = dump(tmp_path / "aligned_50.pkl", mmsa(emotions=True))
+    assert mmolre(["data", "inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "train: 12 samples" in out and "test: 6 samples" in out
+    assert "audio" in out and "(12, 8, 5)" in out and "-inf 2" in out
+    assert "emotions: 12 labelled" in out and "sentiment: mean" in out
+    assert mmolre(["data", "verify", path]) == 1
+    assert "matches none of the files MMSA publishes" in capsys.readouterr().err
+    from mmolre.data import inspect as inspect_module
+    from mmolre.data.cache import file_sha256
+    monkeypatch.setitem(inspect_module.MMSA_SHA256, file_sha256(path), "MOSI/Processed/aligned_50.pkl")
+    assert mmolre(["data", "verify", path]) == 0
+    assert "is MMSA's MOSI/Processed/aligned_50.pkl" in capsys.readouterr().out
+    # the published MOSEI hashes are the README's
+    assert inspect_module.MMSA_SHA256["45eccfb748a87c80ecab9bfac29582e7b1466bf6605ff29d3b338a75120bf791"] == \
+        "MOSEI/Processed/aligned_50.pkl"
+
+
+# ---- the featurizer, with a tiny randomly initialised encoder (no download) -------------------------
+
+WORDS = ["good", "bad", "movie", "really", "not", "the", "was", "i", "liked", "it"]
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("tiny_bert")
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    tokenizer.save_pretrained(str(path))
+    cfg = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=12, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=16, max_position_embeddings=64)
+    transformers.set_seed(0)
+    transformers.BertModel(cfg).save_pretrained(str(path))
+    return str(path)
+
+
+def mosi_table(path, missing_text=False):
+    rows = ["video_id,clip_id,text,label,annotation,mode"]
+    for v, mode in (("trA", "train"), ("trB", "train"), ("dvA", "dev"), ("teA", "test")):
+        for c in (1, 2, 3):
+            text = "" if (missing_text and v == "trB" and c == 2) else " ".join(WORDS[(c + i) % 10] for i in range(c + 2))
+            rows.append(f"{v},{c},{text},{c - 2.5},x,{mode}")
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_featurize_writes_token_features_the_encoder_gives(tmp_path, tiny_encoder):
+    import torch
+    import transformers
+    table = mosi_table(tmp_path / "label.csv")
+    out = str(tmp_path / "text.pkl")
+    assert mmolre(["featurize", table, out, "--text_encoder", tiny_encoder, "--max_length", "8",
+                   "--batch_size", "2"]) == 0
+    with open(out, "rb") as f:
+        data = pickle.load(f)
+    train = data["train"]
+    assert train["text"].shape == (6, 8, 12) and train["text"].dtype == np.float32
+    assert list(train["id"][:2]) == ["trA$_$1", "trA$_$2"] and len(data["valid"]["id"]) == 3   # dev -> valid
+    np.testing.assert_allclose(train["regression_labels"][:3], [-1.5, -0.5, 0.5])
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_encoder)
+    model = transformers.AutoModel.from_pretrained(tiny_encoder).eval()
+    enc = tok([train["raw_text"][2]], return_tensors="pt")
+    with torch.no_grad():
+        want = model(**enc).last_hidden_state[0].numpy()
+    n = enc["input_ids"].shape[1]
+    assert train["text_lengths"][2] == n == 7      # [CLS] + 5 words + [SEP]
+    np.testing.assert_allclose(train["text"][2, :n], want, atol=1e-4)
+    assert (train["text"][2, n:] == 0).all()
+    assert data["config"]["featurize"]["text_encoder"] == tiny_encoder
+    # the output is a dataset the trainer reads; the text mask follows the lengths
+    prep = prepared(tmp_path, dataset="mosi", data_path=out)
+    assert prep.modalities == ["text"]
+    batch = prep.splits["train"].__getitems__([2])
+    assert batch.masks["text"][0].sum() == 7
+
+
+def test_featurize_refuses_rows_without_text_unless_told_and_lists_them(tmp_path, tiny_encoder, capsys):
+    table = mosi_table(tmp_path / "label.csv", missing_text=True)
+    out = str(tmp_path / "text.pkl")
+    assert mmolre(["featurize", table, out, "--text_encoder", tiny_encoder]) == 2
+    assert "trB$_$2 (line 6)" in capsys.readouterr().err
+    assert mmolre(["featurize", table, out, "--text_encoder", tiny_encoder, "--skip_missing_text"]) == 0
+    assert "no transcript (--skip_missing_text): 1 rows (trB$_$2)" in capsys.readouterr().out
+    with open(out, "rb") as f:
+        assert len(pickle.load(f)["train"]["id"]) == 5
+
+
+def test_featurize_mosei_table_splits_valid_by_video_and_keeps_emotions(tmp_path, tiny_encoder):
+    rows = ["video_id,clip_index,start,end,sentiment," + ",".join(EMOTIONS) + ",mode,text,asr"]
+    for v in range(10):
+        mode = "train" if v < 3 else "valid" if v < 8 else "test"
+        for c in range(3):
+            text = "" if mode == "train" else f"{WORDS[v]} {WORDS[c]}"
+            rows.append(f"vid{v},{c},0,1,{(v - 5) / 3:.3f}," + ",".join(str((v + c + i) % 4) for i in range(6))
+                        + f",{mode},{text},")
+    rows.append("vidX,0,0,1,0.0,0,0,0,0,0,0,none,outside the folds,")
+    (tmp_path / "mosei.csv").write_text("\n".join(rows) + "\n")
+    out = str(tmp_path / "mosei.pkl")
+    assert mmolre(["featurize", str(tmp_path / "mosei.csv"), out, "--text_encoder", tiny_encoder,
+                   "--train_from", "valid", "--dev_fraction", "0.4"]) == 0
+    with open(out, "rb") as f:
+        data = pickle.load(f)
+    videos = {s: {i.split("$_$")[0] for i in data[s]["id"]} for s in ("train", "valid", "test")}
+    assert videos["train"] | videos["valid"] == {f"vid{v}" for v in range(3, 8)}
+    assert not videos["train"] & videos["valid"] and len(videos["valid"]) == 2
+    assert videos["test"] == {"vid8", "vid9"}
+    left = data["config"]["featurize"]["left_out"]
+    assert left["mode none (outside the standard folds)"]["ids"] == ["vidX$_$0"]
+    assert left["original train split (--train_from valid)"]["count"] == 9
+    i = list(data["test"]["id"]).index("vid9$_$1")
+    np.testing.assert_allclose(data["test"]["emotion_labels"][i], [(9 + 1 + k) % 4 for k in range(6)])
+    json.dumps(data["config"])
+
+
+def test_featurize_without_a_reachable_encoder_says_how_to_work_offline(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    table = mosi_table(tmp_path / "label.csv")
+    assert mmolre(["featurize", table, str(tmp_path / "o.pkl"), "--text_encoder", "no-such-org/no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert "could not load" in err and "local model directory" in err
+
+
+def test_featurize_max_length_must_fit_the_encoder(tmp_path, tiny_encoder, capsys):
+    table = mosi_table(tmp_path / "label.csv")
+    assert mmolre(["featurize", table, str(tmp_path / "o.pkl"), "--text_encoder", tiny_encoder,
+                   "--max_length", "100"]) == 2
+    assert "longer than" in capsys.readouterr().err and not (tmp_path / "o.pkl").exists()
+
+
+def test_check_dataset_accepts_the_quirky_but_valid_file():
+    raw = mmsa(aligned=False, bytes_ids=True, emotions=True)
+    reports = check_dataset("ok.pkl", raw, ["text", "audio", "vision"])
+    assert reports["train"].nonfinite_replaced == {"audio": 2} and reports["test"].with_emotions == 6
+
+
+def test_two_processes_train_on_a_mixed_dataset_and_report_each_dataset(tmp_path):
+    from tests.launcher import run_deepspeed
+    mosi = dump(tmp_path / "mosi.pkl", mmsa(seed=1))
+    mosei = dump(tmp_path / "mosei.pkl", mmsa(seed=2, emotions=True))
+    proc = run_deepspeed(tmp_path, "--dataset", "mosi+mosei", "--data_path", f"{mosi},{mosei}", "--ep_size", "2",
+                         "--epochs", "2", "--run_name", "mixed")
+    assert "data: mosi: no emotion labels (sentiment only)" in proc.stdout
+    with open(tmp_path / "runs" / "mixed" / "results.json") as f:
+        results = json.load(f)
+    assert results["world_size"] == 2 and results["ep_size"] == 2
+    per = results["test"]["per_dataset"]
+    assert per["mosi"]["samples"] == per["mosei"]["samples"] == SIZES["test"]
+    assert "emotion" not in per["mosi"] and "emotion" in per["mosei"]
+    assert results["test"]["samples"] == 2 * SIZES["test"]
+    assert set(results["data"]) == {"mosi", "mosei"}
+    assert results["data"]["mosi"]["splits"]["train"]["nonfinite_replaced"] == {"audio": 2}
+    ids = (tmp_path / "runs" / "mixed" / "predictions_test.csv").read_text()
+    assert "mosi/vidtest0$_$0" in ids and "mosei/vidtest0$_$0" in ids
+    assert "mosei (6 test samples)" in proc.stdout
