@@ -15,12 +15,14 @@ import shutil
 
 import datasets
 import numpy as np
+from datasets.arrow_writer import ArrowWriter
 
 from ..config import EMOTIONS, MODALITIES
 from .emotions import join_emotions, read_emotion_labels
 from .schema import EMOTION_KEY, LENGTH_KEYS, SPLITS, DataError, check_dataset, decode_id
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
+WRITE_ROWS = 512   # rows per Arrow record batch: conversion holds the pickle plus one batch, not a 2nd copy
 
 
 def file_sha256(path: str) -> str:
@@ -75,15 +77,23 @@ def _split_columns(data: dict, modalities: list[str]) -> dict:
 
 def _normalisation(train: dict, modalities: list[str]) -> dict:
     """Per-feature mean and std over the valid time steps of the train split (and their count, so the
-    statistics of several datasets can be pooled)."""
+    statistics of several datasets can be pooled); accumulated in chunks to keep memory flat."""
     stats = {}
     for m in modalities:
         x, lengths = train[m], train[f"{m}_length"]
-        valid = np.arange(x.shape[1])[None, :] < lengths[:, None]
-        flat = x[valid].astype(np.float64)
-        std = flat.std(0)
-        stats[m] = {"mean": flat.mean(0).tolist(), "std": np.where(std > 1e-8, std, 1.0).tolist(),
-                    "count": int(flat.shape[0])}
+        total = np.zeros(x.shape[2])
+        squares = np.zeros(x.shape[2])
+        count = 0
+        for start in range(0, len(x), WRITE_ROWS):
+            chunk = x[start:start + WRITE_ROWS]
+            valid = np.arange(x.shape[1])[None, :] < lengths[start:start + WRITE_ROWS, None]
+            flat = chunk[valid].astype(np.float64)
+            total += flat.sum(0)
+            squares += (flat ** 2).sum(0)
+            count += flat.shape[0]
+        mean = total / count
+        std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+        stats[m] = {"mean": mean.tolist(), "std": np.where(std > 1e-8, std, 1.0).tolist(), "count": int(count)}
     return stats
 
 
@@ -110,7 +120,14 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
     del raw
     shapes = {m: tuple(columns["train"][m].shape[1:]) for m in modalities}
     features = _features(shapes)
-    dd = datasets.DatasetDict({s: datasets.Dataset.from_dict(columns[s], features=features) for s in SPLITS})
+    tmp = f"{target}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    for s in SPLITS:  # streamed in record batches straight into the files every rank will memory-map
+        writer = ArrowWriter(features=features, path=os.path.join(tmp, f"{s}.arrow"))
+        n = len(columns[s]["id"])
+        for start in range(0, n, WRITE_ROWS):
+            writer.write_batch({k: v[start:start + WRITE_ROWS] for k, v in columns[s].items()})
+        writer.finalize()
     meta = {"source": os.path.abspath(source), "sha256": file_sha256(source), "format": CACHE_FORMAT,
             "modalities": modalities, "shapes": {m: list(v) for m, v in shapes.items()},
             "emotion_labels": None if join is None else {
@@ -121,8 +138,6 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
             "splits": {s: {"samples": r.samples, "with_emotions": r.with_emotions,
                            "nonfinite_replaced": r.nonfinite_replaced} for s, r in reports.items()},
             **(extra_meta or {})}
-    tmp = f"{target}.tmp{os.getpid()}"
-    dd.save_to_disk(tmp)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     try:
@@ -136,4 +151,5 @@ def load_cache(target: str) -> tuple[datasets.DatasetDict, dict]:
     """Memory-map a built cache; returns the splits and meta.json."""
     with open(os.path.join(target, "meta.json")) as f:
         meta = json.load(f)
-    return datasets.load_from_disk(target), meta
+    splits = {s: datasets.Dataset.from_file(os.path.join(target, f"{s}.arrow"), in_memory=False) for s in SPLITS}
+    return datasets.DatasetDict(splits), meta
