@@ -384,10 +384,13 @@ def test_check_dataset_accepts_the_quirky_but_valid_file():
 def test_two_processes_train_on_a_mixed_dataset_and_report_each_dataset(tmp_path):
     from tests.launcher import run_deepspeed
     mosi = dump(tmp_path / "mosi.pkl", mmsa(seed=1))
-    mosei = dump(tmp_path / "mosei.pkl", mmsa(seed=2, emotions=True))
+    raw = mmsa(seed=2)
+    mosei = dump(tmp_path / "mosei.pkl", raw)   # sentiment only, as MMSA publishes MOSEI; emotions from the SDK
+    labels = csd(tmp_path / "CMU_MOSEI_Labels.csd", sdk_labels_for(raw))
     proc = run_deepspeed(tmp_path, "--dataset", "mosi+mosei", "--data_path", f"{mosi},{mosei}", "--ep_size", "2",
-                         "--epochs", "2", "--run_name", "mixed")
+                         "--emotion_labels", labels, "--epochs", "2", "--run_name", "mixed")
     assert "data: mosi: no emotion labels (sentiment only)" in proc.stdout
+    assert "data: mosei: emotion labels joined from" in proc.stdout and "test: 6 of 6 samples labelled" in proc.stdout
     with open(tmp_path / "runs" / "mixed" / "results.json") as f:
         results = json.load(f)
     assert results["world_size"] == 2 and results["ep_size"] == 2
