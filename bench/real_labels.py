@@ -162,8 +162,8 @@ def main(argv=None) -> dict:
             cells += [f"{baseline['emotion'][m]:.4f}" for m in EMOTION]
         lines.append("| " + " | ".join(cells) + " |")
         base = runs[0]["baselines"]
-        cells = ["trivial: train mean / majority class", f"{base['mean_mae']:.4f}", "", f"{base['majority_non0_acc2']:.4f}",
-                 "", ""]
+        cells = ["trivial: train mean / majority class", f"{base['mean_mae']:.4f}", "",
+                 f"{base['majority_non0_acc2']:.4f}", "", ""]
         if "emotion" in baseline:
             cells += [f"{base.get('majority_emotion_micro_f1', float('nan')):.4f}", ""]
         lines += ["| " + " | ".join(cells) + " |", ""]

@@ -12,7 +12,7 @@ import pytest
 from mmolre.cli import main as mmolre
 from mmolre.config import EMOTIONS, DataConfig
 from mmolre.data import prepare
-from mmolre.data.cache import build_cache, load_cache
+from mmolre.data.cache import build_cache
 from mmolre.data.emotions import read_emotion_labels
 from mmolre.data.schema import DataError, check_dataset
 
@@ -143,7 +143,8 @@ def test_emotion_join_from_a_label_table_and_a_wrong_clip_numbering_is_caught(tm
 
 @pytest.mark.parametrize("content, message", [
     ("video_id,clip_index,happy\nv,0,1\n", r"missing column\(s\) \['sad', 'anger'"),
-    ("video_id,clip_index," + ",".join(EMOTIONS) + "\nv,0,1,1,1,1,1,3.5\n", r"line 2, sample 'v, clip 0'.*outside \[0, 3\]"),
+    ("video_id,clip_index," + ",".join(EMOTIONS) + "\nv,0,1,1,1,1,1,3.5\n",
+     r"line 2, sample 'v, clip 0'.*outside \[0, 3\]"),
     ("video_id,clip_index," + ",".join(EMOTIONS) + "\nv,0,1,1,1,1,1,1\nv,0,1,1,1,1,1,1\n", r"line 3.*duplicate"),
 ])
 def test_bad_label_tables_name_file_line_and_sample(tmp_path, content, message):
@@ -180,7 +181,8 @@ def test_mixing_datasets_masks_emotions_prefixes_ids_and_pools_normalisation(tmp
     train = data.splits["train"]
     assert len(train) == 24
     batch = train.__getitems__(list(range(24)))
-    assert all(i.startswith("mosi/") for i in batch.ids[:12]) and all(i.startswith("mosei/") for i in batch.ids[12:])
+    assert all(i.startswith("mosi/") for i in batch.ids[:12])
+    assert all(i.startswith("mosei/") for i in batch.ids[12:])
     assert batch.has_emotion.tolist() == [False] * 12 + [True] * 12
     # one normalisation over both train splits (valid time steps only; aligned = all), -inf counted as 0
     text = np.concatenate([mosi["train"]["text"], mosei["train"]["text"]]).reshape(-1, DIMS["text"])
@@ -219,13 +221,18 @@ def _malformed():
 
     return [
         (lambda d: d.pop("test"), r"bad.pkl: missing split\(s\) \['test'\]"),
-        (lambda d: d["valid"].pop("regression_labels"), r"bad.pkl \[split 'valid', key 'regression_labels'\]: missing"),
-        (lambda d: d["train"].__setitem__("id", d["train"]["id"][:-1]), r"\[split 'train', key 'regression_labels'\]: 12 samples but 'id' has 11"),
+        (lambda d: d["valid"].pop("regression_labels"),
+         r"bad.pkl \[split 'valid', key 'regression_labels'\]: missing"),
+        (lambda d: d["train"].__setitem__("id", d["train"]["id"][:-1]),
+         r"\[split 'train', key 'regression_labels'\]: 12 samples but 'id' has 11"),
         (wrong_rank, r"\[split 'train', key 'vision'\]: expected \[samples, time, features\]"),
         (dims_differ, r"\[key 'audio'\]: \[time, features\] differ across splits"),
-        (lambda d: d["test"]["regression_labels"].__setitem__(2, -3.2), r"\[split 'test', key 'regression_labels', sample 'vidtest2\$_\$0'\]: sentiment -3.2"),
-        (lambda d: d["valid"]["emotion_labels"].__setitem__((1, 0), -0.5), r"\[split 'valid', key 'emotion_labels', sample 'vidvalid1\$_\$0'\]"),
-        (lambda d: d["train"]["id"].__setitem__(4, b"vidtrain0$_$0"), r"\[split 'train', key 'id', sample 'vidtrain0\$_\$0'\]: duplicate id \(rows 0 and 4\)"),
+        (lambda d: d["test"]["regression_labels"].__setitem__(2, -3.2),
+         r"\[split 'test', key 'regression_labels', sample 'vidtest2\$_\$0'\]: sentiment -3.2"),
+        (lambda d: d["valid"]["emotion_labels"].__setitem__((1, 0), -0.5),
+         r"\[split 'valid', key 'emotion_labels', sample 'vidvalid1\$_\$0'\]"),
+        (lambda d: d["train"]["id"].__setitem__(4, b"vidtrain0$_$0"),
+         r"\[split 'train', key 'id', sample 'vidtrain0\$_\$0'\]: duplicate id \(rows 0 and 4\)"),
         (empty, r"\[split 'valid', key 'id'\]: the split is empty"),
         (lengths, r"\[split 'train', key 'audio_lengths', sample 'vidtrain2\$_\$0'\]: length 99 outside \[1, 15\]"),
         (partial_nan, r"\[split 'train', key 'emotion_labels', sample 'vidtrain0\$_\$1'\]: some but not all"),
@@ -285,7 +292,8 @@ def mosi_table(path, missing_text=False):
     rows = ["video_id,clip_id,text,label,annotation,mode"]
     for v, mode in (("trA", "train"), ("trB", "train"), ("dvA", "dev"), ("teA", "test")):
         for c in (1, 2, 3):
-            text = "" if (missing_text and v == "trB" and c == 2) else " ".join(WORDS[(c + i) % 10] for i in range(c + 2))
+            missing = missing_text and v == "trB" and c == 2
+            text = "" if missing else " ".join(WORDS[(c + i) % 10] for i in range(c + 2))
             rows.append(f"{v},{c},{text},{c - 2.5},x,{mode}")
     path.write_text("\n".join(rows) + "\n")
     return str(path)

@@ -1,9 +1,11 @@
-"""Convert an MMSA-schema pickle (and, optionally, emotion labels joined onto it) once into a Hugging Face `datasets` Arrow cache, memory-mapped by every rank.
+"""Convert an MMSA-schema pickle (and emotion labels joined onto it, if given) once into a Hugging Face
+`datasets` Arrow cache, memory-mapped by every rank.
 
-The cache directory is keyed by the SHA-256 of the source file (and of the emotion label file), so a changed file gets a new cache and an
-unchanged one is never converted twice. Ranks on a node share the Arrow files through the page cache
-instead of each holding an unpickled copy. Beside the Arrow data, `meta.json` records the feature shapes,
-the per-feature normalisation statistics of the train split, and what validation replaced.
+The cache directory is keyed by the SHA-256 of the source file (and of the emotion label file), so a
+changed file gets a new cache and an unchanged one is never converted twice. Ranks on a node share the
+Arrow files through the page cache instead of each holding an unpickled copy. Beside the Arrow data,
+`meta.json` records the feature shapes, the per-feature normalisation statistics of the train split, the
+emotion join's report, and what validation replaced.
 """
 from __future__ import annotations
 
