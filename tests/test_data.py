@@ -120,3 +120,20 @@ def test_bad_input_names_file_split_key_and_sample(tmp_path, break_it, message):
     break_it(data)
     with pytest.raises(DataError, match=message):
         check_dataset("bad.pkl", data, ["text", "audio", "vision"])
+
+
+def test_the_source_hash_is_remembered_and_a_changed_file_gets_a_new_cache(tmp_path, synthetic, monkeypatch):
+    from mmolre.data import cache
+    src = _write(tmp_path, synthetic)
+    target = build_cache(src, str(tmp_path / "cache"))
+
+    def no_rehash(path):
+        raise AssertionError(f"{path} hashed again")
+    monkeypatch.setattr(cache, "file_sha256", no_rehash)
+    assert cache.cache_path_for(src, str(tmp_path / "cache")) == target   # other ranks read the memo
+    monkeypatch.undo()
+    changed = {s: dict(d) for s, d in synthetic.items()}
+    changed["train"]["regression_labels"] = np.clip(changed["train"]["regression_labels"] + 1 / 3, -3, 3)
+    _write(tmp_path, changed)
+    os.utime(src, ns=(1, 1))   # even with an old mtime: the size or mtime differs from the memo's
+    assert build_cache(src, str(tmp_path / "cache")) != target

@@ -35,10 +35,32 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def known_sha256(path: str, cache_dir: str) -> str:
+    """file_sha256, remembered under cache_dir per (path, size, mtime): the rank that converts hashes a
+    multi-GB pickle once and the other ranks (and later runs) read the result instead of the whole file."""
+    st = os.stat(path)
+    stamp = {"path": os.path.abspath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    memo = os.path.join(cache_dir, "sha256", hashlib.sha256(stamp["path"].encode()).hexdigest()[:24] + ".json")
+    try:
+        with open(memo) as f:
+            known = json.load(f)
+        if {k: known.get(k) for k in stamp} == stamp:
+            return known["sha256"]
+    except (OSError, ValueError):
+        pass
+    digest = file_sha256(path)
+    os.makedirs(os.path.dirname(memo), exist_ok=True)
+    tmp = f"{memo}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({**stamp, "sha256": digest}, f)
+    os.replace(tmp, memo)
+    return digest
+
+
 def cache_path_for(source: str, cache_dir: str, emotion_labels: str | None = None) -> str:
-    key = file_sha256(source)[:24]
+    key = known_sha256(source, cache_dir)[:24]
     if emotion_labels:
-        key += "-emo" + file_sha256(emotion_labels)[:12]
+        key += "-emo" + known_sha256(emotion_labels, cache_dir)[:12]
     return os.path.join(cache_dir, "arrow", f"{key}-f{CACHE_FORMAT}")
 
 
@@ -130,7 +152,7 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
         for start in range(0, n, WRITE_ROWS):
             writer.write_batch({k: v[start:start + WRITE_ROWS] for k, v in columns[s].items()})
         writer.finalize()
-    meta = {"source": os.path.abspath(source), "sha256": file_sha256(source), "format": CACHE_FORMAT,
+    meta = {"source": os.path.abspath(source), "sha256": known_sha256(source, cache_dir), "format": CACHE_FORMAT,
             "modalities": modalities, "shapes": {m: list(v) for m, v in shapes.items()},
             "emotion_labels": None if join is None else {
                 "file": os.path.abspath(emotion_labels), "matched": join.matched,
