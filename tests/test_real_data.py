@@ -340,7 +340,7 @@ def test_featurize_refuses_rows_without_text_unless_told_and_lists_them(tmp_path
         assert len(pickle.load(f)["train"]["id"]) == 5
 
 
-def test_featurize_mosei_table_splits_valid_by_video_and_keeps_emotions(tmp_path, tiny_encoder):
+def test_featurize_mosei_table_splits_valid_by_video_and_keeps_emotions(tmp_path, tiny_encoder, capsys):
     rows = ["video_id,clip_index,start,end,sentiment," + ",".join(EMOTIONS) + ",mode,text,asr"]
     for v in range(10):
         mode = "train" if v < 3 else "valid" if v < 8 else "test"
@@ -351,6 +351,10 @@ def test_featurize_mosei_table_splits_valid_by_video_and_keeps_emotions(tmp_path
     rows.append("vidX,0,0,1,0.0,0,0,0,0,0,0,none,outside the folds,")
     (tmp_path / "mosei.csv").write_text("\n".join(rows) + "\n")
     out = str(tmp_path / "mosei.pkl")
+    # train rows have no transcript (as in the public MOSEI tables): refused, with the way out named
+    assert mmolre(["featurize", str(tmp_path / "mosei.csv"), out, "--text_encoder", tiny_encoder]) == 2
+    err = capsys.readouterr().err
+    assert "9 row(s) have no transcript" in err and "--train_from valid" in err
     assert mmolre(["featurize", str(tmp_path / "mosei.csv"), out, "--text_encoder", tiny_encoder,
                    "--train_from", "valid", "--dev_fraction", "0.4"]) == 0
     with open(out, "rb") as f:

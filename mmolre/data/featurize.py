@@ -127,8 +127,12 @@ def select_rows(rows: list[LabelRow], opts: FeaturizeOptions, path: str) -> Sele
     if no_text:
         if not opts.skip_missing_text:
             shown = ", ".join(f"{r.id} (line {r.line})" for r in no_text[:5])
+            hint = ("; only train rows lack one, as in the public MOSEI tables: --train_from valid trains on "
+                    "a video-level division of the valid split"
+                    if opts.train_from == "train" and {r.mode for r in no_text} == {"train"}
+                    and len(no_text) == len(splits["train"]) else "")
             raise DataError(f"{path} [key 'text']: {len(no_text)} row(s) have no transcript: {shown}"
-                            f"{' ...' if len(no_text) > 5 else ''}; pass --skip_missing_text to leave them out")
+                            f"{' ...' if len(no_text) > 5 else ''}; pass --skip_missing_text to leave them out{hint}")
         left_out["no transcript (--skip_missing_text)"] = [r.id for r in no_text]
         splits = {s: [r for r in splits[s] if r.text] for s in SPLITS}
     for s in SPLITS:
