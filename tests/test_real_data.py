@@ -141,6 +141,19 @@ def test_emotion_join_from_a_label_table_and_a_wrong_clip_numbering_is_caught(tm
         build_cache(path, str(tmp_path / "cache2"), emotion_labels=table("shifted.csv", 1))
 
 
+def test_clip_ids_match_as_integers_or_as_written(tmp_path):
+    raw = mmsa()
+    raw["train"]["id"] = np.array([f"v{i}$_${i}{'_5' if i % 2 else ''}" for i in range(12)], dtype=object)
+    lines = ["video_id,clip_id,label," + ",".join(EMOTIONS)]
+    for i, y in enumerate(raw["train"]["regression_labels"]):
+        clip = f"{i}_5" if i % 2 else f"0{i}"      # '82_7645'-style clip ids, and zero-padded numbers
+        lines.append(f"v{i},{clip},{y}," + ",".join(["1"] * 6))
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    path = build_cache(dump(tmp_path / "p.pkl", raw), str(tmp_path / "cache"), emotion_labels=str(tmp_path / "t.csv"))
+    with open(os.path.join(path, "meta.json")) as f:
+        assert json.load(f)["emotion_labels"]["matched"] == {"train": 12, "valid": 0, "test": 0}
+
+
 @pytest.mark.parametrize("content, message", [
     ("video_id,clip_index,happy\nv,0,1\n", r"missing column\(s\) \['sad', 'anger'"),
     ("video_id,clip_index," + ",".join(EMOTIONS) + "\nv,0,1,1,1,1,1,3.5\n",

@@ -32,8 +32,8 @@ SENTIMENT_TOLERANCE = 1e-3
 @dataclass
 class EmotionTable:
     path: str
-    emotions: dict[tuple[str, int], np.ndarray]          # (video, clip) -> 6 intensities (EMOTIONS order)
-    sentiment: dict[tuple[str, int], float] = field(default_factory=dict)
+    emotions: dict[tuple[str, str], np.ndarray]          # (video, clip) -> 6 intensities (EMOTIONS order)
+    sentiment: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 @dataclass
@@ -83,9 +83,9 @@ def _read_csd(path: str) -> EmotionTable:
                                 f"({', '.join(CSD_ORDER)}) or [segments, 6] (emotions only), got {feats.shape}")
             for k, row in enumerate(feats):
                 if row.shape[0] == 7:
-                    sentiment[(video, k)] = float(row[0])
+                    sentiment[(video, str(k))] = float(row[0])
                     row = row[1:]
-                emotions[(video, k)] = _checked(row, path, f"{root}/data/{video}/features", f"{video}[{k}]")
+                emotions[(video, str(k))] = _checked(row, path, f"{root}/data/{video}/features", f"{video}[{k}]")
     return EmotionTable(path, emotions, sentiment)
 
 
@@ -100,7 +100,7 @@ def _read_table(path: str) -> EmotionTable:
                             f"video_id, clip_index and {', '.join(EMOTIONS)}")
         emotions, sentiment = {}, {}
         for line, row in enumerate(reader, start=2):
-            key = (row["video_id"], _clip_number(row[clip_col], path, line, clip_col))
+            key = (row["video_id"], clip_key(row[clip_col]))
             if key in emotions:
                 raise DataError(f"{path} [line {line}, key '{clip_col}', sample '{key[0]}${key[1]}']: duplicate "
                                 f"(video_id, {clip_col})")
@@ -116,11 +116,14 @@ def _read_table(path: str) -> EmotionTable:
     return EmotionTable(path, emotions, sentiment)
 
 
-def _clip_number(raw: str, path: str, line: int, column: str) -> int:
+def clip_key(raw) -> str:
+    """Clip ids compare as integers when they are integers ('3', '03', '3.0'), else as written."""
+    text = str(raw).strip()
     try:
-        return int(float(raw))
+        number = float(text)
     except ValueError:
-        raise DataError(f"{path} [line {line}, key '{column}']: clip {raw!r} is not a number") from None
+        return text
+    return str(int(number)) if number.is_integer() else text
 
 
 def _checked(values: np.ndarray, path: str, where: str, sample: str) -> np.ndarray:
@@ -144,7 +147,7 @@ def join_emotions(source: str, data: dict, table: EmotionTable) -> JoinReport:
         unmatched[split] = []
         for i, sid in enumerate(ids):
             key = _key(sid)
-            if key is None or key not in table.emotions:
+            if key not in table.emotions:
                 unmatched[split].append(sid)
                 continue
             out[i] = table.emotions[key]
@@ -163,9 +166,6 @@ def join_emotions(source: str, data: dict, table: EmotionTable) -> JoinReport:
     return JoinReport(matched, unmatched, mismatches)
 
 
-def _key(sample_id: str) -> tuple[str, int] | None:
+def _key(sample_id: str) -> tuple[str, str]:
     video, clip = split_id(sample_id)
-    try:
-        return video, int(clip)
-    except ValueError:
-        return None
+    return video, clip_key(clip)
