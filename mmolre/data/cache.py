@@ -136,10 +136,10 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
         raise DataError(f"{source} [split 'train']: none of the modality keys {MODALITIES} is present")
     reports = check_dataset(source, raw, modalities)   # first: the join relies on valid ids and splits
     join = None
-    if emotion_labels:
+    if emotion_labels:  # the reader has range-checked every joined row; no second pass over the features
         join = join_emotions(source, raw, read_emotion_labels(emotion_labels))
-        for split, again in check_dataset(source, raw, modalities).items():
-            reports[split].with_emotions = again.with_emotions
+        for split, matched in join.matched.items():
+            reports[split].with_emotions = matched
     columns = {s: _split_columns(raw[s], modalities) for s in SPLITS}
     del raw
     shapes = {m: tuple(columns["train"][m].shape[1:]) for m in modalities}
