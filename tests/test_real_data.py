@@ -428,3 +428,12 @@ def test_two_processes_train_on_a_mixed_dataset_and_report_each_dataset(tmp_path
     ids = (tmp_path / "runs" / "mixed" / "predictions_test.csv").read_text()
     assert "mosi/vidtest0$_$0" in ids and "mosei/vidtest0$_$0" in ids
     assert "mosei (6 test samples)" in proc.stdout
+
+
+def test_featurize_rejects_bad_emotions_in_the_table_with_file_line_and_sample(tmp_path, capsys):
+    head = "video_id,clip_index,sentiment," + ",".join(EMOTIONS) + ",mode,text"
+    for bad, message in (("x", "could not convert"), ("3.5", "outside [0, 3]")):
+        (tmp_path / "t.csv").write_text(f"{head}\nv,0,1.0,{bad},0,0,0,0,0,test,hello\n")
+        assert mmolre(["featurize", str(tmp_path / "t.csv"), str(tmp_path / "o.pkl"), "--text_encoder", "unused"]) == 2
+        err = capsys.readouterr().err
+        assert "t.csv [line 2, key 'emotions', sample 'v$_$0']" in err and message in err

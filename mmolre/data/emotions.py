@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import EMOTIONS
-from .schema import EMOTION_KEY, SPLITS, DataError, decode_id, split_id
+from .schema import EMOTION_KEY, ID_SEPARATOR, SPLITS, DataError, decode_id, split_id
 
 CSD_ORDER = ("sentiment",) + EMOTIONS   # "All Labels"
+CLIP_COLUMNS = ("clip_id", "clip_index")   # MMSA's label.csv, the MOSEI table
 SENTIMENT_TOLERANCE = 1e-3
 
 
@@ -85,7 +86,8 @@ def _read_csd(path: str) -> EmotionTable:
                 if row.shape[0] == 7:
                     sentiment[(video, str(k))] = float(row[0])
                     row = row[1:]
-                emotions[(video, str(k))] = _checked(row, path, f"{root}/data/{video}/features", f"{video}[{k}]")
+                emotions[(video, str(k))] = check_intensities(
+                    row, f"{path} [{root}/data/{video}/features, sample '{video}[{k}]']")
     return EmotionTable(path, emotions, sentiment)
 
 
@@ -93,7 +95,7 @@ def _read_table(path: str) -> EmotionTable:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
-        clip_col = next((c for c in ("clip_index", "clip_id") if c in columns), None)
+        clip_col = clip_column(columns)
         missing = [c for c in ("video_id", *EMOTIONS) if c not in columns] + ([] if clip_col else ["clip_index"])
         if missing:
             raise DataError(f"{path}: missing column(s) {missing} (columns: {columns}); a label table needs "
@@ -102,13 +104,9 @@ def _read_table(path: str) -> EmotionTable:
         for line, row in enumerate(reader, start=2):
             key = (row["video_id"], clip_key(row[clip_col]))
             if key in emotions:
-                raise DataError(f"{path} [line {line}, key '{clip_col}', sample '{key[0]}${key[1]}']: duplicate "
-                                f"(video_id, {clip_col})")
-            try:
-                values = np.array([float(row[e]) for e in EMOTIONS])
-            except ValueError as e:
-                raise DataError(f"{path} [line {line}, sample '{key[0]}', clip {key[1]}]: {e}") from e
-            emotions[key] = _checked(values, path, f"line {line}", f"{key[0]}, clip {key[1]}")
+                raise DataError(f"{path} [line {line}, key '{clip_col}', sample '{key[0]}{ID_SEPARATOR}{key[1]}']: "
+                                f"duplicate (video_id, {clip_col})")
+            emotions[key] = table_intensities(row, f"{path} [line {line}, sample '{key[0]}, clip {key[1]}']")
             for name in ("sentiment", "label"):
                 if row.get(name) not in (None, ""):
                     sentiment[key] = float(row[name])
@@ -126,10 +124,22 @@ def clip_key(raw) -> str:
     return str(int(number)) if number.is_integer() else text
 
 
-def _checked(values: np.ndarray, path: str, where: str, sample: str) -> np.ndarray:
+def clip_column(columns) -> str | None:
+    return next((c for c in CLIP_COLUMNS if c in columns), None)
+
+
+def table_intensities(row: dict, location: str) -> np.ndarray:
+    """The six intensities of a CSV row, read by column name; `location` (file, line, sample) starts errors."""
+    try:
+        values = np.array([float(row[e]) for e in EMOTIONS])
+    except ValueError as e:
+        raise DataError(f"{location}: {e}") from None
+    return check_intensities(values, location)
+
+
+def check_intensities(values: np.ndarray, location: str) -> np.ndarray:
     if not np.isfinite(values).all() or (values < 0).any() or (values > 3).any():
-        raise DataError(f"{path} [{where}, sample '{sample}']: emotion intensities {values.tolist()} outside "
-                        f"[0, 3] ({', '.join(EMOTIONS)})")
+        raise DataError(f"{location}: emotion intensities {values.tolist()} outside [0, 3] ({', '.join(EMOTIONS)})")
     return values.astype(np.float32)
 
 

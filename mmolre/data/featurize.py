@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import EMOTIONS
+from .emotions import clip_column, table_intensities
 from .schema import EMOTION_KEY, ID_SEPARATOR, SPLITS, DataError
 
 MODE_ALIASES = {"train": "train", "valid": "valid", "dev": "valid", "val": "valid", "test": "test"}
@@ -66,7 +67,7 @@ def read_label_table(path: str) -> list[LabelRow]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
-        clip_col = next((c for c in ("clip_id", "clip_index") if c in cols), None)
+        clip_col = clip_column(cols)
         label_col = next((c for c in ("label", "sentiment") if c in cols), None)
         missing = [c for c, ok in (("video_id", "video_id" in cols), ("clip_id", clip_col), ("text", "text" in cols),
                                    ("label", label_col), ("mode", "mode" in cols)) if not ok]
@@ -91,9 +92,7 @@ def read_label_table(path: str) -> list[LabelRow]:
                 raise DataError(where.format(label_col) + f": sentiment {sentiment} outside [-3, 3]")
             emotions = None
             if has_emotions:
-                emotions = np.array([float(r[e]) for e in EMOTIONS], np.float32)
-                if not np.isfinite(emotions).all() or (emotions < 0).any() or (emotions > 3).any():
-                    raise DataError(where.format("emotions") + f": intensities {emotions.tolist()} outside [0, 3]")
+                emotions = table_intensities(r, where.format("emotions"))
             mode = r["mode"].strip().lower()
             if mode not in MODE_ALIASES and mode not in OUT_OF_FOLD:
                 raise DataError(where.format("mode") + f": unknown split {r['mode']!r} (train, valid/dev, test, "
