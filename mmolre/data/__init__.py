@@ -87,8 +87,7 @@ def choose_modalities(cfg: DataConfig, loaded: list[tuple[Source, object, dict]]
         lacking = [name for name, mods in have.items() if m not in mods]
         if lacking:
             raise DataError(f"--modalities asks for {m!r}, which {', '.join(lacking)} lack(s): "
-                            + "; ".join(f"{n} ({src.path}) has {have[n]}" for src, _, _ in loaded
-                                        for n in [src.name]))
+                            + "; ".join(f"{src.name} ({src.path}) has {have[src.name]}" for src, _, _ in loaded))
     if not wanted:
         raise DataError("the datasets share no modality: " + "; ".join(f"{n} has {v}" for n, v in have.items()))
     for m in wanted:

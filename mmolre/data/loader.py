@@ -42,9 +42,9 @@ class SplitDataset(Dataset):
     def __init__(self, hf_split, modalities: list[str], normalisation: dict,
                  parts: list[tuple[str, int]] | None = None):
         self.hf = hf_split.with_format("numpy")
-        self.parts = parts or []
-        self.prefixes = [f"{name}/" for name, _ in self.parts] if len(self.parts) > 1 else [""]
-        self.ends = np.cumsum([n for _, n in self.parts]) if len(self.parts) > 1 else np.array([len(self.hf)])
+        parts = parts or [("", len(self.hf))]
+        self.prefixes = [f"{name}/" if len(parts) > 1 else "" for name, _ in parts]
+        self.ends = np.cumsum([n for _, n in parts])   # row -> part: searchsorted on the part ends
         self.modalities = list(modalities)
         self.shapes = {m: tuple(self.hf.features[m].shape) for m in self.modalities}
         self.mean = {m: np.asarray(normalisation[m]["mean"], np.float32) for m in self.modalities}
@@ -80,8 +80,7 @@ class SplitDataset(Dataset):
             features[m] = torch.from_numpy(x)
         ids = [""] * b
         if rows is not None:
-            real_indices = indices[real]
-            part = np.searchsorted(self.ends, real_indices, side="right")
+            part = np.searchsorted(self.ends, indices[real], side="right")
             for pos, sid, p in zip(np.flatnonzero(real), rows["id"], part):
                 ids[pos] = self.prefixes[p] + str(sid)
         return Batch(ids=ids, features=features, masks=masks,

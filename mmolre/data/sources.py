@@ -47,9 +47,10 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
         raise DataError(f"--data_path: {len(mmsa)} dataset(s) need a path ({', '.join(mmsa) or 'none'}), got "
                         f"{len(paths)} ({cfg.data_path!r}); give one per dataset, comma-separated, in order")
     by_name = dict(zip(mmsa, paths))
-    emotion_targets = [n for n in names if n == "mosei"] or (names if len(names) == 1 else [])
+    # emotion labels go to MOSEI, or to the only dataset when it is an MMSA pickle of another name
+    emotion_targets = [n for n in names if n == "mosei"] or (mmsa if len(names) == 1 else [])
     if cfg.emotion_labels:
-        if not emotion_targets or emotion_targets == ["synthetic"]:
+        if not emotion_targets:
             raise DataError(f"--emotion_labels: joined onto MOSEI (or onto a single MMSA dataset); "
                             f"--dataset {cfg.dataset!r} has none")
         if not os.path.isfile(cfg.emotion_labels):
