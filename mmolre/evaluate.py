@@ -27,14 +27,13 @@ def to_device(batch: Batch, device, dtype) -> Batch:
 
 
 @torch.no_grad()
-def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, device, dtype) -> EvalResult:
-    """Run on every rank (padded to equal batches); gather predictions with ids to rank 0."""
-    engine.eval()
-    ds = data.splits[split]
+def predict_batches(forward, batches) -> dict:
+    """Predictions and labels of the real (non-padding) samples of `batches`, as arrays keyed by column;
+    `forward(batch)` returns the model's output. Shared by evaluation and `mmolre predict`."""
     parts = {"ids": [], "sentiment_pred": [], "sentiment_true": [], "emotion_prob": [], "emotion_true": [],
              "has_emotion": []}
-    for batch in eval_batches(ds, engine.train_micro_batch_size_per_gpu(), info.rank, info.world_size):
-        out = engine(*inputs(to_device(batch, device, dtype)))
+    for batch in batches:
+        out = forward(batch)
         keep = batch.valid.numpy()
         parts["ids"].extend(i for i, k in zip(batch.ids, keep) if k)
         parts["sentiment_pred"].append(out.sentiment.float().cpu().numpy()[keep])
@@ -42,8 +41,16 @@ def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, devic
         parts["emotion_prob"].append(torch.sigmoid(out.emotion_logits.float()).cpu().numpy()[keep])
         parts["emotion_true"].append(batch.emotions.numpy()[keep])
         parts["has_emotion"].append(batch.has_emotion.numpy()[keep])
+    return {k: (v if k == "ids" else np.concatenate(v)) for k, v in parts.items()}
+
+
+@torch.no_grad()
+def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, device, dtype) -> EvalResult:
+    """Run on every rank (padded to equal batches); gather predictions with ids to rank 0."""
+    engine.eval()
+    batches = eval_batches(data.splits[split], engine.train_micro_batch_size_per_gpu(), info.rank, info.world_size)
+    local = predict_batches(lambda batch: engine(*inputs(to_device(batch, device, dtype))), batches)
     engine.train()
-    local = {k: (v if k == "ids" else np.concatenate(v)) for k, v in parts.items()}
     gathered = distributed.gather_to_main(local, info)
     preds, summary = None, None
     if info.is_main:

@@ -12,13 +12,13 @@ import glob
 import json
 import os
 
-import numpy as np
 import torch
 
 from . import checkpoint
 from .config import ModelConfig
 from .data.cache import build_cache, load_cache
 from .data.loader import SplitDataset, eval_batches
+from .evaluate import predict_batches
 from .model import MMoLRE
 
 FORMAT = "mmolre-export-1"
@@ -87,16 +87,4 @@ def predict(model_path: str, data_path: str, split: str, cache_dir: str, batch_s
             raise ValueError(f"{data_path}: modality {m!r} has shape {meta['shapes'].get(m)}, the model expects "
                              f"{payload['shapes'][m]}")
     ds = SplitDataset(hf[split], modalities, payload["normalisation"])
-    out = {"ids": [], "sentiment_pred": [], "sentiment_true": [], "emotion_prob": [], "emotion_true": [],
-           "has_emotion": []}
-    for batch in eval_batches(ds, batch_size, rank=0, world=1):
-        pred = model(batch.features, batch.masks)
-        keep = batch.valid.numpy()
-        out["ids"].extend(i for i, k in zip(batch.ids, keep) if k)
-        out["sentiment_pred"].append(pred.sentiment.numpy()[keep])
-        out["emotion_prob"].append(torch.sigmoid(pred.emotion_logits).numpy()[keep])
-        out["sentiment_true"].append(batch.sentiment.numpy()[keep])
-        out["emotion_true"].append(batch.emotions.numpy()[keep])
-        out["has_emotion"].append(batch.has_emotion.numpy()[keep])
-    return {k: (v if k == "ids" else np.concatenate(v)) for k, v in out.items()}
-
+    return predict_batches(lambda batch: model(batch.features, batch.masks), eval_batches(ds, batch_size, 0, 1))
