@@ -103,9 +103,15 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
         time.sleep(0.2)
     # What Slurm does before a preemption or the time limit with --signal=B:USR1@...
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-    # A requeued job waits for an eligibility delay; let it start at once.
-    release = lambda: subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"],  # noqa: E731
-                                     capture_output=True)
+    # A requeued job waits for an eligibility delay; shorten it. Not to zero: slurmd treats a credential
+    # issued in the same second as the requeue's revocation as revoked and fails the job ("Job credential
+    # revoked"), so the job is released once it has been pending for 2 s.
+    pending_since = []
+
+    def release():
+        pending_since.append(time.time())
+        if time.time() - pending_since[0] >= 2:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
     assert wait_done(job, on_pending=release) == ["COMPLETED"], log_of(tmp_path, job)
     log = log_of(tmp_path, job)
     assert "USR1 received" in log and "stop requested (SIGUSR1)" in log and "requeueing job" in log
