@@ -11,11 +11,19 @@ from torch import nn
 
 
 class AttentionPool(nn.Module):
-    """[B, T, d] + mask [B, T] -> [B, d], with a learned score per time step."""
+    """[B, T, d] + mask [B, T] -> [B, d], with a learned score per time step.
+
+    The score has no final bias: softmax over time ignores a constant, so that bias would get only
+    rounding noise as its gradient, which Adam turns into full-size random steps."""
 
     def __init__(self, d_model: int):
         super().__init__()
-        self.score = nn.Sequential(nn.Linear(d_model, d_model), nn.Tanh(), nn.Linear(d_model, 1))
+        self.score = nn.Sequential(nn.Linear(d_model, d_model), nn.Tanh(), nn.Linear(d_model, 1, bias=False))
+        self.register_load_state_dict_pre_hook(self._drop_obsolete_bias)
+
+    @staticmethod
+    def _drop_obsolete_bias(module, state_dict, prefix, *args) -> None:
+        state_dict.pop(prefix + "score.2.bias", None)   # checkpoints of versions that had it (no effect)
 
     def forward(self, x: torch.Tensor, time_mask: torch.Tensor) -> torch.Tensor:
         scores = self.score(x).squeeze(-1).masked_fill(~time_mask, float("-inf"))
