@@ -24,15 +24,16 @@ class Monitor:
 
     def routing(self, layer_names: list[str], aux: np.ndarray, load: np.ndarray, entropy: np.ndarray,
                 dropped: np.ndarray, step: int) -> None:
-        """aux, entropy: [layers, tasks]; load: [layers, tasks, N] rows per expert (all ranks); dropped: [layers]."""
+        """aux, entropy, dropped: [layers, tasks]; load: [layers, tasks, N] rows each expert received (all ranks);
+        dropped: the fraction of the task's routes the capacity limit dropped."""
         if not self.writer or load.shape[-1] == 0:   # no shared experts (an ablation): nothing routed
             return
         streams = TASKS if aux.shape[1] == len(TASKS) else ("shared",)
         for li, layer in enumerate(layer_names):
-            self.writer.add_scalar(f"moe/{layer}/dropped_fraction", float(dropped[li]), step)
             for ti, task in enumerate(streams):
                 prefix = f"moe/{layer}/{task}"
                 counts = load[li, ti]
+                self.writer.add_scalar(f"{prefix}/dropped_fraction", float(dropped[li, ti]), step)
                 self.writer.add_scalar(f"{prefix}/aux_loss", float(aux[li, ti]), step)
                 self.writer.add_scalar(f"{prefix}/router_entropy", float(entropy[li, ti]), step)
                 self.writer.add_scalar(f"{prefix}/load_max_over_mean", float(counts.max() / max(counts.mean(), 1e-9)),

@@ -55,9 +55,13 @@ def test_without_routers_every_row_visits_every_expert_with_equal_weight():
     model = build(routers=False)
     gate = next(model.moe_blocks())[1].moe.deepspeed_moe.gate
     assert len(gate.routers) == 0 and model.cfg.effective_top_k == 4
+    seen = []
+    gate.register_forward_hook(lambda module, args, output: seen.append(output))
     out, _ = run(model, n=6)
-    # 6 utterances x 2 tasks, each row routed to all 4 experts
-    assert torch.all(out.expert_load == 6)
+    _, _, _, indices, _, combine_weights, _ = seen[0]
+    # 6 utterances x 2 tasks, each row routed to all 4 experts and mixed with weight 1/4 each
+    assert indices.shape == (4, 12) and all(sorted(col) == [0, 1, 2, 3] for col in indices.t().tolist())
+    torch.testing.assert_close(combine_weights, torch.full((4, 12), 0.25))
     assert torch.allclose(out.aux_loss, torch.ones_like(out.aux_loss))   # a uniform mixture is balanced
 
 

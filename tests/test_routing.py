@@ -76,3 +76,69 @@ def test_aux_loss_of_one_task_ignores_the_other_tasks_rows():
     assert aux[1].item() != pytest.approx(aux2[1].item())
     aux.sum().backward()   # the aux loss trains the routers
     assert gate.routers[0].net[0].weight.grad.abs().sum() > 0
+
+
+def test_a_bf16_gate_routes_exactly_as_an_fp32_gate_on_the_same_inputs():
+    """A bf16 engine casts the routers to bf16; their computation must stay fp32 (as DeepSpeed's own gate
+    does), so the same inputs and the same (bf16-stored) weights give the same logits and top-k choices."""
+    import copy
+    gate16 = copy.deepcopy(_gate(2)).bfloat16()
+    gate32 = copy.deepcopy(gate16).float()            # the same weights, stored in fp32
+    rows, routing = _rows(64)
+    rows16 = rows.bfloat16()                          # what a bf16 encoder hands the MoE layer
+    torch.testing.assert_close(gate16.route_logits(rows16, routing), gate32.route_logits(rows16.float(), routing),
+                               rtol=0, atol=0)
+    assert torch.equal(gate16(rows16, routing)[3], gate32(rows16.float(), routing)[3])
+
+
+def _tight(k, rows=400, factor=0.5):
+    gate = TaskRoutedGate(D, T, N, num_tasks=2, k=k, capacity_factor=factor)
+    return gate, _rows(rows)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_tight_capacity_drops_both_tasks_alike(k):
+    """DeepSpeed gives an expert's slots in row order and rows are stacked task-major (sentiment first);
+    the gate's random row priority keeps the emotion task from losing its rows first. Both tasks route alike
+    here (one router's weights in both), so any difference comes from the order of the rows alone."""
+    torch.manual_seed(3)
+    gate, (rows, routing) = _tight(k)
+    gate.routers[1].load_state_dict(gate.routers[0].state_dict())
+    half = rows.shape[0] // 2
+    rows = torch.cat([rows[:half], rows[:half]])      # the same utterances for both tasks
+    gate(rows, routing, True)
+    sentiment, emotion = gate.last_stats["dropped_fraction"].tolist()
+    assert sentiment > 0.2 and emotion > 0.2, (sentiment, emotion)
+    assert abs(sentiment - emotion) < 0.1, (sentiment, emotion)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_loads_and_aux_loss_count_only_the_routes_dispatched(k):
+    torch.manual_seed(4)
+    gate, (rows, routing) = _tight(k, rows=64)
+    aux, capacity, _, indices, _, _, load = gate(rows, routing, True)
+    logits = gate.route_logits(rows, routing)
+    assert (indices < 0).any()                        # the capacity dropped some routes
+    for task in (0, 1):
+        routes = indices[:, routing.task_ids == task].t().long()      # [rows of the task, k]
+        kept = routes >= 0
+        expected = torch.bincount(routes[kept], minlength=N).float()
+        assert torch.equal(load[task], expected)
+        assert (load[task] <= int(capacity)).all()
+        assert gate.last_stats["dropped_fraction"][task].item() == pytest.approx(1 - kept.float().mean().item())
+        probs = torch.softmax(logits[routing.task_ids == task], 1)
+        f = torch.zeros(kept.shape[0], N).scatter_add_(1, routes.clamp_min(0), kept.float()).mean(0)
+        assert aux[task].item() == pytest.approx((f * probs.mean(0)).sum().item() * N / k, rel=1e-6)
+
+
+def test_evaluation_has_its_own_capacity_and_drops_nothing_by_default():
+    gate, (rows, routing) = _tight(2)
+    gate.eval()
+    indices = gate(rows, routing, True)[3]
+    assert (indices >= 0).all() and gate.last_stats["dropped_fraction"].sum() == 0
+    strict = TaskRoutedGate(D, T, N, num_tasks=2, k=2, capacity_factor=0.5, eval_capacity_factor=0.5)
+    strict.load_state_dict(gate.state_dict())
+    strict.eval()
+    first = strict(rows, routing, True)[3]
+    assert (first < 0).any()                          # an evaluation capacity, when asked for, applies
+    assert torch.equal(strict(rows, routing, True)[3], first)   # with a fixed row priority: repeatable

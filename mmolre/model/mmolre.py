@@ -19,7 +19,7 @@ class ModelOutput:
     aux_loss: torch.Tensor           # [layers, tasks]
     expert_load: torch.Tensor        # [layers, tasks, N]
     router_entropy: torch.Tensor     # [layers, tasks]
-    dropped_fraction: torch.Tensor   # [layers]
+    dropped_fraction: torch.Tensor   # [layers, tasks] routes dropped for capacity
     modality_weights: torch.Tensor   # [tasks, B, M]
     layer_names: list[str]
 
@@ -54,6 +54,7 @@ class MMoLRE(nn.Module):
             m: UniTSE(cfg.blocks, d_model=d, seq_len=t, num_experts=cfg.num_experts, top_k=cfg.effective_top_k,
                       expert_rank=cfg.rank, task_rank=cfg.task_rank, num_tasks=self.num_streams,
                       ep_size=ep_size, dropout=cfg.dropout, capacity_factor=cfg.capacity_factor,
+                      eval_capacity_factor=cfg.eval_capacity_factor,
                       router_noise=cfg.router_noise, grouped_experts=cfg.grouped_experts,
                       use_shared=cfg.shared_experts and cfg.model != "hard_sharing",
                       use_task=cfg.task_experts and cfg.model != "mmoe",

@@ -7,7 +7,8 @@ utterances (width T*d) of two tasks, so the gate instead:
   3. hands the logits to DeepSpeed's own `top1gating`/`top2gating`/`topkgating`, which keep the
      capacity and dispatch logic exactly as DeepSpeed ships it,
   4. computes one load-balancing loss per task over that task's rows (N/k * sum_e f_e * P_e, which is
-     1.0 at perfect balance) and per-task expert loads and router entropies for monitoring.
+     1.0 at perfect balance) and per-task expert loads, dropped fractions and router entropies, all
+     counted over the routes DeepSpeed actually dispatched.
 
 The task of each row (and the time mask) reaches the gate through `MoE.forward`'s second argument,
 `used_token`, which DeepSpeed passes to its gate untouched. The per-task aux losses replace DeepSpeed's
@@ -31,14 +32,20 @@ class RowRouting(NamedTuple):
 
 
 class Router(nn.Module):
-    """g^tau: utterance summary (d) -> expert logits (N)."""
+    """g^tau: utterance summary (d) -> expert logits (N), computed in fp32 whatever the engine's dtype.
+
+    A bf16 engine casts every module to bf16; routing in bf16 would flip top-k choices on near-ties. As in
+    DeepSpeed's own gate (`F.linear(x.float(), wg.weight.float())`), the weights are read in fp32 for the
+    computation while their storage (and the optimizer's fp32 master copy) stays the engine's."""
 
     def __init__(self, d_model: int, num_experts: int):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(d_model, d_model), nn.GELU(), nn.Linear(d_model, num_experts))
 
     def forward(self, summary: torch.Tensor) -> torch.Tensor:
-        return self.net(summary)
+        hidden, _, out = self.net
+        h = F.gelu(F.linear(summary.float(), hidden.weight.float(), hidden.bias.float()))
+        return F.linear(h, out.weight.float(), out.bias.float())
 
 
 def masked_time_mean(seqs: torch.Tensor, time_mask: torch.Tensor) -> torch.Tensor:
@@ -47,79 +54,107 @@ def masked_time_mean(seqs: torch.Tensor, time_mask: torch.Tensor) -> torch.Tenso
     return (seqs * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def load_balancing_loss(probs: torch.Tensor, topk_idx: torch.Tensor, k: int) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, routes: torch.Tensor, k: int) -> torch.Tensor:
     """GShard/Switch balance loss over one task's rows: N/k * sum_e f_e * P_e.
 
-    f_e is the fraction of routes sent to expert e (k per row), P_e the mean router probability.
-    At perfect balance f_e = k/N and P_e = 1/N, so the loss is 1.0 for every k.
+    routes [S, k]: the expert of each route that was dispatched, -1 where the capacity limit dropped it.
+    f_e is the fraction of routes dispatched to expert e (k per row when nothing is dropped), P_e the mean
+    router probability. At perfect balance f_e = k/N and P_e = 1/N, so the loss is 1.0 for every k.
     """
     num_experts = probs.shape[1]
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    routed = torch.zeros_like(probs).scatter_(1, topk_idx, 1.0)
+    kept = (routes >= 0).to(probs.dtype)
+    routed = torch.zeros_like(probs).scatter_add_(1, routes.clamp_min(0).long(), kept)
     f = routed.mean(0)
     p = probs.mean(0)
     return (f * p).sum() * num_experts / k
 
 
 class TaskRoutedGate(TopKGate):
-    """A `TopKGate` whose logits come from one router per task on the utterance summary."""
+    """A `TopKGate` whose logits come from one router per task on the utterance summary.
+
+    Capacity: `capacity_factor` in training, `eval_capacity_factor` in evaluation; 0 means no row is
+    dropped. When rows are dropped, DeepSpeed's top-1/top-2 gating hands out an expert's slots in row order,
+    and our rows are stacked task-major, so the emotion task would lose its rows first: the gate gives the
+    rows a random priority instead (a fresh order per training step, a fixed one in evaluation so the same
+    batch always gets the same predictions).
+    """
 
     def __init__(self, d_model: int, seq_len: int, num_experts: int, num_tasks: int, k: int,
-                 capacity_factor: float = 0.0, router_noise: bool = False, uniform: bool = False):
-        drop_tokens = capacity_factor > 0
+                 capacity_factor: float = 0.0, router_noise: bool = False, uniform: bool = False,
+                 eval_capacity_factor: float = 0.0):
         super().__init__(model_dim=1, num_experts=num_experts, k=k,
-                         capacity_factor=capacity_factor or 1.0, eval_capacity_factor=capacity_factor or 1.0,
-                         min_capacity=0, noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False,
+                         capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                         min_capacity=0, noisy_gate_policy=None, drop_tokens=capacity_factor > 0, use_rts=False,
                          top2_2nd_expert_sampling=router_noise)
         del self.wg  # replaced by the task routers below; a T*d -> N linear map is what we avoid
         self.d_model, self.seq_len, self.num_tasks, self.num_experts = d_model, seq_len, num_tasks, num_experts
         # uniform: the "without routers" ablation; every row gets equal logits (use k = N for a uniform mixture)
         self.routers = nn.ModuleList() if uniform else nn.ModuleList(Router(d_model, num_experts)
                                                                       for _ in range(num_tasks))
+        # DeepSpeed's no-drop gating all-reduces the busiest expert's load over the expert-parallel group to
+        # size its [experts, capacity] buffers; a dispatch that does not use them switches this off.
+        self.agree_on_capacity = True
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def route_logits(self, rows: torch.Tensor, routing: RowRouting) -> torch.Tensor:
-        """Per-row logits [S, N], each row scored by its own task's router."""
+        """Per-row fp32 logits [S, N], each row scored by its own task's router."""
         if not len(self.routers):
             return rows.new_zeros(rows.shape[0], self.num_experts, dtype=torch.float32)
         summary = masked_time_mean(rows.float().view(-1, self.seq_len, self.d_model), routing.time_mask)
-        summary = summary.to(self.routers[0].net[0].weight.dtype)  # bf16 engines cast the routers too
-        all_logits = torch.stack([router(summary).float() for router in self.routers])  # [tasks, S, N]
+        all_logits = torch.stack([router(summary) for router in self.routers])  # [tasks, S, N]
         pick = routing.task_ids.view(1, -1, 1).expand(1, -1, all_logits.shape[-1])
         return all_logits.gather(0, pick).squeeze(0)
 
-    def forward(self, input: torch.Tensor, used_token: RowRouting = None, sparse_routes: bool = False,
+    def forward(self, input: torch.Tensor, used_token: RowRouting = None, sparse_routes: bool = True,
                 use_tutel: bool = False):
         if not isinstance(used_token, RowRouting):
             raise TypeError("TaskRoutedGate needs RowRouting(task_ids, time_mask) as the MoE's 2nd argument")
+        if not sparse_routes:
+            raise ValueError("TaskRoutedGate returns sparse routes only (DeepSpeed's MOELayer asks for them)")
         logits = self.route_logits(input, used_token)
-        capacity = self.capacity_factor if self.training else self.eval_capacity_factor
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        drop = factor > 0
+        order = None
+        if drop:
+            generator = None if self.training else torch.Generator(logits.device).manual_seed(0)
+            order = torch.randperm(logits.shape[0], device=logits.device, generator=generator)
+            logits = logits.index_select(0, order)
+        ep_group = self.ep_group if drop or self.agree_on_capacity else None
+        factor = factor or 1.0   # unused when nothing is dropped
         if self.k == 1:
-            out = top1gating(logits, capacity, self.min_capacity, None, None, self.drop_tokens, False,
-                             self.ep_group, sparse_routes, use_tutel)
+            out = top1gating(logits, factor, self.min_capacity, None, None, drop, False, ep_group, True, use_tutel)
         elif self.k == 2:
-            out = top2gating(logits.clone(), capacity, self.min_capacity, self.drop_tokens, self.ep_group,
-                             self.top2_2nd_expert_sampling and self.training, sparse_routes)
+            out = top2gating(logits.clone(), factor, self.min_capacity, drop, ep_group,
+                             self.top2_2nd_expert_sampling and self.training, True)
         else:
-            out = topkgating(logits, self.k, capacity, self.min_capacity, self.drop_tokens, self.ep_group,
-                             sparse_routes=sparse_routes)
-        task_aux, task_counts = self._per_task_balance(logits, used_token.task_ids, out)
-        return (task_aux, *out[1:-1], task_counts)
+            out = topkgating(logits, self.k, factor, self.min_capacity, drop, ep_group, sparse_routes=True)
+        _, capacity, num_experts, indices, locations, gates, _ = out
+        if order is not None:   # back to the rows' own order
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(len(order), device=order.device)
+            logits, indices, locations, gates = (logits.index_select(0, inverse), indices[:, inverse],
+                                                 locations[:, inverse], gates[:, inverse])
+        task_aux, task_counts = self._per_task_balance(logits, used_token.task_ids, indices)
+        return task_aux, capacity, num_experts, indices, locations, gates, task_counts
 
-    def _per_task_balance(self, logits: torch.Tensor, task_ids: torch.Tensor, gate_out):
+    def _per_task_balance(self, logits: torch.Tensor, task_ids: torch.Tensor, indices: torch.Tensor):
+        """Per task, over the routes DeepSpeed actually dispatched (indices [k, S], -1 = dropped for
+        capacity): the aux loss, the rows each expert received, the fraction of routes dropped, the router
+        entropy."""
         probs = F.softmax(logits, dim=1)
-        topk_idx = probs.topk(self.k, dim=1).indices
-        aux, counts, entropy = [], [], []
+        routes = indices.t()                                       # [S, k]
+        aux, counts, entropy, dropped = [], [], [], []
         for task in range(self.num_tasks):
             rows = task_ids == task
-            aux.append(load_balancing_loss(probs[rows], topk_idx[rows], self.k))
+            task_routes = routes[rows]
+            aux.append(load_balancing_loss(probs[rows], task_routes, self.k))
+            kept = task_routes >= 0
             counts.append(torch.zeros_like(probs[0]).index_add_(
-                0, topk_idx[rows].reshape(-1), torch.ones_like(topk_idx[rows].reshape(-1), dtype=probs.dtype)))
+                0, task_routes[kept].long(), torch.ones(int(kept.sum()), dtype=probs.dtype, device=probs.device)))
+            dropped.append((~kept).float().mean() if kept.numel() else probs.new_zeros(()))
             p = probs[rows].detach()
             entropy.append(-(p * p.clamp_min(1e-12).log()).sum(1).mean() if len(p) else p.new_zeros(()))
-        # Routes DeepSpeed evicted for capacity are flagged with expert index -1 (sparse routes).
-        indices = gate_out[3] if len(gate_out) == 7 else None
-        dropped = (indices < 0).float().mean() if indices is not None else logits.new_zeros(())
-        self.last_stats = {"entropy": torch.stack(entropy).detach(), "dropped_fraction": dropped.detach()}
+        self.last_stats = {"entropy": torch.stack(entropy).detach(), "dropped_fraction": torch.stack(dropped)}
         return torch.stack(aux), torch.stack(counts).detach()

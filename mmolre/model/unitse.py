@@ -28,14 +28,14 @@ class BlockStats:
     aux_loss: torch.Tensor        # [tasks], differentiable
     expert_load: torch.Tensor     # [tasks, N] routes per expert on this rank (detached)
     router_entropy: torch.Tensor  # [tasks]
-    dropped_fraction: torch.Tensor
+    dropped_fraction: torch.Tensor  # [tasks] routes dropped for capacity
 
 
 class UniTSEBlock(nn.Module):
     def __init__(self, d_model: int, seq_len: int, num_experts: int, top_k: int, expert_rank: int,
                  task_rank: int, num_tasks: int, ep_size: int, dropout: float, capacity_factor: float,
                  router_noise: bool, grouped_experts: bool = True, use_shared: bool = True,
-                 use_task: bool = True, uniform_gate: bool = False):
+                 use_task: bool = True, uniform_gate: bool = False, eval_capacity_factor: float = 0.0):
         super().__init__()
         self.seq_len, self.d_model, self.num_tasks, self.num_experts = seq_len, d_model, num_tasks, num_experts
         self.moe = None
@@ -44,12 +44,13 @@ class UniTSEBlock(nn.Module):
             self.moe = MoE(hidden_size=1, expert=template, num_experts=num_experts, ep_size=ep_size, k=top_k,
                            min_capacity=0, drop_tokens=capacity_factor > 0, use_rts=False)
             gate = TaskRoutedGate(d_model, seq_len, num_experts, num_tasks, top_k, capacity_factor, router_noise,
-                                  uniform=uniform_gate)
+                                  uniform=uniform_gate, eval_capacity_factor=eval_capacity_factor)
             if grouped_experts:  # DeepSpeed's layer with a compact dispatch and batched experts (grouped.py)
                 moe = self.moe
                 moe.deepspeed_moe = CompactMOELayer(
                     gate, StackedLowRankExperts(template, moe.num_local_experts, moe.expert_group_name),
                     moe.expert_group_name, moe.ep_size, moe.num_local_experts)
+                gate.agree_on_capacity = False   # the compact dispatch sizes its own buffers
             else:  # DeepSpeed's layer as it comes, with our gate
                 self.moe.deepspeed_moe.gate = gate
         self.task_specific = (nn.ModuleList(LowRankExpert(d_model, task_rank) for _ in range(num_tasks))
@@ -99,7 +100,7 @@ class UniTSEBlock(nn.Module):
             stats = BlockStats(aux, load, gate.last_stats["entropy"], gate.last_stats["dropped_fraction"])
         else:
             zero = streams[0].new_zeros(self.num_tasks, dtype=torch.float32)
-            stats = BlockStats(zero, zero.new_zeros(self.num_tasks, 0), zero, zero.new_zeros(()))
+            stats = BlockStats(zero, zero.new_zeros(self.num_tasks, 0), zero, zero)
         if self.task_specific is not None:
             updates = [u + e.forward_sequences(x * keep) for u, e, x in zip(updates, self.task_specific, streams)]
         out = [self.norm(x + self.dropout(u)) for x, u in zip(streams, updates)]
