@@ -1,4 +1,12 @@
-"""Process groups, rank discovery and the expert-parallel size rule (DESIGN.md §4)."""
+"""Process groups, rank discovery, the expert-parallel size rule (DESIGN.md §4), and every collective the
+trainer runs.
+
+The trainer's collectives live here and nowhere else in `mmolre/` (a test enforces it; the MoE layer's own
+exchanges in `model/grouped.py` run on the model's device and are the one exception). Each helper moves its
+tensor to the device the process group communicates on (`DistInfo.device`: the rank's GPU under NCCL,
+whose group has no CPU backend, the CPU under gloo) and back, and runs its collective at world size 1 too,
+so a single-GPU run exercises the same code paths as a multi-GPU one.
+"""
 from __future__ import annotations
 
 import datetime
@@ -17,6 +25,7 @@ class DistInfo:
     local_rank: int
     world_size: int
     local_world_size: int
+    device: torch.device = torch.device("cpu")   # where collectives' tensors must live
 
     @property
     def is_main(self) -> bool:
@@ -56,14 +65,31 @@ def init(timeout_s: float | None = None) -> DistInfo:
     DEEPSPEED_TIMEOUT minutes, else 10 minutes) for a missing rank fails instead of hanging."""
     fill_env()
     import deepspeed  # after fill_env, so DeepSpeed finds every variable it needs
+    from deepspeed.accelerator import get_accelerator
     if timeout_s is None:
         timeout_s = float(os.environ.get("DEEPSPEED_TIMEOUT", "10")) * 60
+    local_rank = int(os.environ["LOCAL_RANK"])
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        # Before the group exists: NCCL binds each rank to the current device, and object collectives
+        # use it too; left at device 0, every rank of a node would share one GPU.
+        accelerator.set_device(local_rank)
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or world)
-    info = DistInfo(dist.get_rank(), int(os.environ["LOCAL_RANK"]), world, local_world)
+    info = DistInfo(dist.get_rank(), local_rank, world, local_world, comm_device(local_rank))
     _unlink_shm_allreduce_buffer(info)
     return info
+
+
+def comm_device(local_rank: int, group=None) -> torch.device:
+    """The device a process group's collectives take tensors on: the CPU when the group has a CPU backend
+    (gloo: "cpu:gloo,cuda:gloo"), otherwise this rank's accelerator (NCCL: "cuda:nccl", which rejects a
+    CPU tensor with "No backend type associated with device type cpu")."""
+    device_types = [part.split(":")[0] for part in dist.get_backend_config(group).split(",")]
+    if "cpu" in device_types:
+        return torch.device("cpu")
+    return torch.device(device_types[0], local_rank)
 
 
 def _unlink_shm_allreduce_buffer(info: DistInfo) -> None:
@@ -73,12 +99,12 @@ def _unlink_shm_allreduce_buffer(info: DistInfo) -> None:
     buffers inside init_distributed; once all ranks are past it, the names can go and the mappings stay."""
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_"
             f"{os.environ.get('MASTER_PORT')}_{info.rank}")
-    if not os.path.exists(name):
-        return
+    # Every rank meets here whether or not its file exists (a rank that returned early would pair this
+    # barrier with some later collective of the others).
     barrier(info)
     try:
         os.unlink(name)
-    except OSError:
+    except OSError:   # not on this rank: a GPU run, another user's buffer name, or already gone
         pass
 
 
@@ -100,9 +126,21 @@ def expert_parallel_rank(rank: int, ep_size: int) -> int:
     return rank % ep_size
 
 
+def _live() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _single(info: DistInfo) -> bool:
+    """True where no process group exists (export, predict, unit tests): only a world of 1 gets here."""
+    if _live():
+        return False
+    assert info.world_size == 1, "a collective of a multi-process run needs its process group"
+    return True
+
+
 def gather_to_main(obj, info: DistInfo):
     """All ranks' objects as a list on rank 0 (None elsewhere)."""
-    if info.world_size == 1:
+    if _single(info):
         return [obj]
     out = [None] * info.world_size if info.is_main else None
     dist.gather_object(obj, out, dst=0)
@@ -111,7 +149,7 @@ def gather_to_main(obj, info: DistInfo):
 
 def all_gather(obj, info: DistInfo) -> list:
     """Every rank's object, on every rank."""
-    if info.world_size == 1:
+    if _single(info):
         return [obj]
     out = [None] * info.world_size
     dist.all_gather_object(out, obj)
@@ -119,28 +157,39 @@ def all_gather(obj, info: DistInfo) -> list:
 
 
 def broadcast_from_main(obj, info: DistInfo):
-    if info.world_size == 1:
+    if _single(info):
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.world_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+def all_reduce(t: torch.Tensor, info: DistInfo, op: str = "sum", group=None) -> torch.Tensor:
+    """A new tensor holding the reduction of `t` over `group` (default: all ranks), on t's own device.
+    The collective runs on the group's communication device, whatever device `t` is on."""
+    reduced = t.detach().to(info.device, copy=True)
+    if not _single(info):
+        dist.all_reduce(reduced, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group)
+    return reduced.to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor, info: DistInfo, group=None) -> torch.Tensor:
+    return all_reduce(t, info, "sum", group)
 
 
 def shutdown(info: DistInfo) -> None:
-    """Meet, then destroy the process group, for workers that end right after their last collective
-    (torch.multiprocessing.spawn in the tests): left to interpreter teardown, gloo's threads sometimes
-    abort such a process ("terminate called without an active exception") after its work is done."""
-    if dist.is_available() and dist.is_initialized():
+    """Meet, then destroy the process group, at the end of every run: left to interpreter teardown, gloo's
+    threads sometimes abort a process after its work is done ("terminate called without an active
+    exception", exit -6), which fails a run that had finished."""
+    if _live():
         barrier(info)
         dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:
-    if info.world_size > 1:
+    if _single(info):
+        return
+    if dist.get_backend() == "nccl":  # name the device, so NCCL does not guess one
+        dist.barrier(device_ids=[info.device.index])
+    else:
         dist.barrier()
