@@ -5,6 +5,11 @@ every rank writes its RNG state, all ranks meet at a barrier, and rank 0 writes 
 Only a tag with that marker counts: a save interrupted anywhere before it (a crash, a SIGKILL, a full
 disk) leaves the previous checkpoints untouched, and resuming skips the half-written tag with a warning
 that names it. After each save the oldest complete tags beyond `keep` are removed, except the best.
+
+Under bf16 (or fp16) the module holds low-precision copies of the weights and the optimizer their fp32
+masters. DeepSpeed's model files hold the module copies, so each save also writes the fp32 masters
+(`fp32_masters_rank<r>.pt`, one file per expert-parallel rank, parameter names of that rank's model), which
+`mmolre export` prefers.
 """
 from __future__ import annotations
 
@@ -18,7 +23,10 @@ import warnings
 import numpy as np
 import torch
 
+from . import distributed
+
 MARKER = "mmolre_complete.json"
+MASTERS_PREFIX = "fp32_masters_rank"
 TAG_RE = re.compile(r"^step(\d{8})$")
 
 
@@ -74,20 +82,45 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: str, tag: str, client_state: dict, rank: int, barrier, marker: dict) -> None:
+def save(engine, ckpt_dir: str, tag: str, client_state: dict, info, ep_size: int, marker: dict) -> None:
     """Every rank calls this with the same tag. Saving again under a tag first withdraws its marker."""
+    rank = info.rank
     if rank == 0 and is_complete(ckpt_dir, tag):
         os.remove(os.path.join(ckpt_dir, tag, MARKER))
-    barrier()
+    distributed.barrier(info)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
     torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
-    barrier()
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        masters = fp32_masters(engine, rank)   # a collective: every rank takes part
+        if masters is not None and rank < ep_size:   # ranks 0..ep-1 hold every expert once (DeepSpeed's layout)
+            torch.save(masters, os.path.join(ckpt_dir, tag, f"{MASTERS_PREFIX}{rank}.pt"))
+    distributed.barrier(info)
     if rank == 0:
         path = os.path.join(ckpt_dir, tag, MARKER)
         with open(path + ".tmp", "w") as f:
             json.dump(marker, f)
         os.replace(path + ".tmp", path)
-    barrier()
+    distributed.barrier(info)
+
+
+def fp32_masters(engine, rank: int) -> dict[str, torch.Tensor] | None:
+    """{parameter name: its fp32 master weight} for this rank's experts, plus the dense parameters on rank 0;
+    None where the optimizer links no fp32 masters to the parameters (DeepSpeed's fp16 optimizer without
+    ZeRO), the same answer on every rank. Each master is assembled from its ZeRO partitions (a collective over
+    the parameter's data-parallel or expert-data-parallel group), so every rank calls this in the same order."""
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import safe_get_full_fp32_param
+    params = list(engine.module.named_parameters())
+    if not all(hasattr(p, "_hp_mapping") for _, p in params):
+        warnings.warn("this optimizer keeps no fp32 masters linked to the parameters; the checkpoint holds the "
+                      "low-precision module weights only", stacklevel=2)
+        return None
+    out = {}
+    for name, param in params:
+        master = safe_get_full_fp32_param(param)
+        if is_moe_param(param) or rank == 0:
+            out[name] = master.detach().float().cpu()
+    return out
 
 
 def load(engine, ckpt_dir: str, tag: str, rank: int, weights_only: bool = False) -> dict:

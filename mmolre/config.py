@@ -56,7 +56,12 @@ class ModelConfig:
     task_expert_rank: Optional[int] = _help("rank of the task-specific experts (default: --expert_rank)",
                                             default=None)
     dropout: float = _help("dropout after encoders, experts and in the heads", default=0.1)
-    capacity_factor: float = _help("expert capacity factor; 0 means no row is ever dropped", default=0.0)
+    capacity_factor: float = _help("expert capacity factor in training; 0 means no row is ever dropped. Rows "
+                                   "compete for slots in a random order, so neither task is favoured",
+                                   default=0.0)
+    eval_capacity_factor: float = _help("expert capacity factor in evaluation; 0 (no dropping) makes each "
+                                        "prediction independent of batch composition and world size",
+                                        default=0.0)
     router_noise: bool = _help("Gumbel noise on the 2nd expert choice while training (top-2 only)",
                                default=False)
     grouped_experts: bool = _help("compute all local experts in one batched call on occupied slots only "
@@ -104,12 +109,16 @@ class TrainConfig:
     resume: bool = _help("continue from the latest checkpoint of --run_name (or the newest run in "
                          "--output_dir)", default=False)
     epochs: int = _help("training epochs", default=5)
-    max_steps: int = _help("stop after this many optimizer steps in total (0: no limit)", default=0)
+    max_steps: int = _help("stop after this many optimizer steps in total (0: no limit); a step is one "
+                           "accumulation window", default=0)
     batch_size: int = _help("micro batch per rank (0: train_micro_batch_size_per_gpu of --ds_config)",
                             default=0)
+    grad_accum: int = _help("micro batches accumulated per optimizer step (0: gradient_accumulation_steps of "
+                            "--ds_config)", default=0)
     lr: float = _help("peak learning rate of AdamW", default=2e-3)
     weight_decay: float = _help("AdamW weight decay (not applied to biases and norms)", default=0.01)
-    warmup_ratio: float = _help("fraction of steps of linear warm-up before cosine decay", default=0.05)
+    warmup_ratio: float = _help("fraction of the training samples of linear warm-up before cosine decay",
+                                default=0.05)
     seed: int = _help("random seed (data order, initial weights, synthetic data is fixed separately)",
                       default=1)
     aux_loss_weight: float = _help("weight α of the per-task load-balancing losses", default=0.01)
@@ -209,12 +218,13 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(m, name)}")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"--dropout must be in [0, 1), got {m.dropout}")
-    if m.capacity_factor < 0:
-        raise ConfigError(f"--capacity_factor must be >= 0 (0 = no dropping), got {m.capacity_factor}")
+    for flag in ("capacity_factor", "eval_capacity_factor"):
+        if getattr(m, flag) < 0:
+            raise ConfigError(f"--{flag} must be >= 0 (0 = no dropping), got {getattr(m, flag)}")
     if t.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {t.epochs}")
-    if t.max_steps < 0 or t.batch_size < 0:
-        raise ConfigError("--max_steps and --batch_size must be >= 0")
+    if t.max_steps < 0 or t.batch_size < 0 or t.grad_accum < 0:
+        raise ConfigError("--max_steps, --batch_size and --grad_accum must be >= 0")
     if t.lr <= 0:
         raise ConfigError(f"--lr must be > 0, got {t.lr}")
     choices = {"--model": (m.model, ("mmolre", "hard_sharing", "mmoe")), "--fusion": (m.fusion, ("adaptive", "concat")),

@@ -1,14 +1,18 @@
-"""The DeepSpeed engine: config checks and overrides, MoE-aware optimizer groups, LR schedule."""
+"""The DeepSpeed engine: config checks and overrides, MoE-aware optimizer groups, the LR schedule, and
+gradient clipping by the true global norm under expert parallelism."""
 from __future__ import annotations
 
 import difflib
 import json
-import math
+import types
 
 import torch
-from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups
 
+from . import distributed
 from .config import ConfigError, TrainConfig
+from .schedule import WarmupCosineBySamples
 
 
 # Top-level keys DeepSpeed reads that are not in deepspeed.runtime.constants (monitors, ZeRO, profilers, ...).
@@ -16,7 +20,7 @@ _KNOWN_SECTIONS = {
     "zero_optimization", "tensorboard", "wandb", "csv_monitor", "comet", "flops_profiler", "comms_logger",
     "activation_checkpointing", "aio", "amp", "autotuning", "elasticity", "compression_training",
     "data_efficiency", "curriculum_learning", "sparse_attention", "pipeline", "checkpoint", "nebula",
-    "weight_quantization", "hybrid_engine", "compile", "timers", "zenflow", "tensor_parallel",
+    "weight_quantization", "hybrid_engine", "timers", "zenflow", "tensor_parallel",
     "expert_parallel", "sequence_parallel_size", "gradient_accumulation_dtype", "communication_data_type",
     "seed", "train_batch_size", "dump_state", "graph_harvesting", "eigenvalue", "progressive_layer_drop",
     "quantize_training", "mics_shard_size", "mics_hierarchical_params_gather", "use_node_local_storage",
@@ -37,6 +41,10 @@ def load_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
             ds = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"--ds_config {cfg.ds_config}: not valid JSON ({e})") from e
+    if "compile" in ds:
+        raise ConfigError(f"--ds_config {cfg.ds_config}: remove the 'compile' section; the trainer does not "
+                          f"call engine.compile(), so it would be accepted and ignored (torch.compile of the "
+                          f"MoE layer's data-dependent dispatch is untested here)")
     known = _known_keys()
     for key in ds:
         if key not in known:
@@ -61,7 +69,12 @@ def load_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
         ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
     if "train_micro_batch_size_per_gpu" not in ds:
         raise ConfigError(f"--ds_config {cfg.ds_config}: set 'train_micro_batch_size_per_gpu' or pass --batch_size")
+    if cfg.grad_accum:
+        ds["gradient_accumulation_steps"] = cfg.grad_accum
     ds.setdefault("gradient_accumulation_steps", 1)
+    if not isinstance(ds["gradient_accumulation_steps"], int) or ds["gradient_accumulation_steps"] < 1:
+        raise ConfigError(f"--ds_config {cfg.ds_config}: gradient_accumulation_steps must be an integer >= 1, got "
+                          f"{ds['gradient_accumulation_steps']!r}")
     implied = ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size
     if "train_batch_size" in ds and ds["train_batch_size"] != implied:
         raise ConfigError(f"--ds_config {cfg.ds_config}: train_batch_size {ds['train_batch_size']} != micro batch "
@@ -78,37 +91,75 @@ def point_tensorboard(ds: dict, tensorboard_dir: str | None) -> None:
         tb["output_path"], tb["job_name"] = tensorboard_dir or "", "deepspeed"
 
 
+def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    """Biases, norms and position tables are not decayed. By name as well as by shape: the stacked
+    experts' biases are 2-D ([experts, width]) and must be treated like each expert's own 1-D bias, or the
+    two expert paths would train different models."""
+    return param.ndim < 2 or name.endswith("bias") or name.endswith(".pos")
+
+
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay / no-decay groups, each split by DeepSpeed into dense and expert (per expert group) parts."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith(".pos") else decay).append(p)
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
     groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def warmup_cosine(total_steps: int, warmup_ratio: float):
-    warmup = max(1, int(total_steps * warmup_ratio))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, total_steps: int):
+def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, total_samples: int,
+               samples_per_step: int, info: distributed.DistInfo):
+    """The DeepSpeed engine with AdamW over MoE-aware groups and the sample-based warm-up/cosine schedule."""
     import deepspeed
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr)
-    schedule = warmup_cosine(total_steps, cfg.warmup_ratio)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        lr_scheduler=lambda opt: WarmupCosineBySamples(opt, total_samples, cfg.warmup_ratio, samples_per_step))
+    return clip_by_the_model_norm(engine, info)
+
+
+def clip_by_the_model_norm(engine, info: distributed.DistInfo):
+    """Make a ZeRO-0 fp32 engine clip by the norm of the whole model (see `clip_by_global_norm`). ZeRO 1/2
+    and DeepSpeed's bf16 optimizer already reduce the experts' norms over the expert-parallel group."""
+    if engine.gradient_clipping() > 0 and not (engine.zero_optimization() or engine.bfloat16_enabled()
+                                               or engine.fp16_enabled()):
+        engine.clip_fp32_gradients = types.MethodType(
+            lambda self: clip_by_global_norm(self, self.gradient_clipping(), info), engine)
     return engine
+
+
+def clip_by_global_norm(engine, max_norm: float, info: distributed.DistInfo) -> torch.Tensor:
+    """Clip the (already reduced) gradients of a ZeRO-0 fp32 engine by the norm of the whole model.
+
+    DeepSpeed's ZeRO-0 clipping (`runtime.utils.clip_grad_norm_`) takes each rank's norm over the experts it
+    holds and averages the norms over ranks; under expert parallelism the ranks hold different experts, so
+    that is not the model's norm (DeepSpeed issue 8475) and the run clips differently from one process.
+    Here: dense gradients are the same on every rank and count once; each expert-parallel group holds every
+    expert exactly once, so the experts' squared norms are summed over that group.
+    """
+    dense, experts = [], {}
+    for p in engine.module.parameters():
+        if p.grad is None:
+            continue
+        squared = p.grad.detach().float().pow(2).sum()
+        if is_moe_param(p):
+            experts.setdefault(p.group_name, []).append(squared)
+        else:
+            dense.append(squared)
+    total = torch.stack(dense).sum() if dense else torch.zeros(())
+    for group_name, parts in experts.items():
+        total = total + distributed.all_reduce_sum(torch.stack(parts).sum(), info,
+                                                   group=groups._get_expert_parallel_group(group_name))
+    norm = total.sqrt()
+    coef = min(1.0, max_norm / (float(norm) + 1e-6))
+    if coef < 1.0:
+        for p in engine.module.parameters():
+            if p.grad is not None:
+                p.grad.detach().mul_(coef)
+    engine._global_grad_norm = float(norm)   # what engine.get_global_grad_norm() reports, as under ZeRO
+    return norm
 
 
 def compute_dtype(engine) -> torch.dtype:

@@ -3,14 +3,18 @@
 `export` reads a run's DeepSpeed checkpoint files directly: the dense weights from
 `mp_rank_00_model_states.pt` and every shared expert from its `layer_<L>_expert_<E>_...` file (stored
 per global expert id, so the export does not depend on how many ranks trained it), and writes one fp32
-file with the model configuration, the feature shapes and the train-split normalisation. `predict` builds
-the model with expert parallelism 1 and runs it on CPU.
+file with the model configuration, the feature shapes and the train-split normalisation. A bf16 run's
+model files hold bf16 copies; its checkpoints also hold the optimizer's fp32 master weights
+(`fp32_masters_rank<r>.pt`), and those are what the export takes. `predict` builds the model with expert
+parallelism 1 and runs it on CPU.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import re
+import warnings
 
 import torch
 
@@ -58,12 +62,45 @@ def export(run_dir: str, out_path: str, tag: str = "best") -> dict:
     shapes = {m: tuple(v) for m, v in data_meta["shapes"].items()}
     model = MMoLRE(model_cfg, shapes, ep_size=1)
     model.load_state_dict(state, strict=True)   # global expert ids are the local ids at ep_size 1
+    marker = checkpoint.read_marker(checkpoint.checkpoint_dir(run_dir), tag)
+    masters = _load_fp32_masters(model, tag_dir, marker)
+    if not masters and marker.get("dtype", "float32") != "float32":
+        warnings.warn(f"{tag_dir} was trained in {marker['dtype']} and holds no fp32 master weights; the export "
+                      f"takes the {marker['dtype']} module weights", stacklevel=2)
     payload = {"format": FORMAT, "model_config": cfg["model"], "shapes": data_meta["shapes"],
                "normalisation": data_meta["normalisation"], "synthetic": data_meta["synthetic"],
                "source_run": os.path.abspath(run_dir), "checkpoint": tag,
                "state_dict": {k: v.float() for k, v in model.state_dict().items()}}
     torch.save(payload, out_path)
     return payload
+
+
+def _load_fp32_masters(model: MMoLRE, tag_dir: str, marker: dict) -> bool:
+    """Overwrite the model's weights with the fp32 masters saved beside a low-precision checkpoint, mapping
+    each expert-parallel rank's local experts to their global ids. False where the checkpoint has none."""
+    files = glob.glob(os.path.join(tag_dir, f"{checkpoint.MASTERS_PREFIX}*.pt"))
+    if not files:
+        return False
+    params = dict(model.named_parameters())
+    per_rank = model.cfg.num_experts // marker["ep_size"]
+    filled = set()
+    for path in files:
+        ep_rank = int(re.search(r"rank(\d+)\.pt$", path).group(1))
+        for name, value in torch.load(path, map_location="cpu", weights_only=True).items():
+            stock = re.match(r"(.*\.deepspeed_experts\.)(\d+)(\..*)$", name)
+            if stock:   # DeepSpeed's per-expert modules: local id -> global id
+                name = f"{stock.group(1)}{ep_rank * per_rank + int(stock.group(2))}{stock.group(3)}"
+                params[name].data.copy_(value)
+            elif ".deepspeed_moe.experts." in name:   # stacked experts [local experts, ...]
+                params[name].data[ep_rank * per_rank:(ep_rank + 1) * per_rank] = value
+            else:
+                params[name].data.copy_(value)
+            filled.add(name)
+    if filled != set(params):
+        missing = sorted(set(params) - filled)
+        raise FileNotFoundError(f"{tag_dir}: the fp32 master files lack {len(missing)} parameter(s), e.g. "
+                                f"{missing[:3]}; was the checkpoint written by every expert-parallel rank?")
+    return True
 
 
 def load_exported(path: str) -> tuple[MMoLRE, dict]:

@@ -1,8 +1,15 @@
 """The one training loop: data -> DeepSpeed engine -> epochs with validation and checkpoints -> test once.
 
 Every rank runs every forward (MoE all-to-alls need all ranks); rank 0 alone prints, logs and writes files.
-Once per step the ranks all-reduce two flags, "this rank's loss is not finite" and "this rank was asked to
-stop", so a NaN or a SIGTERM/SIGUSR1 on any rank is acted on by all of them at the same step.
+Once per micro batch the ranks all-reduce two flags, "this rank's loss is not finite" and "this rank was
+asked to stop", so a NaN or a SIGTERM/SIGUSR1 on any rank is acted on by all of them at the same point.
+
+Units: a micro batch is one forward/backward per rank; an optimizer step is one gradient-accumulation
+window of `gradient_accumulation_steps` micro batches (DeepSpeed applies the update at the window's
+boundary). Step counts (`global_step`, `--max_steps`, `--save_every`, `--log_every`) are optimizer steps;
+checkpoints are taken at window boundaries only, so no accumulated gradient is ever lost; the LR schedule
+and the data position are measured in samples, so both continue across a change of world size, micro
+batch or accumulation.
 """
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -21,16 +28,17 @@ from .config import ConfigError, RunConfig
 from .data import describe_source, prepare, train_loader
 from .engine import compute_dtype, initialize, load_ds_config, point_tensorboard
 from .evaluate import evaluate, inputs, to_device
-from .losses import compute_loss
+from .losses import compute_loss, zero_loss
 from .metrics import baselines
 from .model import MMoLRE, count_parameters
 from .monitor import Monitor, tensorboard_dir
 from .preemption import StopRequest
 from .report import SYNTHETIC_NOTICE, flatten, format_table, git_commit, versions, write_predictions
 
-# Test hook: make the loss of the N-th batch this process trains on (1-based) NaN on rank
-# MMOLRE_FAULT_NAN_RANK (default 0).
+# Test hooks: make the loss of the N-th micro batch this process trains on (1-based) NaN on rank
+# MMOLRE_FAULT_NAN_RANK (default 0); ask for a graceful stop once optimizer step N is reached.
 FAULT_NAN_STEP = "MMOLRE_FAULT_NAN_STEP"
+FAULT_STOP_STEP = "MMOLRE_FAULT_STOP_STEP"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -41,15 +49,23 @@ class NonFiniteLoss(RuntimeError):
 class TrainState:
     """Everything besides the engine's own state that a resumed run needs; saved as client state."""
     epoch: int = 0                 # completed epochs
-    epoch_step: int = 0            # batches of the current epoch already consumed
-    global_step: int = 0           # optimizer steps taken
+    epoch_samples: int = 0         # samples of the current epoch's permutation consumed (all ranks)
+    global_step: int = 0           # optimizer steps applied
     train_seconds: float = 0.0
-    train_samples: int = 0
-    skipped_nonfinite: int = 0
+    train_samples: int = 0         # samples of the applied optimizer steps: the LR schedule's position
+    skipped_nonfinite: int = 0     # micro batches whose loss was not finite (--on_nonfinite skip)
     best_tag: str | None = None
     best_epoch: int = 0
     best_valid_loss: float = float("inf")
     history: list = field(default_factory=list)
+
+    @classmethod
+    def from_client_state(cls, saved: dict, marker: dict, micro_batch: int) -> "TrainState":
+        saved = dict(saved)
+        if "epoch_step" in saved:   # older checkpoints counted the batches of their own world size
+            saved["epoch_samples"] = (saved.pop("epoch_step") * marker.get("micro_batch", micro_batch)
+                                      * marker["world_size"])
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
 def log(info: distributed.DistInfo, *parts) -> None:
@@ -76,19 +92,20 @@ def resolve_run_dir(cfg: RunConfig, info: distributed.DistInfo) -> str:
 
 
 def _routing_summary(out, info) -> tuple[np.ndarray, ...]:
-    """Per-layer/task aux loss and entropy averaged over ranks, expert loads summed over ranks."""
+    """Per-layer/task aux loss, entropy and dropped fraction averaged over ranks (every rank routes the same
+    number of rows), expert loads summed over ranks."""
     aux = out.aux_loss.detach().float()
     load = out.expert_load.float()
     entropy = out.router_entropy.float()
     dropped = out.dropped_fraction.float()
     weights = out.modality_weights.float().mean(1)
     packed = torch.cat([aux.flatten(), entropy.flatten(), dropped.flatten(), weights.flatten(), load.flatten()])
-    packed = distributed.all_reduce_sum(packed.cpu(), info)
+    packed = distributed.all_reduce_sum(packed, info).cpu()
     sizes = [aux.numel(), entropy.numel(), dropped.numel(), weights.numel(), load.numel()]
     a, e, d, w, l = torch.split(packed, sizes)
     n = info.world_size
-    return ((a / n).view_as(aux).numpy(), (e / n).view_as(entropy).numpy(), (d / n).numpy(),
-            (w / n).view_as(weights).numpy(), l.view_as(load).numpy())
+    return ((a / n).view(aux.shape).numpy(), (e / n).view(entropy.shape).numpy(),
+            (d / n).view(dropped.shape).numpy(), (w / n).view(weights.shape).numpy(), l.view(load.shape).numpy())
 
 
 class Trainer:
@@ -106,10 +123,7 @@ class Trainer:
         info = self.info = distributed.init(t.dist_timeout)
         from deepspeed.accelerator import get_accelerator
         acc = get_accelerator()
-        on_gpu = acc.device_name() != "cpu"
-        self.device = torch.device(acc.device_name(info.local_rank) if on_gpu else "cpu")
-        if on_gpu:
-            acc.set_device(info.local_rank)
+        self.device = torch.device(acc.device_name(info.local_rank) if acc.device_name() != "cpu" else "cpu")
         self.ep_size = distributed.choose_ep_size(t.ep_size, info.world_size, m.num_experts, info.local_world_size)
         self.run_dir = resolve_run_dir(cfg, info)
         self.ckpt_dir = checkpoint.checkpoint_dir(self.run_dir)
@@ -137,26 +151,35 @@ class Trainer:
         self.params["expert_bytes_per_rank"] = sum(p.numel() * p.element_size() for _, b in self.model.moe_blocks()
                                                    for p in b.shared_experts.parameters())
         self.micro = ds_config["train_micro_batch_size_per_gpu"]
-        self.loader = train_loader(self.data.splits["train"], self.micro, info.rank, info.world_size, t.seed)
-        self.steps_per_epoch = len(self.loader)
+        self.grad_accum = ds_config["gradient_accumulation_steps"]
+        self.loader = train_loader(self.data.splits["train"], self.micro, info.rank, info.world_size, t.seed,
+                                   self.grad_accum)
+        self.samples_per_micro = self.micro * info.world_size          # one micro batch on every rank
+        self.samples_per_step = self.samples_per_micro * self.grad_accum  # one optimizer step
+        self.steps_per_epoch = self.loader.sampler.batches() // self.grad_accum
         total_steps = min(self.steps_per_epoch * t.epochs, t.max_steps or 10**12)
-        self.engine = initialize(self.model, t, ds_config, total_steps)
+        self.engine = initialize(self.model, t, ds_config, total_steps * self.samples_per_step,
+                                 self.samples_per_step, info)
         torch.manual_seed(t.seed * 1000 + info.rank + 1)  # dropout differs per rank; weights were broadcast
         self.dtype = compute_dtype(self.engine)
         self.monitor = Monitor(tensorboard_dir(self.run_dir) if info.is_main else None)
         self.state = TrainState()
+        accumulation = f" x {self.grad_accum} accumulated" if self.grad_accum > 1 else ""
         log(info, f"run: {self.run_dir} | world {info.world_size} | expert parallel {self.ep_size} | "
                   f"{m.num_experts} experts, top-{m.top_k}, rank {m.expert_rank} | params "
-                  f"{self.params['total']:,} (experts {self.params['expert']:,}) | {self.steps_per_epoch} "
-                  f"steps/epoch x {t.epochs} epochs")
+                  f"{self.params['total']:,} (experts {self.params['expert']:,}) | micro batch {self.micro}"
+                  f"{accumulation}, {self.steps_per_epoch} optimizer steps/epoch x {t.epochs} epochs")
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save(self) -> str:
+        """A checkpoint of every rank's state; only ever called at an accumulation boundary."""
         tag = checkpoint.tag_for(self.state.global_step)
-        marker = {"step": self.state.global_step, "epoch": self.state.epoch, "epoch_step": self.state.epoch_step,
-                  "world_size": self.info.world_size, "ep_size": self.ep_size}
-        checkpoint.save(self.engine, self.ckpt_dir, tag, {"train_state": asdict(self.state)}, self.info.rank,
-                        lambda: distributed.barrier(self.info), marker)
+        marker = {"step": self.state.global_step, "epoch": self.state.epoch,
+                  "epoch_samples": self.state.epoch_samples, "world_size": self.info.world_size,
+                  "ep_size": self.ep_size, "micro_batch": self.micro, "grad_accum": self.grad_accum,
+                  "dtype": str(self.dtype).replace("torch.", "")}
+        checkpoint.save(self.engine, self.ckpt_dir, tag, {"train_state": asdict(self.state)}, self.info,
+                        self.ep_size, marker)
         if self.info.local_rank == 0:
             checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints, protect={self.state.best_tag})
         return tag
@@ -168,50 +191,65 @@ class Trainer:
         marker = checkpoint.read_marker(self.ckpt_dir, tag)
         same = marker["world_size"] == self.info.world_size and marker["ep_size"] == self.ep_size
         client = checkpoint.load(self.engine, self.ckpt_dir, tag, self.info.rank, weights_only=not same)
-        self.state = TrainState(**client["train_state"])
+        self.state = TrainState.from_client_state(client["train_state"], marker, self.micro)
         if same:
             log(self.info, f"resumed from {self.ckpt_dir}/{tag}: epoch {self.state.epoch}, step "
                            f"{self.state.global_step}")
             return
         # Experts are stored per global id, so the weights load under any expert-parallel size; ZeRO's
-        # optimizer shards are laid out for the old world and cannot be.
-        sched = self.engine.lr_scheduler
-        sched.last_epoch = self.state.global_step - 1
-        sched.step()
-        self.state.epoch_step = 0
+        # optimizer shards are laid out for the old world and cannot be. The schedule and the data order
+        # are positions in samples, so both continue where they were.
+        self.engine.lr_scheduler.continue_at(self.state.train_samples)
         log(self.info, f"resumed WEIGHTS ONLY from {self.ckpt_dir}/{tag}, saved with world size "
                        f"{marker['world_size']} / expert parallel {marker['ep_size']}, now {self.info.world_size} / "
-                       f"{self.ep_size}: the optimizer state was reset (the LR schedule continues at step "
-                       f"{self.state.global_step}), and epoch {self.state.epoch + 1} restarts from its first batch")
+                       f"{self.ep_size}: the optimizer state was reset; the LR schedule continues at sample "
+                       f"{self.state.train_samples:,} (step {self.state.global_step}) and epoch "
+                       f"{self.state.epoch + 1} at sample {self.state.epoch_samples:,} of its order")
 
-    # ---- one step ----------------------------------------------------------------------------------
+    # ---- one micro batch ---------------------------------------------------------------------------
     def _flags(self, loss) -> tuple[bool, bool]:
         """(some rank's loss is not finite, some rank was asked to stop), the same on every rank."""
-        flags = torch.tensor([float(not torch.isfinite(loss.detach()).item()), float(self.stop.requested)])
-        flags = distributed.all_reduce_sum(flags, self.info)
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                             torch.tensor(float(self.stop.requested), device=loss.device)])
+        flags = distributed.all_reduce_sum(flags, self.info).cpu()
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def _nonfinite(self, loss, batch) -> None:
         bad = [] if torch.isfinite(loss.detach()).item() else [i for i, v in zip(batch.ids, batch.valid) if v]
         ids = sum(distributed.all_gather(bad, self.info), [])
-        where = f"step {self.state.global_step + 1} (epoch {self.state.epoch + 1}, batch {self.state.epoch_step + 1})"
+        where = f"step {self.state.global_step + 1} (epoch {self.state.epoch + 1}, micro batch " \
+                f"{self.state.epoch_samples // self.samples_per_micro + 1})"
         if self.cfg.train.on_nonfinite == "stop":
             raise NonFiniteLoss(f"non-finite loss at {where}; the weights were not updated. Samples of the "
                                 f"batch: {ids[:20]}{' ...' if len(ids) > 20 else ''}. Use --on_nonfinite skip "
-                                f"to skip such steps instead")
+                                f"to skip such micro batches instead")
         self.state.skipped_nonfinite += 1
         log(self.info, f"warning: skipped a non-finite loss at {where}; samples {ids[:10]}")
 
-    def _log_step(self, loss, out, tick, window_samples, bar) -> None:
+    def _backward(self, loss, nonfinite: bool) -> None:
+        """Backward and step one micro batch. A skipped non-finite micro batch contributes no gradient: with
+        no accumulation its optimizer step is skipped whole; inside an accumulation window it backpropagates
+        an exact zero instead, so every rank still runs the window's gradient reductions and DeepSpeed's
+        window stays aligned with the epoch."""
+        if nonfinite and self.grad_accum == 1:
+            return
+        self.engine.backward(zero_loss(self.engine.module) if nonfinite else loss)
+        self.engine.step()
+
+    def _log_step(self, window_losses, count, out, steps, seconds, bar) -> None:
+        """TensorBoard scalars of this step (losses averaged over its micro batches and the ranks; routing
+        of its last micro batch) and throughput since the last log."""
         info, state = self.info, self.state
-        losses = distributed.all_reduce_sum(torch.stack(
-            [loss.total.detach(), loss.sentiment.detach(), loss.emotion.detach(), loss.aux.detach()]).float().cpu(),
-            info) / info.world_size
+        losses = (distributed.all_reduce_sum(window_losses, info) / (info.world_size * count)).cpu()
         aux, entropy, dropped, weights, load = _routing_summary(out, info)
         self.monitor.scalars({"loss/total": losses[0], "loss/sentiment": losses[1], "loss/emotion": losses[2],
                               "loss/aux": losses[3], "train/lr": self.engine.get_lr()[0],
-                              "train/samples_per_s": window_samples / (time.perf_counter() - tick),
+                              "train/samples": state.train_samples,
+                              "train/samples_per_s": self.samples_per_step * steps / max(seconds, 1e-9),
                               "train/epoch": state.epoch}, state.global_step)
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            self.monitor.scalars({"train/grad_norm": norm}, state.global_step)
         self.monitor.routing(out.layer_names, aux, load, entropy, dropped, state.global_step)
         self.monitor.fusion(self.model.modalities, weights, state.global_step)
         bar.set_postfix(loss=f"{losses[0]:.3f}", mae=f"{losses[1]:.3f}", bce=f"{losses[2]:.3f}")
@@ -220,52 +258,72 @@ class Trainer:
     def run(self) -> dict | None:
         """Train, validate and test; returns results.json's content on rank 0, None elsewhere or when a
         stop signal ended the run early (after saving a checkpoint)."""
+        try:
+            return self._run()
+        finally:
+            self.monitor.close()
+            distributed.shutdown(self.info)
+
+    def _run(self) -> dict | None:
         t, info = self.cfg.train, self.info
         if t.resume:
             self.resume()
         state = self.state
         fault_step = int(os.environ.get(FAULT_NAN_STEP, 0))
         fault_rank = int(os.environ.get("MMOLRE_FAULT_NAN_RANK", 0))
-        global_batch = self.micro * info.world_size
-        batches_here = 0
+        fault_stop = int(os.environ.get(FAULT_STOP_STEP, 0))
+        micro_batches_here, stop = 0, False
+        window_losses, window_count, step_seconds = None, 0, 0.0
+        log_seconds, log_steps = 0.0, 0
         done = bool(t.max_steps) and state.global_step >= t.max_steps
         while state.epoch < t.epochs and not done:
-            self.loader.sampler.start_at(state.epoch, state.epoch_step * self.micro)
+            sampler = self.loader.sampler
+            sampler.start_at(state.epoch, state.epoch_samples)
+            first = sampler.batches() - sampler.batches(state.epoch_samples)
             bar = tqdm(self.loader, desc=f"epoch {state.epoch + 1}/{t.epochs}", disable=not info.is_main,
-                       dynamic_ncols=True, leave=False, initial=state.epoch_step, total=self.steps_per_epoch)
-            tick, window_samples = time.perf_counter(), 0
+                       dynamic_ncols=True, leave=False, initial=first, total=sampler.batches())
             for batch in bar:
-                step_start = time.perf_counter()
+                start = time.perf_counter()
                 batch = to_device(batch, self.device, self.dtype)
                 out = self.engine(*inputs(batch))
                 loss = compute_loss(out, batch, t.aux_loss_weight, t.emotion_loss_weight, t.tasks)
-                batches_here += 1
-                if fault_step == batches_here and info.rank == fault_rank:
+                micro_batches_here += 1
+                if fault_step == micro_batches_here and info.rank == fault_rank:
                     loss.total = loss.total * float("nan")
-                nonfinite, stop = self._flags(loss.total)
+                if fault_stop and state.global_step + 1 >= fault_stop and info.is_main:
+                    self.stop.signal_name = self.stop.signal_name or FAULT_STOP_STEP
+                nonfinite, stop_now = self._flags(loss.total)
+                stop = stop or stop_now
                 if nonfinite:
                     self._nonfinite(loss.total, batch)
-                state.epoch_step += 1
+                boundary = self.engine.is_gradient_accumulation_boundary()   # asked before step() moves it
+                self._backward(loss.total, nonfinite)
+                state.epoch_samples += self.samples_per_micro
+                parts = torch.stack([loss.total, loss.sentiment, loss.emotion, loss.aux]).detach().float()
                 if not nonfinite:
-                    self.engine.backward(loss.total)
-                    self.engine.step()
+                    window_losses = parts if window_losses is None else window_losses + parts
+                    window_count += 1
+                step_seconds += time.perf_counter() - start
+                if not boundary:
+                    continue
+                if not (nonfinite and self.grad_accum == 1):   # an optimizer step was applied
                     state.global_step += 1
-                    state.train_samples += global_batch
-                    state.train_seconds += time.perf_counter() - step_start
-                    window_samples += global_batch
-                    if state.global_step % t.log_every == 0:
-                        self._log_step(loss, out, tick, window_samples, bar)
-                        tick, window_samples = time.perf_counter(), 0
+                    state.train_samples += self.samples_per_step
+                    state.train_seconds += step_seconds
+                    log_seconds, log_steps = log_seconds + step_seconds, log_steps + 1
+                    if state.global_step % t.log_every == 0 and window_count:
+                        self._log_step(window_losses, window_count, out, log_steps, log_seconds, bar)
+                        log_seconds, log_steps = 0.0, 0
                     done = bool(t.max_steps) and state.global_step >= t.max_steps
+                window_losses, window_count, step_seconds = None, 0, 0.0
                 if stop:
                     tag = self.save()
                     bar.close()
                     log(info, f"stop requested ({self.stop.signal_name or 'on another rank'}): saved "
                               f"{self.ckpt_dir}/{tag} at step {state.global_step}; continue with --resume")
-                    self.monitor.close()
                     return None
-                mid_epoch = state.epoch_step < self.steps_per_epoch
-                if t.save_every and state.global_step % t.save_every == 0 and mid_epoch and not done and not nonfinite:
+                mid_epoch = sampler.batches(state.epoch_samples) > 0
+                if t.save_every and state.global_step % t.save_every == 0 and mid_epoch and not done:
                     self.save()
                 if done:
                     break
@@ -276,7 +334,7 @@ class Trainer:
     def _end_epoch(self) -> None:
         info, state = self.info, self.state
         state.epoch += 1
-        state.epoch_step = 0
+        state.epoch_samples = 0
         valid = evaluate(self.engine, self.data, "valid", self.cfg, info, self.device, self.dtype)
         state.history.append({"epoch": state.epoch, "step": state.global_step, "valid_loss": valid.loss,
                               "valid": valid.metrics})
@@ -298,7 +356,6 @@ class Trainer:
         checkpoint.load(self.engine, self.ckpt_dir, state.best_tag, info.rank, weights_only=True)
         test = evaluate(self.engine, self.data, "test", self.cfg, info, self.device, self.dtype)
         self.monitor.scalars(flatten("test", test.metrics), state.global_step)
-        self.monitor.close()
         if not info.is_main:
             return None
         train_split = self.data.splits["train"].hf

@@ -1,9 +1,14 @@
 """Start `launch.py` through the real `deepspeed` launcher with CPU processes, for the end-to-end tests."""
+import glob
+import json
 import os
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
+import torch
 
 from mmolre.distributed import free_port
 
@@ -35,3 +40,39 @@ def start_deepspeed(tmp, *args, procs=2, log=None):
     out = open(log, "w") if log else subprocess.DEVNULL
     return subprocess.Popen(command(tmp, args, procs), cwd=ROOT, env=environment(tmp), stdout=out,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def results(run):
+    return json.loads((run / "results.json").read_text())
+
+
+def final_weights(run):
+    """The module weights of the newest complete checkpoint, dense and experts."""
+    tags = sorted(glob.glob(str(run / "checkpoints" / "step*" / "mmolre_complete.json")))
+    tag_dir = os.path.dirname(tags[-1])
+    state = dict(torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), weights_only=False)["module"])
+    for path in glob.glob(os.path.join(tag_dir, "layer_*_expert_*")):
+        state.update(torch.load(path, weights_only=False))
+    return os.path.basename(tag_dir), state
+
+
+def complete_tags(run):
+    return sorted(os.path.basename(os.path.dirname(p))
+                  for p in glob.glob(str(run / "checkpoints" / "step*" / "mmolre_complete.json")))
+
+
+def wait_for(predicate, proc, timeout=300):
+    start = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before the condition held")
+        if time.time() - start > timeout:
+            pytest.fail("timed out")
+        time.sleep(0.05)
+
+
+def rank_pid(launcher, rank):
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if f"--local_rank={rank}" in " ".join(child.cmdline()):
+            return child.pid
+    raise AssertionError(f"no process for rank {rank}")

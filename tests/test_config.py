@@ -58,6 +58,10 @@ def _ds(tmp_path, content):
      "unknown key 'zero_optimisation' \\(did you mean 'zero_optimization'\\?\\)"),
     ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "train_batch_size": 12},
      "train_batch_size 12 != micro batch 4 x accumulation 1 x world size 2 = 8"),
+    ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "compile": {"enabled": True}},
+     "remove the 'compile' section"),
+    ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 0},
+     "gradient_accumulation_steps must be an integer >= 1"),
 ])
 def test_deepspeed_config_problems_are_named(tmp_path, content, message):
     with pytest.raises(ConfigError, match=message):
@@ -70,6 +74,9 @@ def test_deepspeed_config_overrides(tmp_path):
     cfg.batch_size = 16
     ds = load_ds_config(cfg, world_size=4, on_gpu=False)
     assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["train_batch_size"] == 64
+    cfg.grad_accum, cfg.batch_size = 2, 8
+    ds = load_ds_config(cfg, world_size=4, on_gpu=False)   # micro 8 x 2 x 4 ranks: still 64
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 64
     point_tensorboard(ds, "/tmp/tb")
     assert ds["tensorboard"] == {"enabled": True, "output_path": "/tmp/tb", "job_name": "deepspeed"}
 

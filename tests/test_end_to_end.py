@@ -30,7 +30,7 @@ def test_results_json_has_every_documented_key(first_run):
     _, proc, run, _ = first_run
     r = json.loads((run / "results.json").read_text())
     assert r["synthetic"] is True and r["world_size"] == 2 and r["ep_size"] == 2
-    assert r["num_experts"] == 8 and r["top_k"] == 2 and r["best_epoch"] == 1
+    assert r["num_experts"] == 8 and r["top_k"] == 2
     for k in ("total", "expert", "active_per_utterance"):
         assert r["params"][k] > 0
     assert r["params"]["active_per_utterance"] < r["params"]["total"]
@@ -97,6 +97,10 @@ def test_resume_continues_from_the_checkpoint(first_run):
     assert [h["epoch"] for h in second["history"]] == [1, 2]
     assert second["history"][0] == first["history"][0]      # epoch 1 was not trained again
     assert second["global_step"] == 2 * first["global_step"]
+    # selection on validation: the best epoch is the one with the lowest validation loss (ties: the first)
+    losses = [h["valid_loss"] for h in second["history"]]
+    assert second["best_epoch"] == 1 + losses.index(min(losses))
+    assert second["best_checkpoint"] == f"step{second['history'][second['best_epoch'] - 1]['step']:08d}"
 
 
 def test_impossible_configuration_fails_at_once(tmp_path):

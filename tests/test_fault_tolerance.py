@@ -9,49 +9,13 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
 
-from tests.launcher import ROOT, environment, run_deepspeed, start_deepspeed
+from tests.launcher import (ROOT, complete_tags, environment, final_weights, rank_pid, results, run_deepspeed,
+                            start_deepspeed, wait_for)
 
 RUN = ["--epochs", "2", "--save_every", "4", "--keep_checkpoints", "3", "--dropout", "0.1"]
-
-
-def results(run):
-    return json.loads((run / "results.json").read_text())
-
-
-def final_weights(run):
-    """The module weights of the newest complete checkpoint, dense and experts."""
-    tags = sorted(glob.glob(str(run / "checkpoints" / "step*" / "mmolre_complete.json")))
-    tag_dir = os.path.dirname(tags[-1])
-    state = dict(torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), weights_only=False)["module"])
-    for path in glob.glob(os.path.join(tag_dir, "layer_*_expert_*")):
-        state.update(torch.load(path, weights_only=False))
-    return os.path.basename(tag_dir), state
-
-
-def complete_tags(run):
-    return sorted(os.path.basename(os.path.dirname(p))
-                  for p in glob.glob(str(run / "checkpoints" / "step*" / "mmolre_complete.json")))
-
-
-def wait_for(predicate, proc, timeout=300):
-    start = time.time()
-    while not predicate():
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended (exit {proc.returncode}) before the condition held")
-        if time.time() - start > timeout:
-            pytest.fail("timed out")
-        time.sleep(0.05)
-
-
-def rank_pid(launcher, rank):
-    for child in psutil.Process(launcher.pid).children(recursive=True):
-        if f"--local_rank={rank}" in " ".join(child.cmdline()):
-            return child.pid
-    raise AssertionError(f"no process for rank {rank}")
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +36,16 @@ def test_same_seed_gives_bit_identical_metrics(reference, tmp_path):
     assert r["seed"] == 1 and r["versions"]["deepspeed"] and r["versions"]["torch"] and "git_commit" in r
 
 
-def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(reference, tmp_path):
-    _, ref = reference
+def _kill_then_resume(tmp_path, ref, args):
+    """SIGKILL a run somewhere after its first checkpoint, resume it, and compare with `ref` bit for bit."""
     run = tmp_path / "runs" / "killed"
-    proc = start_deepspeed(tmp_path, "--run_name", "killed", *RUN, log=tmp_path / "killed.log")
+    proc = start_deepspeed(tmp_path, "--run_name", "killed", *args, log=tmp_path / "killed.log")
     wait_for(lambda: complete_tags(run), proc)
     time.sleep(random.uniform(0.0, 1.0))          # somewhere after the first checkpoint
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (run / "results.json").exists()
-    resumed = run_deepspeed(tmp_path, "--run_name", "killed", *RUN, "--resume")
+    resumed = run_deepspeed(tmp_path, "--run_name", "killed", *args, "--resume")
     assert "resumed from" in resumed.stdout
     assert results(run)["test"] == results(ref)["test"]
     assert results(run)["history"] == results(ref)["history"]
@@ -89,6 +53,35 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(reference,
     assert tag_a == tag_b and a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    return run
+
+
+def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(reference, tmp_path):
+    _kill_then_resume(tmp_path, reference[1], RUN)
+
+
+# micro batch 8 x 2 accumulated on 2 ranks: 10 optimizer steps per epoch, a checkpoint every 2 of them
+ACCUMULATING = ["--epochs", "2", "--save_every", "2", "--keep_checkpoints", "3", "--dropout", "0.1",
+                "--grad_accum", "2"]
+
+
+@pytest.fixture(scope="module")
+def reference_accumulating(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("accumulating")
+    run_deepspeed(tmp, "--run_name", "ref", *ACCUMULATING)
+    return tmp / "runs" / "ref"
+
+
+def test_sigkill_with_gradient_accumulation_then_resume_is_bit_identical(reference_accumulating, tmp_path):
+    """Checkpoints are taken at accumulation boundaries only, so a kill anywhere loses no partial window;
+    --max_steps, --save_every and the step count are optimizer steps, not micro batches."""
+    run = _kill_then_resume(tmp_path, reference_accumulating, ACCUMULATING)
+    r = results(run)
+    assert r["global_step"] == 2 * 10 and [h["step"] for h in r["history"]] == [10, 20]
+    for tag in complete_tags(run):
+        marker = json.loads((run / "checkpoints" / tag / "mmolre_complete.json").read_text())
+        assert marker["step"] % 2 == 0 and marker["grad_accum"] == 2
+        assert marker["epoch_samples"] % (8 * 2 * 2) == 0   # a whole number of windows
 
 
 def test_sigterm_on_one_rank_checkpoints_on_all_and_exits_zero(tmp_path):
@@ -162,7 +155,7 @@ def test_a_nan_loss_stops_the_run_naming_step_and_samples(tmp_path):
                          env={"MMOLRE_FAULT_NAN_STEP": "3", "MMOLRE_FAULT_NAN_RANK": "1"})
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "non-finite loss at step 3 (epoch 1, batch 3); the weights were not updated" in out
+    assert "non-finite loss at step 3 (epoch 1, micro batch 3); the weights were not updated" in out
     assert "synth" in out.split("Samples of the batch:")[1][:200]
 
 

@@ -1,6 +1,7 @@
 """Batches from the Arrow cache with the fixed shapes every rank of an MoE run needs.
 
-Training: a DistributedSampler with drop_last, so every rank runs the same number of full batches.
+Training: one permutation per epoch shared by all ranks, cut into equal full batches per rank (the
+remainder is dropped), so every rank runs the same number of MoE forwards with the same row count.
 Evaluation: each rank takes every world-th sample and the last batch is padded with masked dummy
 samples (index -1), so every rank runs the same number of MoE forwards with the same row count.
 """
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 DUMMY = -1
 
@@ -94,28 +95,47 @@ def _identity(batch):
     return batch
 
 
-class ResumableSampler(DistributedSampler):
-    """A DistributedSampler that can start an epoch part-way, so a resumed run sees exactly the batches
-    the interrupted one had not seen yet (the order depends only on seed and epoch)."""
+class ResumableSampler(Sampler):
+    """This rank's training samples for one epoch, resumable at any global position, under any world size.
 
-    skip = 0
+    Each epoch has one permutation of the split (seeded by seed + epoch, as DistributedSampler's), the same
+    for every world size. Rank r takes positions r, r + world, r + 2*world, ... so after k batches on every
+    rank the run has consumed exactly the first k * batch * world positions. `start_at(epoch, position)`
+    starts the epoch at such a position: a resumed run sees exactly the samples the interrupted one had not,
+    and a resume under another world size continues the same order from the same place. Each rank gets the
+    same number of full batches, a multiple of `multiple` (the gradient accumulation: an epoch ends on an
+    optimizer step); the remainder of the epoch is dropped.
+    """
 
-    def start_at(self, epoch: int, samples_done: int) -> None:
-        self.set_epoch(epoch)
-        self.skip = samples_done
+    def __init__(self, num_samples: int, world: int, rank: int, seed: int, batch_size: int, multiple: int = 1):
+        self.num_samples, self.world, self.rank, self.seed = num_samples, world, rank, seed
+        self.batch_size, self.multiple = batch_size, multiple
+        self.epoch, self.position = 0, 0
+
+    def batches(self, position: int = 0) -> int:
+        """Full batches per rank from `position` to the end of the epoch."""
+        per_rank = max(0, self.num_samples - position) // self.world
+        return per_rank // self.batch_size // self.multiple * self.multiple
+
+    def start_at(self, epoch: int, position: int = 0) -> None:
+        self.epoch, self.position = epoch, position
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=g)[self.position:]
+        return iter(order[self.rank::self.world][:len(self)].tolist())
 
     def __len__(self) -> int:
-        return self.num_samples - self.skip
+        return self.batches(self.position) * self.batch_size
 
 
-def train_loader(ds: SplitDataset, batch_size: int, rank: int, world: int, seed: int) -> DataLoader:
-    if len(ds) < batch_size * world:
-        raise ValueError(f"the train split has {len(ds)} samples, fewer than one batch of {batch_size} "
-                         f"on each of {world} ranks")
-    sampler = ResumableSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+def train_loader(ds: SplitDataset, batch_size: int, rank: int, world: int, seed: int,
+                 grad_accum: int = 1) -> DataLoader:
+    sampler = ResumableSampler(len(ds), world, rank, seed, batch_size, grad_accum)
+    if sampler.batches() == 0:
+        raise ValueError(f"the train split has {len(ds)} samples, fewer than {grad_accum} micro batch(es) of "
+                         f"{batch_size} on each of {world} ranks (one optimizer step)")
     # A generator of its own: a DataLoader otherwise draws from the global RNG each time an epoch's iterator
     # starts, which would shift dropout's random stream after a mid-epoch resume.
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=_identity,
