@@ -7,13 +7,13 @@ SHAPES = {"text": (6, 8), "audio": (5, 4)}
 BATCH = 8
 
 
-def setup(rank: int, world: int, port: int):
+def setup(rank: int, world: int, port: int, timeout_s: float | None = None):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu",
                       DEEPSPEED_TIMEOUT="2", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from mmolre import distributed
-    return distributed.init()
+    return distributed.init(timeout_s)
 
 
 def fixed_batch(seed: int = 0, n: int = BATCH):
@@ -53,9 +53,9 @@ def build(ep_size: int, ep_rank: int, seed: int = 5, **kw):
     return model
 
 
-def ds_config(stage: int):
-    cfg = {"train_micro_batch_size_per_gpu": BATCH // 2, "gradient_accumulation_steps": 1,
-           "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}}
+def ds_config(stage: int, micro: int = BATCH // 2, clipping: float = 0.0):
+    cfg = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
+           "gradient_clipping": clipping, "zero_optimization": {"stage": stage}}
     if stage:
         cfg["zero_optimization"].update(contiguous_gradients=True, reduce_scatter=True, overlap_comm=False)
     return cfg
@@ -157,3 +157,114 @@ def variant_training_worker(rank: int, world: int, port: int, out_path: str, mod
     """A few ZeRO-2 steps of an ablation or baseline with 2 processes (expert parallel where it has experts)."""
     info, _, record = _zero2_steps(rank, world, port, model_kw, steps=20, batches=2)
     _save_from_main(record, info, out_path)
+
+
+# ---- expert-data parallelism, ZeRO stages, clipping: every (world, ep) against one process ---------------
+CLIP = 0.05        # small enough that every step is clipped, so a wrong global norm changes the weights
+STEPS = 3
+WEIGHT_DECAY = 0.1
+
+
+def step_batch(step: int, rank: int = 0, world: int = 1):
+    """Step `step`'s global batch of BATCH samples, or rank `rank`'s equal slice of it."""
+    per_rank = BATCH // world
+    return slice_batch(fixed_batch(seed=step), rank * per_rank, (rank + 1) * per_rank)
+
+
+def global_parameters(model, ep_size: int, ep_rank: int) -> dict:
+    """{dense name or (layer, global expert id, param): value} of the parameters this rank holds."""
+    from deepspeed.moe.utils import is_moe_param
+    out = {n: p.detach().clone() for n, p in model.named_parameters() if not is_moe_param(p)}
+    for layer, block in model.moe_blocks():
+        local = block.num_local_shared
+        for i in range(local):
+            for name, value in block.shared_expert(i).items():
+                out[(layer, ep_rank * local + i, name)] = value.detach().clone()
+    return out
+
+
+def reference_training(world: int, weight_decay: float = WEIGHT_DECAY, grouped: bool = False) -> dict:
+    """One process, no DeepSpeed: each step averages the losses of the `world` slices (what data parallelism
+    computes), clips by torch's global norm and takes an AdamW step over the trainer's parameter groups."""
+    from mmolre.engine import optimizer_groups
+    from mmolre.losses import compute_loss
+    model = build(ep_size=1, ep_rank=0, grouped_experts=grouped)
+    opt = torch.optim.AdamW(optimizer_groups(model, weight_decay), lr=3e-3)
+    record = {"norms": []}
+    for step in range(STEPS):
+        parts = []
+        for r in range(world):
+            batch = step_batch(step, r, world)
+            out = model(batch.features, batch.masks)
+            loss = compute_loss(out, batch, aux_weight=0.5, emotion_weight=1.0)
+            parts.append(loss.total)
+            if step == 0:
+                record.setdefault("outputs", []).append(out.sentiment.detach())
+                record.setdefault("losses", []).append(loss.total.detach())
+        torch.stack(parts).mean().backward()
+        if step == 0:
+            record["experts"], record["dense"] = expert_grads(model, 1, 0), dense_grads(model)
+        record["norms"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        opt.step()
+        opt.zero_grad()
+    record["params"] = global_parameters(model, 1, 0)
+    return record
+
+
+def ep_training_worker(rank: int, world: int, port: int, out_path: str, ep_size: int):
+    """ZeRO 0, 1 and 2 in turn (a fresh model and engine each), ep_size experts per group, clipping on:
+    the first step's outputs, loss and gradients (ZeRO-0), every step's global norm, the final parameters;
+    and, in the first forward, DeepSpeed's own all-reduces and the rows each local expert computed."""
+    import deepspeed
+    import deepspeed.comm as ds_comm
+    from mmolre.engine import clip_by_the_model_norm, optimizer_groups
+    from mmolre.losses import compute_loss
+    info = setup(rank, world, port)
+    ep_rank = rank % ep_size
+    record = {}
+    for stage in (0, 1, 2):
+        model = build(ep_size=ep_size, ep_rank=ep_rank)
+        opt = torch.optim.AdamW(optimizer_groups(model, WEIGHT_DECAY), lr=3e-3)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
+                                               config=ds_config(stage, BATCH // world, CLIP))
+        engine = clip_by_the_model_norm(engine, info)   # what the trainer's engine.initialize does
+        norms = []
+        for step in range(STEPS):
+            batch = step_batch(step, rank, world)
+            if stage == 0 and step == 0:
+                received, calls = _count_expert_rows(model, ep_rank), []
+                original = ds_comm.all_reduce
+                ds_comm.all_reduce = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+                out = engine(batch.features, batch.masks)
+                ds_comm.all_reduce = original
+                record.update(deepspeed_all_reduces_in_forward=len(calls), received=dict(received),
+                              reported={layer: out.expert_load[i].sum(0) for i, layer in
+                                        enumerate(out.layer_names)})
+            else:
+                out = engine(batch.features, batch.masks)
+            loss = compute_loss(out, batch, aux_weight=0.5, emotion_weight=1.0)
+            engine.backward(loss.total)
+            if stage == 0 and step == 0:
+                record.update(output=out.sentiment.detach(), loss=loss.total.detach(),
+                              experts=expert_grads(model, ep_size, ep_rank), dense=dense_grads(model))
+            engine.step()
+            norms.append(engine.get_global_grad_norm())
+        record[f"zero{stage}"] = {"norms": [float(n) for n in norms],
+                                  "params": global_parameters(model, ep_size, ep_rank)}
+    _save_from_main(record, info, out_path)
+
+
+def _count_expert_rows(model, ep_rank: int) -> dict:
+    """Count, per (layer, global expert id), the real rows the stacked experts compute from now on."""
+    counts = {}
+    for layer, block in model.moe_blocks():
+        experts = block.shared_experts
+        original = experts.forward_rows
+
+        def counting(rows, local_ids, layer=layer, original=original, local=block.num_local_shared):
+            for i in local_ids[local_ids >= 0].tolist():
+                key = (layer, ep_rank * local + i)
+                counts[key] = counts.get(key, 0) + 1
+            return original(rows, local_ids)
+        experts.forward_rows = counting
+    return counts

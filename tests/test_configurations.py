@@ -1,0 +1,118 @@
+"""The configurations users run besides the default, through the real `deepspeed` launcher on CPU:
+bf16, gradient accumulation, a capacity limit, and a resume under another world size mid-training."""
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+
+from mmolre.export import export
+from mmolre.schedule import warmup_cosine_factor
+from tests.launcher import final_weights, results, run_deepspeed
+
+
+def scalars(run, tag) -> list[tuple[int, float]]:
+    """(step, value) of one TensorBoard scalar, in order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+# ---- bf16 -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bf16")
+    run_deepspeed(tmp, "--ds_config", "ds_configs/zero2_bf16.json", "--run_name", "bf16", "--epochs", "3")
+    return tmp / "runs" / "bf16"
+
+
+def test_bf16_with_two_processes_and_expert_parallelism_trains(bf16_run):
+    r = results(bf16_run)
+    assert r["world_size"] == 2 and r["ep_size"] == 2
+    assert json.loads((bf16_run / "config.json").read_text())["ds_config"]["bf16"]["enabled"] is True
+    losses = [v for _, v in scalars(bf16_run, "loss/total")]   # every 2nd of 60 steps, micro batch 8
+    quarter = len(losses) // 4
+    assert quarter >= 7
+    assert sum(losses[-quarter:]) < 0.9 * sum(losses[:quarter]), losses
+    assert r["test"]["sentiment"]["mae"] < r["baselines"]["mean_mae"]
+
+
+def test_export_of_a_bf16_run_takes_the_fp32_master_weights(bf16_run, tmp_path):
+    payload = export(str(bf16_run), str(tmp_path / "model.pt"), tag="latest")
+    tag, module = final_weights(bf16_run)
+    assert payload["checkpoint"] == tag
+    exported = payload["state_dict"]
+    assert module.keys() == exported.keys()
+    assert all(v.dtype == torch.bfloat16 for v in module.values())       # DeepSpeed's files: bf16 copies
+    finer = 0
+    for key, master in exported.items():
+        assert master.dtype == torch.float32
+        assert torch.equal(master.bfloat16(), module[key]), key           # the masters of those very weights
+        finer += int(not torch.equal(master.bfloat16().float(), master))  # ... with fp32 precision
+    assert finer > 0.9 * len(exported)
+
+
+# ---- gradient accumulation ------------------------------------------------------------------------------
+# No dropout and no aux loss: both are per micro batch, so only then is micro 16 x 2 the same computation as
+# micro 32 x 1 (the L1 and BCE means over equal micro batches average to the big batch's mean).
+SAME_MATH = ["--dropout", "0", "--aux_loss_weight", "0", "--epochs", "1", "--max_steps", "4", "--log_every", "1"]
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_micro_16_accumulated_twice_trains_like_micro_32(tmp_path, procs):
+    run_deepspeed(tmp_path, "--run_name", "acc", "--batch_size", "16", "--grad_accum", "2", *SAME_MATH,
+                  procs=procs)
+    run_deepspeed(tmp_path, "--run_name", "big", "--batch_size", "32", "--grad_accum", "1", *SAME_MATH,
+                  procs=procs)
+    acc, big = tmp_path / "runs" / "acc", tmp_path / "runs" / "big"
+    assert results(acc)["global_step"] == results(big)["global_step"] == 4    # optimizer steps, not micro
+    lr_acc, lr_big = scalars(acc, "train/lr"), scalars(big, "train/lr")
+    assert [s for s, _ in lr_acc] == [1, 2, 3, 4] and lr_acc == pytest.approx(lr_big, rel=1e-6)
+    (tag_a, a), (tag_b, b) = final_weights(acc), final_weights(big)
+    assert tag_a == tag_b == "step00000004"
+    for key in a:   # Adam turns rounding differences in tiny gradients into ~1e-6 (the LR is 2e-3)
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+# ---- capacity -------------------------------------------------------------------------------------------
+def test_with_a_training_capacity_evaluation_predictions_do_not_depend_on_the_world_size(tmp_path):
+    run_deepspeed(tmp_path, "--run_name", "cap", "--capacity_factor", "0.5", "--epochs", "1")
+    two = tmp_path / "runs" / "cap"
+    dropped = {task: [v for _, v in scalars(two, f"moe/text.0/{task}/dropped_fraction")]
+               for task in ("sentiment", "emotion")}
+    assert all(min(v) > 0 for v in dropped.values()), dropped        # the training capacity did drop rows
+    one = tmp_path / "runs" / "cap1"
+    shutil.copytree(two, one)
+    (one / "results.json").unlink()
+    run_deepspeed(tmp_path, "--run_name", "cap1", "--capacity_factor", "0.5", "--epochs", "1", "--resume", procs=1)
+
+    def predictions(run):
+        with open(run / "predictions_test.csv") as f:
+            return {row["id"]: row for row in csv.DictReader(f)}
+    a, b = predictions(two), predictions(one)
+    assert a.keys() == b.keys() and results(one)["world_size"] == 1
+    for sid in a:
+        for col in ("sentiment_pred", "happy_prob", "fear_prob"):
+            assert float(b[sid][col]) == pytest.approx(float(a[sid][col]), abs=1e-5), (sid, col)
+
+
+# ---- a resume under another world size, with training left --------------------------------------------
+def test_the_lr_schedule_continues_in_samples_after_a_resume_under_another_world_size(tmp_path):
+    """2 processes (16 samples a step) stop at step 12 of 40; 1 process (8 a step) resumes. Every logged
+    LR, before and after, lies on the one curve of the samples trained (640 in all, warm-up 32)."""
+    args = ["--run_name", "elastic", "--epochs", "2", "--log_every", "1"]
+    stopped = run_deepspeed(tmp_path, *args, env={"MMOLRE_FAULT_STOP_STEP": "12"})
+    assert "stop requested" in stopped.stdout
+    resumed = run_deepspeed(tmp_path, *args, "--resume", procs=1)
+    assert "the LR schedule continues at sample 192" in resumed.stdout
+    run = tmp_path / "runs" / "elastic"
+    samples, lrs = dict(scalars(run, "train/samples")), scalars(run, "train/lr")
+    assert max(samples.values()) == 640 and results(run)["global_step"] == 12 + (640 - 192) // 8
+    for step, lr in lrs:
+        per_step = 16 if step <= 12 else 8
+        expected = 2e-3 * warmup_cosine_factor(samples[step], per_step, 640, 32)
+        assert lr == pytest.approx(expected, rel=1e-5), (step, samples[step])
+    before, after = dict(lrs)[12], dict(lrs)[13]
+    assert after == pytest.approx(before, rel=0.05)   # no jump back up the curve
