@@ -113,22 +113,47 @@ def test_a_tight_capacity_drops_both_tasks_alike(k):
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_loads_and_aux_loss_count_only_the_routes_dispatched(k):
+def test_loads_count_dispatched_routes_and_the_aux_loss_the_assigned_ones(k):
     torch.manual_seed(4)
     gate, (rows, routing) = _tight(k, rows=64)
     aux, capacity, _, indices, _, _, load = gate(rows, routing, True)
     logits = gate.route_logits(rows, routing)
     assert (indices < 0).any()                        # the capacity dropped some routes
     for task in (0, 1):
-        routes = indices[:, routing.task_ids == task].t().long()      # [rows of the task, k]
+        mine = routing.task_ids == task
+        routes = indices[:, mine].t().long()          # [rows of the task, k]
         kept = routes >= 0
-        expected = torch.bincount(routes[kept], minlength=N).float()
-        assert torch.equal(load[task], expected)
+        assert torch.equal(load[task], torch.bincount(routes[kept], minlength=N).float())
         assert (load[task] <= int(capacity)).all()
         assert gate.last_stats["dropped_fraction"][task].item() == pytest.approx(1 - kept.float().mean().item())
-        probs = torch.softmax(logits[routing.task_ids == task], 1)
-        f = torch.zeros(kept.shape[0], N).scatter_add_(1, routes.clamp_min(0), kept.float()).mean(0)
+        # the aux loss: the router's top-k assignment before the capacity limit (what was dispatched of it
+        # is exactly that assignment)
+        probs = torch.softmax(logits[mine], 1)
+        assigned = probs.topk(k, dim=1).indices
+        assert torch.equal(torch.where(kept, routes, assigned), assigned)
+        f = torch.zeros(len(assigned), N).scatter_add_(1, assigned, torch.ones(assigned.shape)).mean(0)
         assert aux[task].item() == pytest.approx((f * probs.mean(0)).sum().item() * N / k, rel=1e-6)
+
+
+def test_the_loads_are_the_rows_the_experts_computed_under_a_capacity():
+    """Counted inside the stacked experts: the gate's per-task loads, summed over tasks, are the rows each
+    expert computed, also when the capacity limit drops some."""
+    from mmolre.model.unitse import UniTSEBlock
+    torch.manual_seed(5)
+    block = UniTSEBlock(d_model=D, seq_len=T, num_experts=N, top_k=2, expert_rank=3, task_rank=3, num_tasks=2,
+                        ep_size=1, dropout=0.0, capacity_factor=0.5, router_noise=False)
+    experts = block.shared_experts
+    computed = torch.zeros(N)
+    original = experts.forward_rows
+
+    def counting(rows, local_ids):
+        computed.add_(torch.bincount(local_ids[local_ids >= 0], minlength=N).float())
+        return original(rows, local_ids)
+    experts.forward_rows = counting
+    rows, routing = _rows(40)
+    _, _, load = block.moe(rows, routing)
+    assert block.moe.deepspeed_moe.gate.last_stats["dropped_fraction"].min() > 0
+    assert torch.equal(load.sum(0), computed)
 
 
 def test_evaluation_has_its_own_capacity_and_drops_nothing_by_default():

@@ -7,8 +7,8 @@ utterances (width T*d) of two tasks, so the gate instead:
   3. hands the logits to DeepSpeed's own `top1gating`/`top2gating`/`topkgating`, which keep the
      capacity and dispatch logic exactly as DeepSpeed ships it,
   4. computes one load-balancing loss per task over that task's rows (N/k * sum_e f_e * P_e, which is
-     1.0 at perfect balance) and per-task expert loads, dropped fractions and router entropies, all
-     counted over the routes DeepSpeed actually dispatched.
+     1.0 at perfect balance) over the routes the gate assigned, and per-task expert loads and dropped
+     fractions over the routes DeepSpeed actually dispatched, and router entropies.
 
 The task of each row (and the time mask) reaches the gate through `MoE.forward`'s second argument,
 `used_token`, which DeepSpeed passes to its gate untouched. The per-task aux losses replace DeepSpeed's
@@ -57,9 +57,9 @@ def masked_time_mean(seqs: torch.Tensor, time_mask: torch.Tensor) -> torch.Tenso
 def load_balancing_loss(probs: torch.Tensor, routes: torch.Tensor, k: int) -> torch.Tensor:
     """GShard/Switch balance loss over one task's rows: N/k * sum_e f_e * P_e.
 
-    routes [S, k]: the expert of each route that was dispatched, -1 where the capacity limit dropped it.
-    f_e is the fraction of routes dispatched to expert e (k per row when nothing is dropped), P_e the mean
-    router probability. At perfect balance f_e = k/N and P_e = 1/N, so the loss is 1.0 for every k.
+    routes [S, k]: the expert each route of a row was assigned (-1 entries count for no expert). f_e is the
+    fraction of routes assigned to expert e (k per row), P_e the mean router probability. At perfect
+    balance f_e = k/N and P_e = 1/N, so the loss is 1.0 for every k.
     """
     num_experts = probs.shape[1]
     if probs.shape[0] == 0:
@@ -75,10 +75,12 @@ class TaskRoutedGate(TopKGate):
     """A `TopKGate` whose logits come from one router per task on the utterance summary.
 
     Capacity: `capacity_factor` in training, `eval_capacity_factor` in evaluation; 0 means no row is
-    dropped. When rows are dropped, DeepSpeed's top-1/top-2 gating hands out an expert's slots in row order,
-    and our rows are stacked task-major, so the emotion task would lose its rows first: the gate gives the
-    rows a random priority instead (a fresh order per training step, a fixed one in evaluation so the same
-    batch always gets the same predictions).
+    dropped. Our rows are stacked task-major, and DeepSpeed decides which rows keep an over-subscribed
+    expert's slots by their order: top-2 fills slots in row order (the emotion task lost its rows first),
+    top-1 by an unspecified tie order of `torch.topk` over the rows (not random: it favoured one task too).
+    So when rows can be dropped the gate hands DeepSpeed its rows in a random order (a fresh order per
+    training step, a fixed one in evaluation so the same batch always gets the same predictions). Top-k
+    for k >= 3 keeps the highest-probability rows; there the order only breaks ties.
     """
 
     def __init__(self, d_model: int, seq_len: int, num_experts: int, num_tasks: int, k: int,
@@ -140,19 +142,26 @@ class TaskRoutedGate(TopKGate):
         return task_aux, capacity, num_experts, indices, locations, gates, task_counts
 
     def _per_task_balance(self, logits: torch.Tensor, task_ids: torch.Tensor, indices: torch.Tensor):
-        """Per task, over the routes DeepSpeed actually dispatched (indices [k, S], -1 = dropped for
-        capacity): the aux loss, the rows each expert received, the fraction of routes dropped, the router
-        entropy."""
+        """Per task: the aux loss, the rows each expert received, the fraction of routes dropped, the router
+        entropy.
+
+        Loads and dropped fractions count the routes DeepSpeed dispatched (indices [k, S], -1 where the
+        capacity limit dropped a route). The aux loss counts the routes the gate assigned before any
+        capacity limit, as DeepSpeed's, GShard's and Switch's do: counting only dispatched routes would cap
+        an over-subscribed expert's f_e at its capacity, so the pressure to move rows away from it would
+        stop growing exactly where it is needed. A dropped route's assignment is its slot's choice among
+        the router's probabilities (slot j holds the j-th choice, as in DeepSpeed's gating)."""
         probs = F.softmax(logits, dim=1)
-        routes = indices.t()                                       # [S, k]
+        dispatched = indices.t().long()                                              # [S, k]
+        assigned = torch.where(dispatched >= 0, dispatched, probs.topk(self.k, dim=1).indices)
         aux, counts, entropy, dropped = [], [], [], []
         for task in range(self.num_tasks):
             rows = task_ids == task
-            task_routes = routes[rows]
-            aux.append(load_balancing_loss(probs[rows], task_routes, self.k))
+            aux.append(load_balancing_loss(probs[rows], assigned[rows], self.k))
+            task_routes = dispatched[rows]
             kept = task_routes >= 0
             counts.append(torch.zeros_like(probs[0]).index_add_(
-                0, task_routes[kept].long(), torch.ones(int(kept.sum()), dtype=probs.dtype, device=probs.device)))
+                0, task_routes[kept], torch.ones(int(kept.sum()), dtype=probs.dtype, device=probs.device)))
             dropped.append((~kept).float().mean() if kept.numel() else probs.new_zeros(()))
             p = probs[rows].detach()
             entropy.append(-(p * p.clamp_min(1e-12).log()).sum(1).mean() if len(p) else p.new_zeros(()))
