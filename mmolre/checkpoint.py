@@ -13,6 +13,7 @@ masters. DeepSpeed's model files hold the module copies, so each save also write
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -27,6 +28,11 @@ from . import distributed
 
 MARKER = "mmolre_complete.json"
 MASTERS_PREFIX = "fp32_masters_rank"
+FORMAT = 2   # in the marker; checkpoints without it (earlier versions) resume weights only
+# Expert parameter names: the stacked experts' ("...experts.down_weight", [local experts, ...]) and
+# DeepSpeed's per-expert form ("...experts.deepspeed_experts.<id>.down.weight"), which checkpoints use.
+_STACKED = re.compile(r"^(.*\.deepspeed_moe\.experts\.)(down|up)_(weight|bias)$")
+_PER_EXPERT = re.compile(r"^(.*\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..*)$")
 TAG_RE = re.compile(r"^step(\d{8})$")
 
 
@@ -87,6 +93,9 @@ def save(engine, ckpt_dir: str, tag: str, client_state: dict, info, ep_size: int
     rank = info.rank
     if rank == 0 and is_complete(ckpt_dir, tag):
         os.remove(os.path.join(ckpt_dir, tag, MARKER))
+    if rank == 0:   # a tag saved again (under another expert-parallel size, say) must not keep old masters
+        for stale in glob.glob(os.path.join(ckpt_dir, tag, f"{MASTERS_PREFIX}*.pt")):
+            os.remove(stale)
     distributed.barrier(info)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
     torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
@@ -120,6 +129,69 @@ def fp32_masters(engine, rank: int) -> dict[str, torch.Tensor] | None:
         master = safe_get_full_fp32_param(param)
         if is_moe_param(param) or rank == 0:
             out[name] = master.detach().float().cpu()
+    return out
+
+
+def read_fp32_masters(tag_dir: str, ep_size: int, num_experts: int) -> dict[str, torch.Tensor] | None:
+    """A checkpoint's fp32 masters as one state dict in DeepSpeed's per-expert form with GLOBAL expert ids
+    (the keys of a model at expert parallelism 1); None where the checkpoint has none."""
+    paths = [os.path.join(tag_dir, f"{MASTERS_PREFIX}{r}.pt") for r in range(ep_size)]
+    present = [os.path.isfile(p) for p in paths]
+    if not any(present):
+        return None
+    if not all(present):
+        raise FileNotFoundError(f"{tag_dir}: fp32 master files of expert-parallel ranks "
+                                f"{[r for r, ok in enumerate(present) if not ok]} are missing")
+    per_rank = num_experts // ep_size
+    out = {}
+    for ep_rank, path in enumerate(paths):
+        for name, value in torch.load(path, map_location="cpu", weights_only=True).items():
+            stacked, single = _STACKED.match(name), _PER_EXPERT.match(name)
+            if stacked:
+                prefix, kind, what = stacked.groups()
+                for i in range(value.shape[0]):
+                    out[f"{prefix}deepspeed_experts.{ep_rank * per_rank + i}.{kind}.{what}"] = value[i]
+            elif single:
+                prefix, local, rest = single.groups()
+                out[f"{prefix}{ep_rank * per_rank + int(local)}{rest}"] = value
+            else:
+                out[name] = value
+    return out
+
+
+def restore_fp32_masters(engine, ckpt_dir: str, tag: str, marker: dict, ep_size: int, ep_rank: int) -> bool:
+    """After a weights-only load (another topology), put the checkpoint's fp32 masters back into the
+    optimizer: DeepSpeed rebuilds them from the low-precision module weights, which would round every
+    master to bf16. Each rank sets its own ZeRO partitions (no collective). False where there is nothing to
+    restore (an fp32 run, or a checkpoint without masters)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        return False
+    masters = read_fp32_masters(os.path.join(ckpt_dir, tag), marker["ep_size"], engine.module.cfg.num_experts)
+    if masters is None:
+        return False
+    params = dict(engine.module.named_parameters())
+    for name, value in masters_of(engine.module, masters, ep_size, ep_rank).items():
+        safe_set_full_fp32_param(params[name], value)
+    return True
+
+
+def masters_of(model, masters: dict[str, torch.Tensor], ep_size: int, ep_rank: int) -> dict[str, torch.Tensor]:
+    """{parameter name of this rank's model: value} from a per-expert state dict with global expert ids."""
+    per_rank = model.cfg.num_experts // ep_size
+    out = {}
+    for name, param in model.named_parameters():
+        stacked, single = _STACKED.match(name), _PER_EXPERT.match(name)
+        if stacked:
+            prefix, kind, what = stacked.groups()
+            out[name] = torch.stack([masters[f"{prefix}deepspeed_experts.{ep_rank * per_rank + i}.{kind}.{what}"]
+                                     for i in range(param.shape[0])])
+        elif single:
+            prefix, local, rest = single.groups()
+            out[name] = masters[f"{prefix}{ep_rank * per_rank + int(local)}{rest}"]
+        else:
+            out[name] = masters[name]
+        out[name] = out[name].to(param.device)
     return out
 
 

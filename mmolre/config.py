@@ -110,7 +110,8 @@ class TrainConfig:
                          "--output_dir)", default=False)
     epochs: int = _help("training epochs", default=5)
     max_steps: int = _help("stop after this many optimizer steps in total (0: no limit); a step is one "
-                           "accumulation window", default=0)
+                           "accumulation window; a resume under another world size trains the same samples",
+                           default=0)
     batch_size: int = _help("micro batch per rank (0: train_micro_batch_size_per_gpu of --ds_config)",
                             default=0)
     grad_accum: int = _help("micro batches accumulated per optimizer step (0: gradient_accumulation_steps of "

@@ -60,6 +60,12 @@ def load_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
     if stage not in (0, 1, 2):
         raise ConfigError(f"--ds_config {cfg.ds_config}: ZeRO stage {stage}; DeepSpeed's MoE layers support "
                           f"stages 0, 1 and 2 only")
+    low_precision = [k for k in ("bf16", "fp16") if ds.get(k, {}).get("enabled")]
+    if low_precision and stage == 0:
+        raise ConfigError(f"--ds_config {cfg.ds_config}: {low_precision[0]} with ZeRO stage 0 is not supported with "
+                          f"MoE layers: DeepSpeed's stage-0 {low_precision[0]} optimizer leaves the experts out of "
+                          f"the gradient-clipping norm and keeps no fp32 masters a checkpoint can save; use ZeRO "
+                          f"stage 1 or 2 (ds_configs/zero2_bf16.json)")
     if not on_gpu and ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"--ds_config {cfg.ds_config}: fp16 is GPU-only here; use zero2.json (fp32) on CPU")
     if "gradient_clipping" not in ds:
@@ -109,20 +115,25 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, total_samples: int,
+def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, samples_per_epoch: int,
                samples_per_step: int, info: distributed.DistInfo):
-    """The DeepSpeed engine with AdamW over MoE-aware groups and the sample-based warm-up/cosine schedule."""
+    """The DeepSpeed engine with AdamW over MoE-aware groups and the sample-based warm-up/cosine schedule
+    (planned for --epochs epochs of samples_per_epoch, or --max_steps steps of samples_per_step if fewer)."""
     import deepspeed
+    max_samples = cfg.max_steps * samples_per_step
+    total = min(cfg.epochs * samples_per_epoch, max_samples or 10**18)
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: WarmupCosineBySamples(opt, total_samples, cfg.warmup_ratio, samples_per_step))
+        lr_scheduler=lambda opt: WarmupCosineBySamples(opt, total, cfg.warmup_ratio, samples_per_step,
+                                                       max_samples, plan_key=(cfg.epochs, cfg.max_steps)))
     return clip_by_the_model_norm(engine, info)
 
 
 def clip_by_the_model_norm(engine, info: distributed.DistInfo):
     """Make a ZeRO-0 fp32 engine clip by the norm of the whole model (see `clip_by_global_norm`). ZeRO 1/2
-    and DeepSpeed's bf16 optimizer already reduce the experts' norms over the expert-parallel group."""
+    (fp32 and bf16) already sum every partition's squared norm over the whole data-parallel group, which
+    counts each expert once (tested); low precision with ZeRO-0 is refused by `load_ds_config`."""
     if engine.gradient_clipping() > 0 and not (engine.zero_optimization() or engine.bfloat16_enabled()
                                                or engine.fp16_enabled()):
         engine.clip_fp32_gradients = types.MethodType(

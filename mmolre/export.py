@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import warnings
 
 import torch
@@ -76,30 +75,12 @@ def export(run_dir: str, out_path: str, tag: str = "best") -> dict:
 
 
 def _load_fp32_masters(model: MMoLRE, tag_dir: str, marker: dict) -> bool:
-    """Overwrite the model's weights with the fp32 masters saved beside a low-precision checkpoint, mapping
-    each expert-parallel rank's local experts to their global ids. False where the checkpoint has none."""
-    files = glob.glob(os.path.join(tag_dir, f"{checkpoint.MASTERS_PREFIX}*.pt"))
-    if not files:
+    """Overwrite the model's weights with the fp32 masters saved beside a low-precision checkpoint (every
+    parameter, each expert under its global id). False where the checkpoint has none."""
+    masters = checkpoint.read_fp32_masters(tag_dir, marker["ep_size"], model.cfg.num_experts)
+    if masters is None:
         return False
-    params = dict(model.named_parameters())
-    per_rank = model.cfg.num_experts // marker["ep_size"]
-    filled = set()
-    for path in files:
-        ep_rank = int(re.search(r"rank(\d+)\.pt$", path).group(1))
-        for name, value in torch.load(path, map_location="cpu", weights_only=True).items():
-            stock = re.match(r"(.*\.deepspeed_experts\.)(\d+)(\..*)$", name)
-            if stock:   # DeepSpeed's per-expert modules: local id -> global id
-                name = f"{stock.group(1)}{ep_rank * per_rank + int(stock.group(2))}{stock.group(3)}"
-                params[name].data.copy_(value)
-            elif ".deepspeed_moe.experts." in name:   # stacked experts [local experts, ...]
-                params[name].data[ep_rank * per_rank:(ep_rank + 1) * per_rank] = value
-            else:
-                params[name].data.copy_(value)
-            filled.add(name)
-    if filled != set(params):
-        missing = sorted(set(params) - filled)
-        raise FileNotFoundError(f"{tag_dir}: the fp32 master files lack {len(missing)} parameter(s), e.g. "
-                                f"{missing[:3]}; was the checkpoint written by every expert-parallel rank?")
+    model.load_state_dict(masters, strict=True)
     return True
 
 

@@ -58,6 +58,7 @@ class TrainState:
     best_epoch: int = 0
     best_valid_loss: float = float("inf")
     history: list = field(default_factory=list)
+    schedule: dict = field(default_factory=dict)   # the LR schedule's state, for a resume without the engine's
 
     @classmethod
     def from_client_state(cls, saved: dict, marker: dict, micro_batch: int) -> "TrainState":
@@ -157,8 +158,7 @@ class Trainer:
         self.samples_per_micro = self.micro * info.world_size          # one micro batch on every rank
         self.samples_per_step = self.samples_per_micro * self.grad_accum  # one optimizer step
         self.steps_per_epoch = self.loader.sampler.batches() // self.grad_accum
-        total_steps = min(self.steps_per_epoch * t.epochs, t.max_steps or 10**12)
-        self.engine = initialize(self.model, t, ds_config, total_steps * self.samples_per_step,
+        self.engine = initialize(self.model, t, ds_config, self.steps_per_epoch * self.samples_per_step,
                                  self.samples_per_step, info)
         torch.manual_seed(t.seed * 1000 + info.rank + 1)  # dropout differs per rank; weights were broadcast
         self.dtype = compute_dtype(self.engine)
@@ -174,7 +174,8 @@ class Trainer:
     def save(self) -> str:
         """A checkpoint of every rank's state; only ever called at an accumulation boundary."""
         tag = checkpoint.tag_for(self.state.global_step)
-        marker = {"step": self.state.global_step, "epoch": self.state.epoch,
+        self.state.schedule = self.engine.lr_scheduler.state_dict()
+        marker = {"format": checkpoint.FORMAT, "step": self.state.global_step, "epoch": self.state.epoch,
                   "epoch_samples": self.state.epoch_samples, "world_size": self.info.world_size,
                   "ep_size": self.ep_size, "micro_batch": self.micro, "grad_accum": self.grad_accum,
                   "dtype": str(self.dtype).replace("torch.", "")}
@@ -189,7 +190,8 @@ class Trainer:
         if tag is None:
             raise ConfigError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
         marker = checkpoint.read_marker(self.ckpt_dir, tag)
-        same = marker["world_size"] == self.info.world_size and marker["ep_size"] == self.ep_size
+        current = marker.get("format") == checkpoint.FORMAT
+        same = current and marker["world_size"] == self.info.world_size and marker["ep_size"] == self.ep_size
         client = checkpoint.load(self.engine, self.ckpt_dir, tag, self.info.rank, weights_only=not same)
         self.state = TrainState.from_client_state(client["train_state"], marker, self.micro)
         if same:
@@ -199,12 +201,21 @@ class Trainer:
         # Experts are stored per global id, so the weights load under any expert-parallel size; ZeRO's
         # optimizer shards are laid out for the old world and cannot be. The schedule and the data order
         # are positions in samples, so both continue where they were.
-        self.engine.lr_scheduler.continue_at(self.state.train_samples)
-        log(self.info, f"resumed WEIGHTS ONLY from {self.ckpt_dir}/{tag}, saved with world size "
-                       f"{marker['world_size']} / expert parallel {marker['ep_size']}, now {self.info.world_size} / "
-                       f"{self.ep_size}: the optimizer state was reset; the LR schedule continues at sample "
-                       f"{self.state.train_samples:,} (step {self.state.global_step}) and epoch "
-                       f"{self.state.epoch + 1} at sample {self.state.epoch_samples:,} of its order")
+        masters = checkpoint.restore_fp32_masters(self.engine, self.ckpt_dir, tag, marker, self.ep_size,
+                                                  distributed.expert_parallel_rank(self.info.rank, self.ep_size))
+        self.engine.lr_scheduler.load_state_dict(self.state.schedule or {   # earlier versions saved no plan
+            "samples": self.state.train_samples, "last_epoch": self.state.global_step, "plan_key": None})
+        why = (f"saved with world size {marker['world_size']} / expert parallel {marker['ep_size']}, now "
+               f"{self.info.world_size} / {self.ep_size}" if current else "written by an earlier version")
+        log(self.info, f"resumed WEIGHTS ONLY from {self.ckpt_dir}/{tag}, {why}: the optimizer state was reset"
+                       + ("; the fp32 master weights were restored" if masters else "")
+                       + f"; the LR schedule continues at sample {self.engine.lr_scheduler.samples:,} (step "
+                       f"{self.state.global_step}) and epoch {self.state.epoch + 1} at sample "
+                       f"{self.state.epoch_samples:,} of its order")
+
+    def _done(self) -> bool:
+        """--max_steps reached: its sample budget (the same steps under the first start's batch size)."""
+        return bool(self.cfg.train.max_steps) and self.state.train_samples >= self.engine.lr_scheduler.max_samples
 
     # ---- one micro batch ---------------------------------------------------------------------------
     def _flags(self, loss) -> tuple[bool, bool]:
@@ -236,14 +247,14 @@ class Trainer:
         self.engine.backward(zero_loss(self.engine.module) if nonfinite else loss)
         self.engine.step()
 
-    def _log_step(self, window_losses, count, out, steps, seconds, bar) -> None:
+    def _log_step(self, window_losses, count, out, lr, steps, seconds, bar) -> None:
         """TensorBoard scalars of this step (losses averaged over its micro batches and the ranks; routing
         of its last micro batch) and throughput since the last log."""
         info, state = self.info, self.state
         losses = (distributed.all_reduce_sum(window_losses, info) / (info.world_size * count)).cpu()
         aux, entropy, dropped, weights, load = _routing_summary(out, info)
         self.monitor.scalars({"loss/total": losses[0], "loss/sentiment": losses[1], "loss/emotion": losses[2],
-                              "loss/aux": losses[3], "train/lr": self.engine.get_lr()[0],
+                              "loss/aux": losses[3], "train/lr": lr,
                               "train/samples": state.train_samples,
                               "train/samples_per_s": self.samples_per_step * steps / max(seconds, 1e-9),
                               "train/epoch": state.epoch}, state.global_step)
@@ -259,10 +270,13 @@ class Trainer:
         """Train, validate and test; returns results.json's content on rank 0, None elsewhere or when a
         stop signal ended the run early (after saving a checkpoint)."""
         try:
-            return self._run()
+            result = self._run()
         finally:
             self.monitor.close()
-            distributed.shutdown(self.info)
+        # Only after a run that ended well: a rank that raised alone must exit at once (the launcher then
+        # ends the others), not wait in a barrier its peers never reach.
+        distributed.shutdown(self.info)
+        return result
 
     def _run(self) -> dict | None:
         t, info = self.cfg.train, self.info
@@ -275,7 +289,7 @@ class Trainer:
         micro_batches_here, stop = 0, False
         window_losses, window_count, step_seconds = None, 0, 0.0
         log_seconds, log_steps = 0.0, 0
-        done = bool(t.max_steps) and state.global_step >= t.max_steps
+        done = self._done()
         while state.epoch < t.epochs and not done:
             sampler = self.loader.sampler
             sampler.start_at(state.epoch, state.epoch_samples)
@@ -297,6 +311,7 @@ class Trainer:
                 if nonfinite:
                     self._nonfinite(loss.total, batch)
                 boundary = self.engine.is_gradient_accumulation_boundary()   # asked before step() moves it
+                lr = self.engine.get_lr()[0]   # the LR this step applies (the scheduler moves on in step())
                 self._backward(loss.total, nonfinite)
                 state.epoch_samples += self.samples_per_micro
                 parts = torch.stack([loss.total, loss.sentiment, loss.emotion, loss.aux]).detach().float()
@@ -306,15 +321,20 @@ class Trainer:
                 step_seconds += time.perf_counter() - start
                 if not boundary:
                     continue
-                if not (nonfinite and self.grad_accum == 1):   # an optimizer step was applied
+                stepped = not (nonfinite and self.grad_accum == 1)
+                if stepped and not self.engine.was_step_applied():   # fp16 overflow: DeepSpeed skipped it
+                    stepped = False
+                    log(info, f"warning: DeepSpeed skipped optimizer step {state.global_step + 1} (gradient "
+                              f"overflow)")
+                if stepped:
                     state.global_step += 1
                     state.train_samples += self.samples_per_step
                     state.train_seconds += step_seconds
                     log_seconds, log_steps = log_seconds + step_seconds, log_steps + 1
                     if state.global_step % t.log_every == 0 and window_count:
-                        self._log_step(window_losses, window_count, out, log_steps, log_seconds, bar)
+                        self._log_step(window_losses, window_count, out, lr, log_steps, log_seconds, bar)
                         log_seconds, log_steps = 0.0, 0
-                    done = bool(t.max_steps) and state.global_step >= t.max_steps
+                    done = self._done()
                 window_losses, window_count, step_seconds = None, 0, 0.0
                 if stop:
                     tag = self.save()

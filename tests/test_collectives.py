@@ -15,7 +15,8 @@ ALLOWED = {PACKAGE / "distributed.py", PACKAGE / "model" / "grouped.py"}
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "gather", "gather_object", "broadcast",
                "broadcast_object_list", "barrier", "reduce", "reduce_scatter", "all_to_all", "all_to_all_single",
                "all_gather_into_tensor", "reduce_scatter_tensor", "scatter", "scatter_object_list", "send",
-               "recv", "isend", "irecv", "monitored_barrier"}
+               "recv", "isend", "irecv", "monitored_barrier", "all_reduce_coalesced", "all_gather_coalesced",
+               "batch_isend_irecv", "all_gather_single"}
 
 
 def _distributed_aliases(tree: ast.Module) -> tuple[set[str], set[str]]:

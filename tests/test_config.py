@@ -58,6 +58,8 @@ def _ds(tmp_path, content):
      "unknown key 'zero_optimisation' \\(did you mean 'zero_optimization'\\?\\)"),
     ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "train_batch_size": 12},
      "train_batch_size 12 != micro batch 4 x accumulation 1 x world size 2 = 8"),
+    ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True}},
+     "bf16 with ZeRO stage 0 is not supported with MoE layers"),
     ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "compile": {"enabled": True}},
      "remove the 'compile' section"),
     ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 0},

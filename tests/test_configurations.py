@@ -6,9 +6,12 @@ import shutil
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
+from mmolre.distributed import free_port
 from mmolre.export import export
 from mmolre.schedule import warmup_cosine_factor
+from tests import dist_helpers as h
 from tests.launcher import final_weights, results, run_deepspeed
 
 
@@ -110,9 +113,25 @@ def test_the_lr_schedule_continues_in_samples_after_a_resume_under_another_world
     run = tmp_path / "runs" / "elastic"
     samples, lrs = dict(scalars(run, "train/samples")), scalars(run, "train/lr")
     assert max(samples.values()) == 640 and results(run)["global_step"] == 12 + (640 - 192) // 8
-    for step, lr in lrs:
+    for step, lr in lrs:   # the LR a step used, against the samples trained before it
         per_step = 16 if step <= 12 else 8
-        expected = 2e-3 * warmup_cosine_factor(samples[step], per_step, 640, 32)
+        expected = 2e-3 * warmup_cosine_factor(samples[step] - per_step, per_step, 640, 32)
         assert lr == pytest.approx(expected, rel=1e-5), (step, samples[step])
     before, after = dict(lrs)[12], dict(lrs)[13]
     assert after == pytest.approx(before, rel=0.05)   # no jump back up the curve
+
+
+def test_a_bf16_resume_under_another_world_size_keeps_the_fp32_masters(bf16_run, tmp_path):
+    """The 2-process (ep 2) bf16 checkpoint loaded weights-only by 1 process (ep 1): DeepSpeed rebuilds the
+    masters from the bf16 module weights (rounding them); the trainer puts the saved fp32 masters back."""
+    out = tmp_path / "masters.pt"
+    mp.spawn(h.masters_resume_worker, args=(1, free_port(), str(bf16_run), str(out)), nprocs=1, join=True)
+    r = torch.load(out, weights_only=False)[0]
+    assert r["restored"]
+    finer = 0
+    for name, master in r["after"].items():
+        assert torch.equal(master, r["saved"][name].float()), name
+        assert torch.equal(master.bfloat16(), r["module"][name]), name    # the masters of the loaded weights
+        assert torch.equal(r["refreshed"][name], r["module"][name].float()), name   # what DeepSpeed left
+        finer += int(not torch.equal(master, r["refreshed"][name]))
+    assert finer > 0.9 * len(r["after"])

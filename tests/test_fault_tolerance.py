@@ -159,13 +159,18 @@ def test_a_nan_loss_stops_the_run_naming_step_and_samples(tmp_path):
     assert "synth" in out.split("Samples of the batch:")[1][:200]
 
 
-def test_a_nan_loss_can_be_skipped_and_counted(tmp_path):
-    run_deepspeed(tmp_path, "--run_name", "skip", "--epochs", "1", "--on_nonfinite", "skip",
-                  env={"MMOLRE_FAULT_NAN_STEP": "3"})
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_a_nan_loss_can_be_skipped_and_counted(tmp_path, accumulation):
+    """Without accumulation the micro batch's step is skipped whole; inside an accumulation window the micro
+    batch contributes an exact zero gradient and the window's other micro batch makes the step."""
+    run_deepspeed(tmp_path, "--run_name", "skip", "--epochs", "1", "--on_nonfinite", "skip", "--grad_accum",
+                  str(accumulation), env={"MMOLRE_FAULT_NAN_STEP": "3"})
     r = results(tmp_path / "runs" / "skip")
     assert r["train"]["skipped_nonfinite"] == 1
-    steps_per_epoch = 326 // (8 * 2)
-    assert r["global_step"] == steps_per_epoch - 1
+    micro_batches = 326 // (8 * 2)
+    assert r["global_step"] == (micro_batches - 1 if accumulation == 1 else micro_batches // accumulation)
+    _, weights = final_weights(tmp_path / "runs" / "skip")
+    assert all(torch.isfinite(w).all() for w in weights.values())
     assert r["test"]["sentiment"]["mae"] == r["test"]["sentiment"]["mae"]   # finite, not NaN
 
 
