@@ -42,8 +42,17 @@ def submit(tmp, script, *args, sbatch=(), env=None):
 
 
 def job_states(job) -> list[str]:
+    return job_field(job, "JobState")
+
+
+# Reasons a pending job gives that will not clear by waiting (the job asks for what the cluster lacks).
+HOPELESS = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidQOS",
+            "InvalidAccount", "ReqNodeNotAvail", "NodeDown")
+
+
+def job_field(job, name) -> list[str]:
     out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
-    return [field.split("=", 1)[1] for line in out.splitlines() for field in line.split() if field.startswith("JobState=")]
+    return [f.split("=", 1)[1] for line in out.splitlines() for f in line.split() if f.startswith(f"{name}=")]
 
 
 def wait_done(job, timeout=600, on_pending=None):
@@ -53,11 +62,23 @@ def wait_done(job, timeout=600, on_pending=None):
         if states and all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
                           for s in states):
             return states
-        if on_pending and "PENDING" in states:
-            on_pending()
+        if "PENDING" in states:
+            hopeless = [r for r in job_field(job, "Reason") if r.split(",")[0] in HOPELESS]
+            if hopeless:
+                queue = subprocess.run(["squeue", "-j", job, "-o", "%i %T %r %C %D"], capture_output=True,
+                                       text=True).stdout
+                subprocess.run(["scancel", job])
+                pytest.fail(f"job {job} pends for a reason that will not clear ({hopeless[0]}): it asks for more "
+                            f"than the cluster has (sinfo: {_node_cpus()})\n{queue}")
+            if on_pending:
+                on_pending()
         time.sleep(1)
     subprocess.run(["scancel", job])
     pytest.fail(f"job {job} did not finish in {timeout} s: {job_states(job)}")
+
+
+def _node_cpus() -> str:
+    return subprocess.run(["sinfo", "-h", "-N", "-o", "%N CPUs=%c"], capture_output=True, text=True).stdout.strip()
 
 
 def log_of(tmp, job):
@@ -122,3 +143,17 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     assert r["train"]["epochs"] == 4 and r["global_step"] == 4 * 20    # the global step continued
     info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     assert "Restarts=1" in info
+
+
+def test_a_job_the_cluster_cannot_run_fails_at_once_naming_the_reason(tmp_path):
+    """Two tasks of all the node's CPUs each pend with Reason=PartitionConfig forever; the helper says so
+    within seconds instead of waiting out its timeout."""
+    cpus = int(_node_cpus().split("CPUs=")[1].split()[0])
+    job = subprocess.run(["sbatch", "--parsable", "--ntasks=2", f"--cpus-per-task={cpus}", "--output",
+                          str(tmp_path / "never.out"), "--wrap", "true"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    start = time.time()
+    with pytest.raises(pytest.fail.Exception, match="PartitionConfig"):
+        wait_done(job, timeout=120)
+    assert time.time() - start < 30
+    assert job_states(job) in ([], ["CANCELLED"])

@@ -27,7 +27,7 @@ start() {
   fi
   local host cpus mem
   host=$(hostname -s)
-  cpus=$(nproc)
+  cpus=$(nproc --all)   # the hardware's count: plain nproc honours OMP_NUM_THREADS, often 1 on clusters
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
   cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=mmolre
