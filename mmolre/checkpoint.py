@@ -91,11 +91,8 @@ def set_rng_state(state: dict) -> None:
 def save(engine, ckpt_dir: str, tag: str, client_state: dict, info, ep_size: int, marker: dict) -> None:
     """Every rank calls this with the same tag. Saving again under a tag first withdraws its marker."""
     rank = info.rank
-    if rank == 0 and is_complete(ckpt_dir, tag):
-        os.remove(os.path.join(ckpt_dir, tag, MARKER))
-    if rank == 0:   # a tag saved again (under another expert-parallel size, say) must not keep old masters
-        for stale in glob.glob(os.path.join(ckpt_dir, tag, f"{MASTERS_PREFIX}*.pt")):
-            os.remove(stale)
+    if rank == 0:
+        withdraw(ckpt_dir, tag)
     distributed.barrier(info)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
     torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
@@ -110,6 +107,14 @@ def save(engine, ckpt_dir: str, tag: str, client_state: dict, info, ep_size: int
             json.dump(marker, f)
         os.replace(path + ".tmp", path)
     distributed.barrier(info)
+
+
+def withdraw(ckpt_dir: str, tag: str) -> None:
+    """Before a tag is saved again: it stops counting as complete, and files that the new save may not
+    write again (fp32 masters of expert-parallel ranks a smaller expert-parallel size lacks) go."""
+    for path in [os.path.join(ckpt_dir, tag, MARKER), *glob.glob(os.path.join(ckpt_dir, tag, f"{MASTERS_PREFIX}*.pt"))]:
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def fp32_masters(engine, rank: int) -> dict[str, torch.Tensor] | None:
@@ -145,7 +150,8 @@ def read_fp32_masters(tag_dir: str, ep_size: int, num_experts: int) -> dict[str,
     per_rank = num_experts // ep_size
     out = {}
     for ep_rank, path in enumerate(paths):
-        for name, value in torch.load(path, map_location="cpu", weights_only=True).items():
+        # memory-mapped: a rank reads only the tensors it uses, not every rank's file into memory
+        for name, value in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items():
             stacked, single = _STACKED.match(name), _PER_EXPERT.match(name)
             if stacked:
                 prefix, kind, what = stacked.groups()
@@ -160,19 +166,23 @@ def read_fp32_masters(tag_dir: str, ep_size: int, num_experts: int) -> dict[str,
 
 
 def restore_fp32_masters(engine, ckpt_dir: str, tag: str, marker: dict, ep_size: int, ep_rank: int) -> bool:
-    """After a weights-only load (another topology), put the checkpoint's fp32 masters back into the
-    optimizer: DeepSpeed rebuilds them from the low-precision module weights, which would round every
-    master to bf16. Each rank sets its own ZeRO partitions (no collective). False where there is nothing to
-    restore (an fp32 run, or a checkpoint without masters)."""
+    """After a weights-only load (another topology), put a low-precision checkpoint's fp32 masters back:
+    into the optimizer's fp32 partitions (DeepSpeed rebuilds them from the low-precision module weights,
+    which would round every master) and, for an fp32 engine, into the module too. Each rank sets its own
+    partitions (no collective). False where there is nothing to restore (an fp32 checkpoint)."""
     from deepspeed.utils import safe_set_full_fp32_param
-    if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+    if marker.get("dtype", "float32") == "float32":
         return False
     masters = read_fp32_masters(os.path.join(ckpt_dir, tag), marker["ep_size"], engine.module.cfg.num_experts)
     if masters is None:
+        warnings.warn(f"{ckpt_dir}/{tag} ({marker['dtype']}) holds no fp32 master weights; resuming from its "
+                      f"{marker['dtype']} weights", stacklevel=2)
         return False
     params = dict(engine.module.named_parameters())
     for name, value in masters_of(engine.module, masters, ep_size, ep_rank).items():
-        safe_set_full_fp32_param(params[name], value)
+        with torch.no_grad():
+            params[name].copy_(value)             # the module's copy (rounded again where it is bf16)
+        safe_set_full_fp32_param(params[name], value)   # the optimizer's fp32 partition, where it keeps one
     return True
 
 

@@ -237,6 +237,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--shared_experts false and --task_experts false leave UniTSE without experts")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"--on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
+    if m.router_noise and m.capacity_factor > 0:
+        raise ConfigError("--router_noise with --capacity_factor > 0: the second expert is sampled inside "
+                          "DeepSpeed's top-2 gating, so for a route the capacity drops the sampled choice is "
+                          "unknown and the per-task aux loss could not count it; use one or the other")
     if t.save_every < 0 or t.keep_checkpoints < 1 or t.dist_timeout <= 0:
         raise ConfigError("--save_every must be >= 0, --keep_checkpoints >= 1 and --dist_timeout > 0")
     world = int(os.environ.get("WORLD_SIZE") or 1)

@@ -12,7 +12,7 @@ from deepspeed.utils import groups
 
 from . import distributed
 from .config import ConfigError, TrainConfig
-from .schedule import WarmupCosineBySamples
+from .schedule import Flags, WarmupCosineBySamples
 
 
 # Top-level keys DeepSpeed reads that are not in deepspeed.runtime.constants (monitors, ZeRO, profilers, ...).
@@ -60,7 +60,7 @@ def load_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
     if stage not in (0, 1, 2):
         raise ConfigError(f"--ds_config {cfg.ds_config}: ZeRO stage {stage}; DeepSpeed's MoE layers support "
                           f"stages 0, 1 and 2 only")
-    low_precision = [k for k in ("bf16", "fp16") if ds.get(k, {}).get("enabled")]
+    low_precision = [k for k in ("bf16", "bfloat16", "fp16") if ds.get(k, {}).get("enabled")]   # bfloat16: old name
     if low_precision and stage == 0:
         raise ConfigError(f"--ds_config {cfg.ds_config}: {low_precision[0]} with ZeRO stage 0 is not supported with "
                           f"MoE layers: DeepSpeed's stage-0 {low_precision[0]} optimizer leaves the experts out of "
@@ -120,13 +120,10 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, sample
     """The DeepSpeed engine with AdamW over MoE-aware groups and the sample-based warm-up/cosine schedule
     (planned for --epochs epochs of samples_per_epoch, or --max_steps steps of samples_per_step if fewer)."""
     import deepspeed
-    max_samples = cfg.max_steps * samples_per_step
-    total = min(cfg.epochs * samples_per_epoch, max_samples or 10**18)
+    flags = Flags(cfg.epochs, cfg.max_steps, cfg.warmup_ratio, samples_per_epoch, samples_per_step)
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: WarmupCosineBySamples(opt, total, cfg.warmup_ratio, samples_per_step,
-                                                       max_samples, plan_key=(cfg.epochs, cfg.max_steps)))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           lr_scheduler=lambda opt: WarmupCosineBySamples(opt, flags))
     return clip_by_the_model_norm(engine, info)
 
 

@@ -7,14 +7,16 @@ where it was, and micro 16 x accumulation 2 follows the same curve as micro 32 x
 
 DeepSpeed steps the scheduler once per optimizer step (at accumulation boundaries, never on a skipped
 step), and saves and restores it with the engine's checkpoints. The state holds the position and the plan
-(total and warm-up samples, and the sample budget of --max_steps) with the flags that made it: a resume with
-the same --epochs and --max_steps keeps the plan even under another world size (whose batches would divide
-the samples a little differently), while a resume with other values re-plans, so resuming with more epochs
-stretches the rest of the curve.
+the run was started with: the total and warm-up samples, kept on a resume while --epochs, --max_steps and
+--warmup_ratio are unchanged (another world size divides an epoch into batches a little differently; that
+must not move the curve), and the sample budget of --max_steps, kept while --max_steps is unchanged. A
+resume with other values re-plans: more epochs stretch the rest of the curve, and a new --max_steps counts
+its remaining steps at the current batch size.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -31,17 +33,30 @@ def warmup_cosine_factor(samples_before: int, samples_per_step: int, total_sampl
     return FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class Flags:
+    """What the plan is made from (the flags, and this run's batch geometry)."""
+    epochs: int
+    max_steps: int
+    warmup_ratio: float
+    samples_per_epoch: int
+    samples_per_step: int
+
+
 class WarmupCosineBySamples(LRScheduler):
-    def __init__(self, optimizer: torch.optim.Optimizer, total_samples: int, warmup_ratio: float,
-                 samples_per_step: int, max_samples: int = 0, plan_key: tuple = ()):
-        self.total_samples = max(1, total_samples)
-        self.warmup_samples = max(samples_per_step, int(self.total_samples * warmup_ratio))
-        self.max_samples = max_samples   # --max_steps as a sample budget (0: none)
-        self.plan_key = list(plan_key)   # the flags the plan was made from
-        self.samples_per_step = samples_per_step
+    def __init__(self, optimizer: torch.optim.Optimizer, flags: Flags):
+        self.flags = flags
+        self.samples_per_step = flags.samples_per_step
         self.samples = 0                 # samples consumed by the optimizer steps applied so far
+        self.max_samples = flags.max_steps * flags.samples_per_step   # --max_steps as a sample budget (0: none)
+        self._plan_total()
         self._started = False
         super().__init__(optimizer)      # applies the first step's LR (LRScheduler's initial step)
+
+    def _plan_total(self) -> None:
+        f = self.flags
+        self.total_samples = max(1, min(f.epochs * f.samples_per_epoch, self.max_samples or 10**18))
+        self.warmup_samples = max(f.samples_per_step, int(self.total_samples * f.warmup_ratio))
 
     def factor(self) -> float:
         return warmup_cosine_factor(self.samples, self.samples_per_step, self.total_samples, self.warmup_samples)
@@ -55,25 +70,34 @@ class WarmupCosineBySamples(LRScheduler):
             self.samples += self.samples_per_step
         self._started = True
         self.last_epoch += 1
-        self._apply()
+        self.apply_lr()
 
-    def _apply(self) -> None:
+    def apply_lr(self) -> None:
+        """Write this position's LR into the optimizer (also after something else, e.g. loading an optimizer
+        state, put another there)."""
         for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"samples": self.samples, "last_epoch": self.last_epoch, "plan_key": self.plan_key,
+        return {"samples": self.samples, "last_epoch": self.last_epoch, "flags": asdict(self.flags),
                 "plan": {"total_samples": self.total_samples, "warmup_samples": self.warmup_samples,
                          "max_samples": self.max_samples}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """The position always; the plan where it was made from the same --epochs and --max_steps."""
+        """The position always; the plan where the flags it was made from are unchanged (module docstring)."""
         if "samples" not in state_dict:
             raise ValueError("not a WarmupCosineBySamples state (a checkpoint of an earlier version?)")
-        self.last_epoch = state_dict["last_epoch"]
+        self.last_epoch = state_dict["last_epoch"]   # = optimizer steps applied
         self.samples = int(state_dict["samples"])
-        if state_dict.get("plan_key") == self.plan_key:
-            for name, value in state_dict["plan"].items():
-                setattr(self, name, value)
-        self._apply()
+        saved, plan = state_dict.get("flags") or {}, state_dict.get("plan") or {}
+        if saved.get("max_steps") == self.flags.max_steps and "max_samples" in plan:
+            self.max_samples = plan["max_samples"]
+        elif self.flags.max_steps:   # a new step budget: its remaining steps at today's batch size
+            self.max_samples = self.samples + max(0, self.flags.max_steps - self.last_epoch) * self.samples_per_step
+        same = all(saved.get(k) == getattr(self.flags, k) for k in ("epochs", "max_steps", "warmup_ratio"))
+        if same and "total_samples" in plan:
+            self.total_samples, self.warmup_samples = plan["total_samples"], plan["warmup_samples"]
+        else:
+            self._plan_total()
+        self.apply_lr()

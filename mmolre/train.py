@@ -190,21 +190,28 @@ class Trainer:
         if tag is None:
             raise ConfigError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
         marker = checkpoint.read_marker(self.ckpt_dir, tag)
+        if marker.get("format", 1) > checkpoint.FORMAT:
+            raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was written by a newer version of the trainer "
+                              f"(checkpoint format {marker['format']}, this one reads {checkpoint.FORMAT})")
         current = marker.get("format") == checkpoint.FORMAT
         same = current and marker["world_size"] == self.info.world_size and marker["ep_size"] == self.ep_size
         client = checkpoint.load(self.engine, self.ckpt_dir, tag, self.info.rank, weights_only=not same)
         self.state = TrainState.from_client_state(client["train_state"], marker, self.micro)
         if same:
+            # DeepSpeed loads the optimizer state after the scheduler's, and with it the saved LR; a resume
+            # with other --epochs re-plans the schedule, so its LR must be the optimizer's again.
+            self.engine.lr_scheduler.apply_lr()
             log(self.info, f"resumed from {self.ckpt_dir}/{tag}: epoch {self.state.epoch}, step "
                            f"{self.state.global_step}")
             return
         # Experts are stored per global id, so the weights load under any expert-parallel size; ZeRO's
         # optimizer shards are laid out for the old world and cannot be. The schedule and the data order
         # are positions in samples, so both continue where they were.
-        masters = checkpoint.restore_fp32_masters(self.engine, self.ckpt_dir, tag, marker, self.ep_size,
-                                                  distributed.expert_parallel_rank(self.info.rank, self.ep_size))
+        masters = current and checkpoint.restore_fp32_masters(
+            self.engine, self.ckpt_dir, tag, marker, self.ep_size,
+            distributed.expert_parallel_rank(self.info.rank, self.ep_size))
         self.engine.lr_scheduler.load_state_dict(self.state.schedule or {   # earlier versions saved no plan
-            "samples": self.state.train_samples, "last_epoch": self.state.global_step, "plan_key": None})
+            "samples": self.state.train_samples, "last_epoch": self.state.global_step})
         why = (f"saved with world size {marker['world_size']} / expert parallel {marker['ep_size']}, now "
                f"{self.info.world_size} / {self.ep_size}" if current else "written by an earlier version")
         log(self.info, f"resumed WEIGHTS ONLY from {self.ckpt_dir}/{tag}, {why}: the optimizer state was reset"
@@ -335,6 +342,9 @@ class Trainer:
                         self._log_step(window_losses, window_count, out, lr, log_steps, log_seconds, bar)
                         log_seconds, log_steps = 0.0, 0
                     done = self._done()
+                    mid_epoch = sampler.batches(state.epoch_samples) > 0
+                    if t.save_every and state.global_step % t.save_every == 0 and mid_epoch and not done and not stop:
+                        self.save()
                 window_losses, window_count, step_seconds = None, 0, 0.0
                 if stop:
                     tag = self.save()
@@ -342,9 +352,6 @@ class Trainer:
                     log(info, f"stop requested ({self.stop.signal_name or 'on another rank'}): saved "
                               f"{self.ckpt_dir}/{tag} at step {state.global_step}; continue with --resume")
                     return None
-                mid_epoch = sampler.batches(state.epoch_samples) > 0
-                if t.save_every and state.global_step % t.save_every == 0 and mid_epoch and not done:
-                    self.save()
                 if done:
                     break
             bar.close()

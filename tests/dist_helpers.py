@@ -300,8 +300,9 @@ def _count_expert_rows(model, ep_rank: int) -> dict:
 
 
 def masters_resume_worker(rank: int, world: int, port: int, run_dir: str, out_path: str):
-    """Load a bf16 run's newest checkpoint into a bf16 ZeRO-2 engine of another world size, weights only,
-    and report each parameter's fp32 master before and after restore_fp32_masters, with the saved ones."""
+    """Load a bf16 run's newest checkpoint into bf16 ZeRO-1 and ZeRO-2 engines of another topology (ep 1),
+    weights only, and report each parameter's fp32 master (this rank's view of it) before and after
+    restore_fp32_masters, and the module's bf16 weights."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
     from mmolre import checkpoint
@@ -311,19 +312,19 @@ def masters_resume_worker(rank: int, world: int, port: int, run_dir: str, out_pa
     info = setup(rank, world, port)
     cfg = json.load(open(os.path.join(run_dir, "config.json")))
     shapes = {m: tuple(v) for m, v in json.load(open(os.path.join(run_dir, "data_meta.json")))["shapes"].items()}
-    model = MMoLRE(ModelConfig(**cfg["model"]), shapes, ep_size=world)
-    opt = torch.optim.AdamW(optimizer_groups(model, 0.01), lr=1e-3)
-    config = {**ds_config(2, 8), "bf16": {"enabled": True}}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     ckpt_dir = checkpoint.checkpoint_dir(run_dir)
     tag = checkpoint.latest_complete(ckpt_dir)
     marker = checkpoint.read_marker(ckpt_dir, tag)
-    checkpoint.load(engine, ckpt_dir, tag, rank, weights_only=True)
-    refreshed = {n: safe_get_full_fp32_param(p).cpu().clone() for n, p in model.named_parameters()}
-    restored = checkpoint.restore_fp32_masters(engine, ckpt_dir, tag, marker, world, rank % world)
-    after = {n: safe_get_full_fp32_param(p).cpu().clone() for n, p in model.named_parameters()}
-    saved = checkpoint.masters_of(model, checkpoint.read_fp32_masters(
-        os.path.join(ckpt_dir, tag), marker["ep_size"], model.cfg.num_experts), world, rank % world)
-    _save_from_main({"restored": restored, "refreshed": refreshed, "after": after, "saved": saved,
-                     "module": {n: p.detach().cpu().clone() for n, p in model.named_parameters()}}, info, out_path)
-
+    record = {}
+    for stage in (1, 2):
+        model = MMoLRE(ModelConfig(**cfg["model"]), shapes, ep_size=1)
+        opt = torch.optim.AdamW(optimizer_groups(model, 0.01), lr=1e-3)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
+                                               config={**ds_config(stage, 8), "bf16": {"enabled": True}})
+        checkpoint.load(engine, ckpt_dir, tag, rank, weights_only=True)
+        masters = lambda: {n: safe_get_full_fp32_param(p).cpu().clone() for n, p in model.named_parameters()}  # noqa: E731
+        refreshed = masters()
+        restored = checkpoint.restore_fp32_masters(engine, ckpt_dir, tag, marker, 1, 0)
+        record[stage] = {"restored": restored, "refreshed": refreshed, "after": masters(),
+                         "module": {n: p.detach().cpu().clone() for n, p in model.named_parameters()}}
+    _save_from_main(record, info, out_path)

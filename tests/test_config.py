@@ -14,6 +14,7 @@ from mmolre.engine import load_ds_config, point_tensorboard
     (["--ds_config", "nope.json"], "--ds_config: no such file 'nope.json'"),
     (["--capacity_factor", "-1"], "--capacity_factor must be >= 0"),
     (["--on_nonfinite", "ignore"], "--on_nonfinite must be 'stop' or 'skip'"),
+    (["--router_noise", "--capacity_factor", "1"], "--router_noise with --capacity_factor > 0"),
     (["--ep_size", "4", "--num_experts", "8"], "--ep_size 4 does not divide the world size 2"),
 ])
 def test_impossible_flags_fail_with_a_clear_message(argv, message, monkeypatch):
@@ -60,6 +61,8 @@ def _ds(tmp_path, content):
      "train_batch_size 12 != micro batch 4 x accumulation 1 x world size 2 = 8"),
     ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True}},
      "bf16 with ZeRO stage 0 is not supported with MoE layers"),
+    ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "bfloat16": {"enabled": True}},
+     "bfloat16 with ZeRO stage 0 is not supported with MoE layers"),
     ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "compile": {"enabled": True}},
      "remove the 'compile' section"),
     ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 0},

@@ -104,8 +104,9 @@ def test_with_a_training_capacity_evaluation_predictions_do_not_depend_on_the_wo
 # ---- a resume under another world size, with training left --------------------------------------------
 def test_the_lr_schedule_continues_in_samples_after_a_resume_under_another_world_size(tmp_path):
     """2 processes (16 samples a step) stop at step 12 of 40; 1 process (8 a step) resumes. Every logged
-    LR, before and after, lies on the one curve of the samples trained (640 in all, warm-up 32)."""
-    args = ["--run_name", "elastic", "--epochs", "2", "--log_every", "1"]
+    LR, before and after, lies on the one curve of the samples trained (640 in all, warm-up 32), and
+    --max_steps 40 stays a budget of 640 samples (not 40 steps of 8)."""
+    args = ["--run_name", "elastic", "--epochs", "3", "--max_steps", "40", "--log_every", "1"]
     stopped = run_deepspeed(tmp_path, *args, env={"MMOLRE_FAULT_STOP_STEP": "12"})
     assert "stop requested" in stopped.stdout
     resumed = run_deepspeed(tmp_path, *args, "--resume", procs=1)
@@ -121,17 +122,28 @@ def test_the_lr_schedule_continues_in_samples_after_a_resume_under_another_world
     assert after == pytest.approx(before, rel=0.05)   # no jump back up the curve
 
 
-def test_a_bf16_resume_under_another_world_size_keeps_the_fp32_masters(bf16_run, tmp_path):
-    """The 2-process (ep 2) bf16 checkpoint loaded weights-only by 1 process (ep 1): DeepSpeed rebuilds the
-    masters from the bf16 module weights (rounding them); the trainer puts the saved fp32 masters back."""
+def test_a_bf16_resume_under_another_topology_keeps_the_fp32_masters(bf16_run, tmp_path):
+    """The 2-process, ep 2 bf16 checkpoint loaded weights-only by 2 processes with ep 1 (experts now
+    replicated, their optimizer state partitioned over both ranks), under ZeRO 1 and 2: DeepSpeed rebuilds
+    the masters from the bf16 weights (rounding them); the trainer puts the saved fp32 masters back. The
+    expected values come from `mmolre export` (its own mapping of ranks and expert ids)."""
+    exported = export(str(bf16_run), str(tmp_path / "model.pt"), tag="latest")["state_dict"]
     out = tmp_path / "masters.pt"
-    mp.spawn(h.masters_resume_worker, args=(1, free_port(), str(bf16_run), str(out)), nprocs=1, join=True)
-    r = torch.load(out, weights_only=False)[0]
-    assert r["restored"]
-    finer = 0
-    for name, master in r["after"].items():
-        assert torch.equal(master, r["saved"][name].float()), name
-        assert torch.equal(master.bfloat16(), r["module"][name]), name    # the masters of the loaded weights
-        assert torch.equal(r["refreshed"][name], r["module"][name].float()), name   # what DeepSpeed left
-        finer += int(not torch.equal(master, r["refreshed"][name]))
-    assert finer > 0.9 * len(r["after"])
+    mp.spawn(h.masters_resume_worker, args=(2, free_port(), str(bf16_run), str(out)), nprocs=2, join=True)
+    for rank in torch.load(out, weights_only=False):
+        for stage, r in rank.items():
+            assert r["restored"]
+            finer = 0
+            for name, master in r["after"].items():
+                stacked = name.endswith(("_weight", "_bias")) and ".experts." in name
+                if stacked:   # "...experts.down_weight" [experts, ...] <- "...experts.deepspeed_experts.<e>.down.weight"
+                    prefix, kind = name.rsplit(".", 1)
+                    want = torch.stack([exported[f"{prefix}.deepspeed_experts.{e}.{kind.replace('_', '.')}"]
+                                        for e in range(master.shape[0])])
+                else:
+                    want = exported[name]
+                assert torch.equal(master, want), (stage, name)
+                assert torch.equal(master.bfloat16(), r["module"][name]), (stage, name)
+                assert torch.equal(r["refreshed"][name], r["module"][name].float()), (stage, name)
+                finer += int(not torch.equal(master, r["refreshed"][name]))
+            assert finer > 0.9 * len(r["after"])

@@ -185,3 +185,32 @@ def test_a_dead_rank_ends_the_run_in_bounded_time(tmp_path):
     elapsed = time.time() - killed
     assert code != 0
     assert elapsed < 45, f"the surviving rank took {elapsed:.0f} s to exit"
+
+
+def test_saving_a_tag_again_first_withdraws_its_marker_and_fp32_masters(tmp_path):
+    """Before a tag is re-saved (a stop at an epoch's last step, then the epoch-end save; or under another
+    expert-parallel size), it stops counting as complete, and master files of ranks the new save may not
+    have are gone."""
+    from mmolre import checkpoint
+    tag = tmp_path / "step00000010"
+    tag.mkdir()
+    for name in ("mmolre_complete.json", "fp32_masters_rank0.pt", "fp32_masters_rank1.pt", "mp_rank_00_model_states.pt"):
+        (tag / name).write_text("x")
+    checkpoint.withdraw(str(tmp_path), "step00000010")
+    assert sorted(p.name for p in tag.iterdir()) == ["mp_rank_00_model_states.pt"]
+    assert not checkpoint.is_complete(str(tmp_path), "step00000010")
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_its_weights_saying_so(reference, tmp_path):
+    _, ref = reference
+    run = tmp_path / "runs" / "ref"
+    shutil.copytree(ref, run)
+    newest = run / "checkpoints" / complete_tags(run)[-1] / "mmolre_complete.json"
+    marker = json.loads(newest.read_text())
+    del marker["format"]   # what the trainer wrote before checkpoints had a format number
+    newest.write_text(json.dumps(marker))
+    (run / "results.json").unlink()
+    proc = run_deepspeed(tmp_path, "--run_name", "ref", *RUN, "--resume")
+    assert "resumed WEIGHTS ONLY" in proc.stdout and "written by an earlier version" in proc.stdout
+    for k, v in results(ref)["test"]["sentiment"].items():
+        assert results(run)["test"]["sentiment"][k] == pytest.approx(v, abs=1e-6), k
