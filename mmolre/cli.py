@@ -5,6 +5,7 @@
     mmolre export RUN_DIR OUT.pt        one consolidated fp32 model file (all experts, config, normalisation)
     mmolre predict MODEL.pt DATA.pkl    run an exported model on CPU, no DeepSpeed engine or launcher
     mmolre report RUN_DIR...            group runs (experts, top-k, ... ), mean ± std over seeds, figures
+    mmolre reshard RUN_DIR --world_size N --ep_size E   lay the latest checkpoint out for another topology
     mmolre featurize TABLE OUT.pkl      transcripts -> a text-only MMSA-schema dataset (a HF text encoder)
     mmolre data inspect PATH            splits, sizes, shapes, dtypes, label statistics, NaN/inf counts
     mmolre data verify PATH             the file's SHA-256 against the hashes MMSA publishes
@@ -57,6 +58,37 @@ def _predict(args) -> int:
     write_predictions(args.out, preds)
     print(f"wrote {args.out}: {len(preds['ids'])} predictions for split {args.split!r} of {args.data}")
     return 0
+
+
+def _reshard(args) -> int:
+    """Run the trainer's own resume under the target topology in CPU processes (the deepspeed launcher,
+    gloo) and save the checkpoint laid out for it: no GPU and no training needed."""
+    import subprocess
+    import tempfile
+    from .config import RunConfig
+    from .distributed import free_port
+    run_dir = os.path.abspath(args.run_dir)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        recorded = json.load(f)
+    ds_config = dict(recorded.pop("ds_config"))
+    ds_config.pop("train_batch_size", None)   # it was derived for the old world size
+    cfg = RunConfig.from_dict(recorded)
+    cfg.train.resume, cfg.train.reshard_only, cfg.train.ep_size = True, True, args.ep_size
+    cfg.train.output_dir, cfg.train.run_name = os.path.dirname(run_dir), os.path.basename(run_dir)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(ds_config, f)
+    cfg.train.ds_config = f.name
+    flags = [f"--{name}={value}" for section in cfg.to_dict().values() for name, value in section.items()
+             if value is not None]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.world_size),
+           "--master_port", str(free_port()), os.path.join(root, "launch.py"), *flags]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(cmd, cwd=root, env=env)
+    finally:
+        os.unlink(f.name)
+    return done.returncode
 
 
 def _report(args) -> int:
@@ -134,6 +166,12 @@ def main(argv=None) -> int:
     pred.add_argument("--out", default="predictions.csv")
     pred.add_argument("--cache_dir", default=None, help="Arrow cache directory (default: as for training)")
     pred.set_defaults(func=_predict)
+    res = sub.add_parser("reshard", help="lay a run's latest checkpoint out for another world size and "
+                                         "expert-parallel size, offline on CPU")
+    res.add_argument("run_dir")
+    res.add_argument("--world_size", type=int, required=True, help="processes of the run that will resume it")
+    res.add_argument("--ep_size", type=int, required=True, help="its expert-parallel size")
+    res.set_defaults(func=_reshard)
     rep = sub.add_parser("report", help="a table (and figures) over many runs, e.g. a sweep")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out", help="also write the markdown table here")

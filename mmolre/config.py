@@ -108,6 +108,9 @@ class TrainConfig:
                                     default=None)
     resume: bool = _help("continue from the latest checkpoint of --run_name (or the newest run in "
                          "--output_dir)", default=False)
+    reshard_only: bool = _help("with --resume: lay the latest checkpoint out for this world size and --ep_size "
+                               "(weights, optimizer state, schedule), save it under its tag and exit; what "
+                               "`mmolre reshard` runs", default=False)
     epochs: int = _help("training epochs", default=5)
     max_steps: int = _help("stop after this many optimizer steps in total (0: no limit); a step is one "
                            "accumulation window; a resume under another world size trains the same samples",
@@ -241,6 +244,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--router_noise with --capacity_factor > 0: the second expert is sampled inside "
                           "DeepSpeed's top-2 gating, so for a route the capacity drops the sampled choice is "
                           "unknown and the per-task aux loss could not count it; use one or the other")
+    if t.reshard_only and not t.resume:
+        raise ConfigError("--reshard_only needs --resume (it converts the latest checkpoint of --run_name)")
     if t.save_every < 0 or t.keep_checkpoints < 1 or t.dist_timeout <= 0:
         raise ConfigError("--save_every must be >= 0, --keep_checkpoints >= 1 and --dist_timeout > 0")
     world = int(os.environ.get("WORLD_SIZE") or 1)

@@ -4,8 +4,8 @@
 `mp_rank_00_model_states.pt` and every shared expert from its `layer_<L>_expert_<E>_...` file (stored
 per global expert id, so the export does not depend on how many ranks trained it), and writes one fp32
 file with the model configuration, the feature shapes and the train-split normalisation. A bf16 run's
-model files hold bf16 copies; its checkpoints also hold the optimizer's fp32 master weights
-(`fp32_masters_rank<r>.pt`), and those are what the export takes. `predict` builds the model with expert
+model files hold bf16 copies; every checkpoint also holds the fp32 weights (the optimizer's masters) in its
+topology-free state (`elastic.py`), and those are what the export takes. `predict` builds the model with expert
 parallelism 1 and runs it on CPU.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, elastic
 from .config import ModelConfig
 from .data.cache import build_cache, load_cache
 from .data.loader import SplitDataset, eval_batches
@@ -62,8 +62,8 @@ def export(run_dir: str, out_path: str, tag: str = "best") -> dict:
     model = MMoLRE(model_cfg, shapes, ep_size=1)
     model.load_state_dict(state, strict=True)   # global expert ids are the local ids at ep_size 1
     marker = checkpoint.read_marker(checkpoint.checkpoint_dir(run_dir), tag)
-    masters = _load_fp32_masters(model, tag_dir, marker)
-    if not masters and marker.get("dtype", "float32") != "float32":
+    fp32 = _load_fp32_state(model, tag_dir, marker)
+    if not fp32 and marker.get("dtype", "float32") != "float32":
         warnings.warn(f"{tag_dir} was trained in {marker['dtype']} and holds no fp32 master weights; the export "
                       f"takes the {marker['dtype']} module weights", stacklevel=2)
     payload = {"format": FORMAT, "model_config": cfg["model"], "shapes": data_meta["shapes"],
@@ -74,13 +74,13 @@ def export(run_dir: str, out_path: str, tag: str = "best") -> dict:
     return payload
 
 
-def _load_fp32_masters(model: MMoLRE, tag_dir: str, marker: dict) -> bool:
-    """Overwrite the model's weights with the fp32 masters saved beside a low-precision checkpoint (every
-    parameter, each expert under its global id). False where the checkpoint has none."""
-    masters = checkpoint.read_fp32_masters(tag_dir, marker["ep_size"], model.cfg.num_experts)
-    if masters is None:
+def _load_fp32_state(model: MMoLRE, tag_dir: str, marker: dict) -> bool:
+    """Overwrite the model's weights with the fp32 weights of the checkpoint's topology-free state (the
+    optimizer's masters for a bf16 run), every expert under its global id. False where it has none."""
+    state = elastic.read(tag_dir, marker["ep_size"], model.cfg.num_experts)
+    if state is None:
         return False
-    model.load_state_dict(masters, strict=True)
+    model.load_state_dict({name: entry["fp32"] for name, entry in state["params"].items()}, strict=True)
     return True
 
 

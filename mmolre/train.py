@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, elastic
 from .config import ConfigError, RunConfig
 from .data import describe_source, prepare, train_loader
 from .engine import compute_dtype, initialize, load_ds_config, point_tensorboard
@@ -204,21 +205,37 @@ class Trainer:
             log(self.info, f"resumed from {self.ckpt_dir}/{tag}: epoch {self.state.epoch}, step "
                            f"{self.state.global_step}")
             return
-        # Experts are stored per global id, so the weights load under any expert-parallel size; ZeRO's
-        # optimizer shards are laid out for the old world and cannot be. The schedule and the data order
-        # are positions in samples, so both continue where they were.
-        masters = current and checkpoint.restore_fp32_masters(
-            self.engine, self.ckpt_dir, tag, marker, self.ep_size,
-            distributed.expert_parallel_rank(self.info.rank, self.ep_size))
+        # DeepSpeed's files hold ZeRO partitions laid out for the old world; the checkpoint's topology-free
+        # state (elastic.py) holds every parameter per global expert id. The schedule and the data order are
+        # positions in samples, so both continue where they were.
+        restored = current and elastic.restore(self.engine, os.path.join(self.ckpt_dir, tag), marker["ep_size"],
+                                               self.ep_size,
+                                               distributed.expert_parallel_rank(self.info.rank, self.ep_size))
         self.engine.lr_scheduler.load_state_dict(self.state.schedule or {   # earlier versions saved no plan
             "samples": self.state.train_samples, "last_epoch": self.state.global_step})
         why = (f"saved with world size {marker['world_size']} / expert parallel {marker['ep_size']}, now "
                f"{self.info.world_size} / {self.ep_size}" if current else "written by an earlier version")
-        log(self.info, f"resumed WEIGHTS ONLY from {self.ckpt_dir}/{tag}, {why}: the optimizer state was reset"
-                       + ("; the fp32 master weights were restored" if masters else "")
-                       + f"; the LR schedule continues at sample {self.engine.lr_scheduler.samples:,} (step "
+        what = ("the weights, AdamW moments and step of every parameter were carried over, regrouped by global "
+                "expert id" if restored == "weights and optimizer" else "WEIGHTS ONLY: the optimizer state was reset")
+        log(self.info, f"resumed from {self.ckpt_dir}/{tag} under another topology ({why}): {what}; the LR "
+                       f"schedule continues at sample {self.engine.lr_scheduler.samples:,} (step "
                        f"{self.state.global_step}) and epoch {self.state.epoch + 1} at sample "
                        f"{self.state.epoch_samples:,} of its order")
+
+    def reshard(self) -> None:
+        """Save the state just resumed under its own tag, laid out for this topology. The tag's old files
+        are kept aside until the new ones are complete, so a failure leaves the checkpoint as it was."""
+        tag = checkpoint.tag_for(self.state.global_step)
+        original, aside = os.path.join(self.ckpt_dir, tag), os.path.join(self.ckpt_dir, tag + ".before-reshard")
+        if self.info.is_main:
+            shutil.rmtree(aside, ignore_errors=True)
+            shutil.copytree(original, aside)
+        distributed.barrier(self.info)
+        self.save()
+        if self.info.is_main:
+            shutil.rmtree(aside)
+        log(self.info, f"resharded {original} for world size {self.info.world_size} / expert parallel "
+                       f"{self.ep_size}: resume with that topology to continue with everything DeepSpeed saves")
 
     def _done(self) -> bool:
         """--max_steps reached: its sample budget (the same steps under the first start's batch size)."""
@@ -289,6 +306,9 @@ class Trainer:
         t, info = self.cfg.train, self.info
         if t.resume:
             self.resume()
+        if t.reshard_only:
+            self.reshard()
+            return None
         state = self.state
         fault_step = int(os.environ.get(FAULT_NAN_STEP, 0))
         fault_rank = int(os.environ.get("MMOLRE_FAULT_NAN_RANK", 0))

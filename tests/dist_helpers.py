@@ -299,13 +299,14 @@ def _count_expert_rows(model, ep_rank: int) -> dict:
     return counts
 
 
-def masters_resume_worker(rank: int, world: int, port: int, run_dir: str, out_path: str):
-    """Load a bf16 run's newest checkpoint into bf16 ZeRO-1 and ZeRO-2 engines of another topology (ep 1),
-    weights only, and report each parameter's fp32 master (this rank's view of it) before and after
-    restore_fp32_masters, and the module's bf16 weights."""
+def elastic_resume_worker(rank: int, world: int, port: int, run_dir: str, out_path: str, ep_size: int,
+                          bf16: bool):
+    """Load a run's newest checkpoint into ZeRO-1 and ZeRO-2 engines of this topology (world, ep_size),
+    weights only as DeepSpeed allows, then restore the topology-free state; report each parameter's fp32
+    master as DeepSpeed left it, this rank's state gathered back after the restore, and the module."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
-    from mmolre import checkpoint
+    from mmolre import checkpoint, elastic
     from mmolre.config import ModelConfig
     from mmolre.engine import optimizer_groups
     from mmolre.model import MMoLRE
@@ -315,16 +316,16 @@ def masters_resume_worker(rank: int, world: int, port: int, run_dir: str, out_pa
     ckpt_dir = checkpoint.checkpoint_dir(run_dir)
     tag = checkpoint.latest_complete(ckpt_dir)
     marker = checkpoint.read_marker(ckpt_dir, tag)
-    record = {}
+    record = {"ep_rank": rank % ep_size}
     for stage in (1, 2):
-        model = MMoLRE(ModelConfig(**cfg["model"]), shapes, ep_size=1)
+        model = MMoLRE(ModelConfig(**cfg["model"]), shapes, ep_size=ep_size)
         opt = torch.optim.AdamW(optimizer_groups(model, 0.01), lr=1e-3)
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
-                                               config={**ds_config(stage, 8), "bf16": {"enabled": True}})
+                                               config={**ds_config(stage, 8), "bf16": {"enabled": bf16}})
         checkpoint.load(engine, ckpt_dir, tag, rank, weights_only=True)
-        masters = lambda: {n: safe_get_full_fp32_param(p).cpu().clone() for n, p in model.named_parameters()}  # noqa: E731
-        refreshed = masters()
-        restored = checkpoint.restore_fp32_masters(engine, ckpt_dir, tag, marker, 1, 0)
-        record[stage] = {"restored": restored, "refreshed": refreshed, "after": masters(),
+        refreshed = {n: safe_get_full_fp32_param(p).cpu().clone() for n, p in model.named_parameters()}
+        restored = elastic.restore(engine, os.path.join(ckpt_dir, tag), marker["ep_size"], ep_size, rank % ep_size)
+        gathered = elastic.gather(engine, 0)   # as rank 0 would write it: every parameter this rank holds
+        record[stage] = {"restored": restored, "refreshed": refreshed, "state": gathered,
                          "module": {n: p.detach().cpu().clone() for n, p in model.named_parameters()}}
     _save_from_main(record, info, out_path)

@@ -15,6 +15,7 @@ from mmolre.engine import load_ds_config, point_tensorboard
     (["--capacity_factor", "-1"], "--capacity_factor must be >= 0"),
     (["--on_nonfinite", "ignore"], "--on_nonfinite must be 'stop' or 'skip'"),
     (["--router_noise", "--capacity_factor", "1"], "--router_noise with --capacity_factor > 0"),
+    (["--reshard_only"], "--reshard_only needs --resume"),
     (["--ep_size", "4", "--num_experts", "8"], "--ep_size 4 does not divide the world size 2"),
 ])
 def test_impossible_flags_fail_with_a_clear_message(argv, message, monkeypatch):

@@ -1,0 +1,171 @@
+"""The topology-free copy of the training state that every checkpoint also holds.
+
+DeepSpeed's own checkpoint files are laid out for one topology: its ZeRO optimizer partitions for one
+data-parallel size (and it cannot reshard MoE checkpoints, DeepSpeed issue 5716), its module files in the
+engine's dtype. So each save also writes, per expert-parallel rank, `elastic_rank<r>.pt`: every parameter's
+fp32 weight (the optimizer's master under bf16) and AdamW moments, assembled from their ZeRO partitions,
+under the parameter's name on that rank, plus the AdamW step count. Ranks 0..ep-1 hold every expert once
+(DeepSpeed's expert-parallel layout), rank 0 the dense parameters too.
+
+Read back, the files become one state in DeepSpeed's per-expert form with GLOBAL expert ids (the names of a
+model at expert parallelism 1), which any topology can take its share of: `mmolre export` takes the fp32
+weights, and a resume under another world size or expert-parallel size puts weights, moments and step back
+into the new engine's optimizer partitions, regrouped by global expert id.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import warnings
+
+import torch
+
+PREFIX = "elastic_rank"
+MOMENTS = ("exp_avg", "exp_avg_sq")   # AdamW's per-parameter state
+# Expert parameter names: the stacked experts' ("...experts.down_weight", [local experts, ...]) and
+# DeepSpeed's per-expert form ("...experts.deepspeed_experts.<id>.down.weight"), which checkpoints use.
+_STACKED = re.compile(r"^(.*\.deepspeed_moe\.experts\.)(down|up)_(weight|bias)$")
+_PER_EXPERT = re.compile(r"^(.*\.deepspeed_moe\.experts\.deepspeed_experts\.)(\d+)(\..*)$")
+
+
+def files(tag_dir: str) -> list[str]:
+    return glob.glob(os.path.join(tag_dir, f"{PREFIX}*.pt"))
+
+
+def _zero(engine):
+    """DeepSpeed's ZeRO 1/2 optimizer (fp32 partitions linked to each parameter), or None."""
+    opt = engine.optimizer
+    return opt if hasattr(opt, "single_partition_of_fp32_groups") else None
+
+
+def _plain(engine):
+    """A torch optimizer stepping the module's own (fp32) parameters: ZeRO stage 0, or None."""
+    opt = engine.optimizer
+    return opt if isinstance(opt, torch.optim.Optimizer) and not _zero(engine) else None
+
+
+def _adam_step(optimizer: torch.optim.Optimizer) -> int:
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def gather(engine, rank: int) -> dict | None:
+    """This rank's share of the state: its experts, and on rank 0 the dense parameters too. Under ZeRO each
+    value is assembled from its partitions (a collective over the parameter's data-parallel or
+    expert-data-parallel group), so every rank calls this, in the same order. None (the same on every rank)
+    for an optimizer this does not know (DeepSpeed's stage-0 low-precision or bf16 optimizers)."""
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    zero, plain = _zero(engine), _plain(engine)
+    if zero is None and plain is None:
+        warnings.warn(f"{type(engine.optimizer).__name__}: no topology-free state is saved; a resume under "
+                      f"another topology will reset the optimizer", stacklevel=2)
+        return None
+    moments_ready = bool(zero.optimizer.state) if zero else True
+    if zero and moments_ready:
+        # DeepSpeed links each parameter to its slice of the AdamW state once, right after stepping the FIRST
+        # parameter group on the first step, when the other groups' state does not exist yet; link again.
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+    params = {}
+    for name, param in engine.module.named_parameters():
+        if zero:
+            entry = {"fp32": safe_get_full_fp32_param(param)}
+            if moments_ready:
+                entry.update({k: safe_get_full_optimizer_state(param, k) for k in MOMENTS})
+        else:
+            state = plain.state.get(param, {})
+            entry = {"fp32": param.detach(), **{k: state[k] for k in MOMENTS if k in state}}
+        if is_moe_param(param) or rank == 0:
+            params[name] = {k: v.detach().float().cpu().clone() for k, v in entry.items()}
+    step = _adam_step(zero.optimizer if zero else plain)
+    return {"params": params, "step": step}
+
+
+def read(tag_dir: str, ep_size: int, num_experts: int) -> dict | None:
+    """The checkpoint's state with global expert ids: {"params": {per-expert name: {"fp32", moments...}},
+    "step": n}; None where the checkpoint has none."""
+    paths = [os.path.join(tag_dir, f"{PREFIX}{r}.pt") for r in range(ep_size)]
+    present = [os.path.isfile(p) for p in paths]
+    if not any(present):
+        return None
+    if not all(present):
+        raise FileNotFoundError(f"{tag_dir}: the state files of expert-parallel ranks "
+                                f"{[r for r, ok in enumerate(present) if not ok]} are missing")
+    per_rank = num_experts // ep_size
+    params, step = {}, 0
+    for ep_rank, path in enumerate(paths):
+        # memory-mapped: a rank reads only the tensors it uses, not every rank's file into memory
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        step = max(step, saved["step"])
+        for name, entry in saved["params"].items():
+            stacked, single = _STACKED.match(name), _PER_EXPERT.match(name)
+            if stacked:
+                prefix, kind, what = stacked.groups()
+                for i in range(entry["fp32"].shape[0]):
+                    params[f"{prefix}deepspeed_experts.{ep_rank * per_rank + i}.{kind}.{what}"] = {
+                        k: v[i] for k, v in entry.items()}
+            elif single:
+                prefix, local, rest = single.groups()
+                params[f"{prefix}{ep_rank * per_rank + int(local)}{rest}"] = entry
+            else:
+                params[name] = entry
+    return {"params": params, "step": step}
+
+
+def share_of(model, params: dict, ep_size: int, ep_rank: int) -> dict[str, dict[str, torch.Tensor]]:
+    """{parameter name of this rank's model: {"fp32", moments...}} from the global state."""
+    per_rank = model.cfg.num_experts // ep_size
+    out = {}
+    for name, param in model.named_parameters():
+        stacked, single = _STACKED.match(name), _PER_EXPERT.match(name)
+        if stacked:
+            prefix, kind, what = stacked.groups()
+            entries = [params[f"{prefix}deepspeed_experts.{ep_rank * per_rank + i}.{kind}.{what}"]
+                       for i in range(param.shape[0])]
+            entry = {k: torch.stack([e[k] for e in entries]) for k in entries[0]}
+        elif single:
+            prefix, local, rest = single.groups()
+            entry = params[f"{prefix}{ep_rank * per_rank + int(local)}{rest}"]
+        else:
+            entry = params[name]
+        out[name] = {k: v.to(param.device) for k, v in entry.items()}
+    return out
+
+
+def restore(engine, tag_dir: str, saved_ep_size: int, ep_size: int, ep_rank: int) -> str | None:
+    """Put the checkpoint's state into an engine of another topology, after DeepSpeed's weights-only load:
+    the fp32 weights into the module and the optimizer's partitions (DeepSpeed rebuilt those from the
+    module's possibly-bf16 weights), and the AdamW moments and step where the checkpoint has them. Each rank
+    fills its own partitions (no collective). Returns what was restored ("weights and optimizer",
+    "weights"), or None where the checkpoint or this engine's optimizer has no such state."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    zero, plain = _zero(engine), _plain(engine)
+    state = read(tag_dir, saved_ep_size, engine.module.cfg.num_experts)
+    if state is None or (zero is None and plain is None):
+        return None
+    share = share_of(engine.module, state["params"], ep_size, ep_rank)
+    with_moments = all(set(MOMENTS) <= set(entry) for entry in share.values())
+    if zero and with_moments:   # AdamW's state is created lazily at the first step: create it now
+        basic = zero.optimizer
+        for flat in zero.single_partition_of_fp32_groups:
+            basic.state[flat] = {"step": torch.tensor(float(state["step"])), **{k: torch.zeros_like(flat)
+                                                                             for k in MOMENTS}}
+        zero._lazy_init_hp_params_optimizer_state()
+    params = dict(engine.module.named_parameters())
+    for name, entry in share.items():
+        param = params[name]
+        with torch.no_grad():
+            param.copy_(entry["fp32"])   # the module's copy (rounded again where it is bf16)
+        if zero:
+            safe_set_full_fp32_param(param, entry["fp32"])
+            if with_moments:
+                for k in MOMENTS:
+                    safe_set_full_optimizer_state(param, entry[k], k)
+        elif with_moments:
+            plain.state[param] = {"step": torch.tensor(float(state["step"])),
+                                  **{k: entry[k].clone() for k in MOMENTS}}
+    return "weights and optimizer" if with_moments else "weights"
