@@ -126,6 +126,22 @@ def expert_parallel_rank(rank: int, ep_size: int) -> int:
     return rank % ep_size
 
 
+def describe_expert_parallel_groups(world_size: int, ep_size: int, hosts: list[str]) -> str:
+    """Which ranks exchange rows by all-to-all, and on which hosts (DeepSpeed's layout: consecutive ranks),
+    e.g. "[0, 1] on node0 | [2, 3] on node1", or "[0, 1, 2, 3] across node0 (0, 1), node1 (2, 3)"."""
+    parts = []
+    for start in range(0, world_size, ep_size):
+        ranks = list(range(start, start + ep_size))
+        on = {}
+        for r in ranks:
+            on.setdefault(hosts[r], []).append(r)
+        if len(on) == 1:
+            parts.append(f"{ranks} on {hosts[start]}")
+        else:
+            parts.append(f"{ranks} across " + ", ".join(f"{h} ({', '.join(map(str, rs))})" for h, rs in on.items()))
+    return " | ".join(parts)
+
+
 def _live() -> bool:
     return dist.is_available() and dist.is_initialized()
 

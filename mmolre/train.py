@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, field, fields
 
@@ -127,6 +128,9 @@ class Trainer:
         acc = get_accelerator()
         self.device = torch.device(acc.device_name(info.local_rank) if acc.device_name() != "cpu" else "cpu")
         self.ep_size = distributed.choose_ep_size(t.ep_size, info.world_size, m.num_experts, info.local_world_size)
+        hosts = distributed.all_gather(socket.gethostname(), info)
+        log(info, f"expert-parallel groups (all-to-all): "
+                  f"{distributed.describe_expert_parallel_groups(info.world_size, self.ep_size, hosts)}")
         self.run_dir = resolve_run_dir(cfg, info)
         self.ckpt_dir = checkpoint.checkpoint_dir(self.run_dir)
         point_tensorboard(ds_config, tensorboard_dir(self.run_dir))

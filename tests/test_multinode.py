@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from tests.launcher import ROOT, TINY, environment, free_port
+from tests.launcher import ROOT, TINY, environment, final_weights, free_port, results, run_deepspeed
+from tests.test_configurations import scalars
 
 
 def launch_nodes(tmp, args, ranks_per_node=1, private_runs_on=(), timeout=300):
@@ -51,3 +53,63 @@ def test_nodes_that_do_not_share_the_checkpoint_directory_stop_at_the_first_save
         assert "rank 0 on" in out and "sees no files of rank(s) [1]" in out
         assert "must be on a file system every rank shares" in out
     assert not list((tmp_path / "runs" / "split" / "checkpoints").glob("*/mmolre_complete.json"))
+
+
+# ---- two hosts: network namespaces with their own addresses and hostnames (tests/cluster/nodes.sh) ------
+NODES = os.path.join(ROOT, "tests", "cluster", "nodes.sh")
+# No dropout and no aux loss (both per rank), so 4 ranks x micro 4 and 1 process x micro 16 train on the
+# same 16 samples per step and must follow the same trajectory.
+SAME = ["--dropout", "0", "--aux_loss_weight", "0", "--epochs", "1", "--max_steps", "6", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    needs_root()
+    subprocess.run([NODES, "up"], check=True, capture_output=True)
+    yield ["mmolre-node0", "mmolre-node1"]
+    subprocess.run([NODES, "down"], check=True, capture_output=True)
+
+
+def launch_on_hosts(tmp, args, ranks_per_node=2, timeout=300):
+    """One `deepspeed --no_ssh --node_rank N` per host, each inside its host's namespace."""
+    hostfile = tmp / "hostfile"
+    hostfile.write_text("".join(f"mmolre-node{n} slots={ranks_per_node}\n" for n in range(2)))
+    port = free_port()
+    procs = [subprocess.Popen(
+        [NODES, "run", str(node), sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+         "--no_ssh", "--node_rank", str(node), "--master_addr", "mmolre-node0", "--master_port", str(port),
+         "launch.py", *TINY, "--output_dir", str(tmp / "runs"), *args],
+        cwd=ROOT, env=environment(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in range(2)]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one")
+    run_deepspeed(tmp, "--run_name", "one", "--batch_size", "16", *SAME, procs=1)
+    return tmp / "runs" / "one"
+
+
+@pytest.mark.parametrize("ep_size, groups", [
+    (0, "[0, 1] on mmolre-node0 | [2, 3] on mmolre-node1"),
+    (4, "[0, 1, 2, 3] across mmolre-node0 (0, 1), mmolre-node1 (2, 3)")],
+    ids=["default-ep-within-a-node", "ep4-across-nodes"])
+def test_two_hosts_with_two_ranks_each_train_like_one_process(two_hosts, one_process, tmp_path, ep_size, groups):
+    node0, _ = launch_on_hosts(tmp_path, ["--run_name", "two", "--batch_size", "4", "--ep_size", str(ep_size), *SAME])
+    assert f"expert-parallel groups (all-to-all): {groups}" in node0
+    run = tmp_path / "runs" / "two"
+    assert results(run)["world_size"] == 4 and results(run)["ep_size"] == (ep_size or 2)
+    for tag in ("loss/total", "loss/sentiment", "train/grad_norm", "train/lr"):
+        mine, ref = dict(scalars(run, tag)), dict(scalars(one_process, tag))
+        assert sorted(mine) == sorted(ref) == [1, 2, 3, 4, 5, 6], tag
+        assert [mine[s] for s in sorted(mine)] == pytest.approx([ref[s] for s in sorted(ref)], rel=1e-4), tag
+    (_, a), (_, b) = final_weights(run), final_weights(one_process)
+    # The losses and norms above are the exact check. The weights differ by reduction order only, but
+    # without an aux loss the routers' last layer gets tiny gradients, whose rounding noise Adam turns into
+    # steps of up to ~lr/10 (seen: 1e-4 on a router bias); anything else is within ~1e-5.
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=3e-4, msg=lambda m: f"{key}: {m}")

@@ -12,7 +12,9 @@ mkdir -p "$STATE"
 
 install() {
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq munge slurmctld slurmd slurm-client >/dev/null
+  # iproute2 and util-linux: the namespaces of tests/cluster/nodes.sh (two hosts on one machine)
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq munge slurmctld slurmd slurm-client iproute2 util-linux \
+    >/dev/null
 }
 
 start() {
