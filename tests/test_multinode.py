@@ -64,10 +64,14 @@ SAME = ["--dropout", "0", "--aux_loss_weight", "0", "--epochs", "1", "--max_step
 
 @pytest.fixture(scope="module")
 def two_hosts():
+    """The two hosts, brought up here unless they already are (tests/slurm/cluster.sh keeps them up for its
+    slurmds); removed afterwards only if brought up here."""
     needs_root()
+    already = "mmolre-node0" in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     subprocess.run([NODES, "up"], check=True, capture_output=True)
     yield ["mmolre-node0", "mmolre-node1"]
-    subprocess.run([NODES, "down"], check=True, capture_output=True)
+    if not already:
+        subprocess.run([NODES, "down"], check=True, capture_output=True)
 
 
 def launch_on_hosts(tmp, args, ranks_per_node=2, timeout=300):

@@ -115,8 +115,10 @@ def test_sweep_array_and_report(tmp_path):
     assert os.path.getsize(tmp_path / "sweep_vs_experts.png") > 0
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
-    job = submit(tmp_path, "slurm/single_node.sbatch", "--epochs", "4")
+def preempt_and_resume(tmp_path, script, sbatch=(), epochs=4):
+    """Submit, let the run start, send what Slurm sends before a preemption or the time limit, and let the
+    requeued job finish; returns the job id, its log and the run's results."""
+    job = submit(tmp_path, script, "--epochs", str(epochs), sbatch=sbatch)
     run = tmp_path / "runs" / f"job{job}"
     start = time.time()
     while not glob.glob(str(run / "tensorboard" / "events.*")):
@@ -139,10 +141,34 @@ def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
     assert f"restart 1 of job {job}" in log
     saved = int(log.split("saved ")[1].split(" at step ")[1].split(";")[0])
     assert f"resumed from {run}/checkpoints/step{saved:08d}: " in log
-    r = json.loads((run / "results.json").read_text())
-    assert r["train"]["epochs"] == 4 and r["global_step"] == 4 * 20    # the global step continued
     info = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     assert "Restarts=1" in info
+    return job, log, json.loads((run / "results.json").read_text())
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(tmp_path):
+    _, _, r = preempt_and_resume(tmp_path, "slurm/single_node.sbatch")
+    assert r["train"]["epochs"] == 4 and r["global_step"] == 4 * 20    # the global step continued
+
+
+# ---- two hosts (partition `two`: the network namespaces of tests/cluster/nodes.sh, a slurmd each) ------
+TWO_HOSTS = ["--partition=two", "--nodes=2"]
+GROUPS = "expert-parallel groups (all-to-all): [0, 1] on mmolre-node0 | [2, 3] on mmolre-node1"
+
+
+def test_many_nodes_script_on_two_hosts_with_two_tasks_each(tmp_path):
+    job = submit(tmp_path, "slurm/multi_node.sbatch", "--epochs", "1", sbatch=TWO_HOSTS)
+    assert wait_done(job) == ["COMPLETED"], log_of(tmp_path, job)
+    log = log_of(tmp_path, job)
+    assert GROUPS in log   # srun's ranks: 0, 1 on the first host, 2, 3 on the second; ep 2 stays in a host
+    r = json.loads((tmp_path / "runs" / f"job{job}" / "results.json").read_text())
+    assert r["world_size"] == 4 and r["ep_size"] == 2
+
+
+def test_a_two_host_job_is_preempted_requeued_and_resumed_on_both_hosts(tmp_path):
+    _, log, r = preempt_and_resume(tmp_path, "slurm/multi_node.sbatch", sbatch=TWO_HOSTS)
+    assert log.count(GROUPS) == 2                                       # the first run and the resumed one
+    assert r["world_size"] == 4 and r["train"]["epochs"] == 4 and r["global_step"] == 4 * 10
 
 
 def test_a_job_the_cluster_cannot_run_fails_at_once_naming_the_reason(tmp_path):

@@ -6,7 +6,7 @@
 #
 #   tests/cluster/nodes.sh up            # create (idempotent)
 #   tests/cluster/nodes.sh run N CMD...  # run CMD on node N (its namespace, hostname mmolre-nodeN)
-#   tests/cluster/nodes.sh addr N        # node N's address
+#   tests/cluster/nodes.sh addr N        # node N's address (bridge_addr: this host's, on the bridge)
 #   tests/cluster/nodes.sh down          # remove namespaces, bridge, /etc/hosts lines
 set -euo pipefail
 BRIDGE=mmolre-br
@@ -14,6 +14,7 @@ NET=10.77.0
 MARK="# mmolre test node"
 
 addr() { echo "$NET.$(( $1 + 1 ))"; }
+bridge_addr() { echo "$NET.254"; }   # the root namespace's address on the bridge (e.g. for slurmctld)
 
 up() {
   ip link show "$BRIDGE" >/dev/null 2>&1 || {
@@ -40,8 +41,9 @@ up() {
 }
 
 run() {
+  # nsenter, not `ip netns exec`: that remounts /sys for the namespace, hiding the cgroup mounts slurmd needs
   local n=$1; shift
-  exec ip netns exec "mmolre-node$n" unshare --uts sh -c "hostname mmolre-node$n && exec \"\$@\"" sh "$@"
+  exec nsenter --net="/run/netns/mmolre-node$n" unshare --uts sh -c "hostname mmolre-node$n && exec \"\$@\"" sh "$@"
 }
 
 down() {

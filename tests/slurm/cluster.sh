@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# A one-node Slurm cluster on this machine (as root; proctrack/linuxproc, no cgroups), for the Slurm tests
-# and for trying the slurm/ scripts locally.
+# A Slurm cluster on this machine (as root; proctrack/linuxproc, no cgroups), for the Slurm tests and for
+# trying the slurm/ scripts locally: partition `debug` (default) is this host; partition `two` is two more
+# hosts, the network namespaces of tests/cluster/nodes.sh (own addresses and hostnames), each with a slurmd
+# of its own under the one slurmctld.
 #
 #   tests/slurm/cluster.sh install   # apt-get the packages (Debian: munge, slurmctld, slurmd, slurm-client)
-#   tests/slurm/cluster.sh start     # munged + slurmctld + slurmd; waits until the node is idle
+#   tests/slurm/cluster.sh start     # munged, the two hosts, slurmctld, 3 slurmds; waits until all are idle
 #   tests/slurm/cluster.sh status
-#   tests/slurm/cluster.sh stop      # stops every daemon this script started
+#   tests/slurm/cluster.sh stop      # stops every daemon this script started and removes the two hosts
 set -euo pipefail
 STATE=/run/mmolre-slurm
 mkdir -p "$STATE"
@@ -27,13 +29,16 @@ start() {
     munged --force
     pgrep -x munged > "$STATE/munged.pid"
   fi
+  local nodes
+  nodes="$(dirname "$0")/../cluster/nodes.sh"
+  "$nodes" up
   local host cpus mem
   host=$(hostname -s)
   cpus=$(nproc --all)   # the hardware's count: plain nproc honours OMP_NUM_THREADS, often 1 on clusters
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
   cat > /etc/slurm/slurm.conf <<CONF
 ClusterName=mmolre
-SlurmctldHost=$host
+SlurmctldHost=$host($("$nodes" bridge_addr))
 SlurmUser=root
 AuthType=auth/munge
 ProctrackType=proctrack/linuxproc
@@ -42,35 +47,45 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=/var/log/slurmctld.log
-SlurmdLogFile=/var/log/slurmd.log
+SlurmdLogFile=/var/log/slurmd-%n.log
 ReturnToService=2
 MpiDefault=none
 JobRequeue=1
 NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=mmolre-node0 NodeAddr=$("$nodes" addr 0) CPUs=$cpus RealMemory=$mem State=UNKNOWN
+NodeName=mmolre-node1 NodeAddr=$("$nodes" addr 1) CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+PartitionName=two Nodes=mmolre-node0,mmolre-node1 MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
+  mkdir -p /var/spool/slurmd/$host /var/spool/slurmd/mmolre-node0 /var/spool/slurmd/mmolre-node1
   pgrep -x slurmctld >/dev/null || slurmctld
-  pgrep -x slurmd >/dev/null || slurmd
+  [ -f "$STATE/slurmd-$host.pid" ] && kill -0 "$(cat "$STATE/slurmd-$host.pid")" 2>/dev/null || slurmd -N "$host"
+  for n in 0 1; do   # each in its host's namespace, under its hostname
+    [ -f "$STATE/slurmd-mmolre-node$n.pid" ] && kill -0 "$(cat "$STATE/slurmd-mmolre-node$n.pid")" 2>/dev/null ||
+      "$nodes" run "$n" slurmd -N "mmolre-node$n"
+  done
   for _ in $(seq 60); do
-    if sinfo -h -o %t 2>/dev/null | grep -qE '^(idle|mix|alloc)'; then sinfo; return 0; fi
+    if [ "$(sinfo -h -N -o '%N %t' 2>/dev/null | grep -cE ' (idle|mix|alloc)$')" -eq 3 ]; then sinfo; return 0; fi
     sleep 1
   done
-  echo "the Slurm node did not come up; see /var/log/slurmctld.log and /var/log/slurmd.log" >&2
+  sinfo -N >&2 || true
+  echo "the Slurm nodes did not come up; see /var/log/slurmctld.log and /var/log/slurmd-*.log" >&2
   exit 1
 }
 
 stop() {
-  for d in slurmd slurmctld; do
-    [ -f "$STATE/$d.pid" ] && kill "$(cat "$STATE/$d.pid")" 2>/dev/null || true
-    rm -f "$STATE/$d.pid"
+  for pidfile in "$STATE"/slurmd-*.pid "$STATE/slurmctld.pid"; do
+    [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    rm -f "$pidfile"
   done
   pkill -x slurmd 2>/dev/null || true
   pkill -x slurmctld 2>/dev/null || true
   if [ -f "$STATE/munged.pid" ]; then kill "$(cat "$STATE/munged.pid")" 2>/dev/null || true; rm -f "$STATE/munged.pid"; fi
+  "$(dirname "$0")/../cluster/nodes.sh" down
 }
 
 status() { sinfo && squeue; }
