@@ -91,7 +91,7 @@ def save(engine, ckpt_dir: str, tag: str, client_state: dict, info, ep_size: int
     distributed.barrier(info)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
     torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
-    state = elastic.gather(engine, rank)   # a collective: every rank takes part
+    state = elastic.gather(engine, info)   # a collective: every rank takes part
     if state is not None and rank < ep_size:   # ranks 0..ep-1 hold every expert once (DeepSpeed's layout)
         torch.save(state, os.path.join(ckpt_dir, tag, f"{elastic.PREFIX}{rank}.pt"))
     distributed.barrier(info)

@@ -62,7 +62,9 @@ def _predict(args) -> int:
 
 def _reshard(args) -> int:
     """Run the trainer's own resume under the target topology in CPU processes (the deepspeed launcher,
-    gloo) and save the checkpoint laid out for it: no GPU and no training needed."""
+    gloo) and save the checkpoint laid out for it: no GPU and no training needed. It reads the run's data
+    (for the schedule's plan), so run it where the training ran: relative paths in config.json resolve
+    against the current directory."""
     import subprocess
     import tempfile
     from .config import RunConfig
@@ -75,17 +77,16 @@ def _reshard(args) -> int:
     cfg = RunConfig.from_dict(recorded)
     cfg.train.resume, cfg.train.reshard_only, cfg.train.ep_size = True, True, args.ep_size
     cfg.train.output_dir, cfg.train.run_name = os.path.dirname(run_dir), os.path.basename(run_dir)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(ds_config, f)
     cfg.train.ds_config = f.name
     flags = [f"--{name}={value}" for section in cfg.to_dict().values() for name, value in section.items()
              if value is not None]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.world_size),
-           "--master_port", str(free_port()), os.path.join(root, "launch.py"), *flags]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+           "--master_port", str(free_port()), "--module", "mmolre.launcher", *flags]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     try:
-        done = subprocess.run(cmd, cwd=root, env=env)
+        done = subprocess.run(cmd, env=env)
     finally:
         os.unlink(f.name)
     return done.returncode

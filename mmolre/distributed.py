@@ -118,7 +118,9 @@ def choose_ep_size(requested: int, world_size: int, num_experts: int, ranks_per_
             raise ValueError(f"--num_experts {num_experts} is not divisible by --ep_size {requested}")
         return requested
     limit = math.gcd(world_size, num_experts)
-    return max(e for e in range(1, limit + 1) if limit % e == 0 and e <= max(1, ranks_per_node))
+    per_node = max(1, ranks_per_node)
+    # groups are consecutive ranks: a size that divides the ranks of a node keeps every group inside one
+    return max(e for e in range(1, limit + 1) if limit % e == 0 and per_node % e == 0)
 
 
 def expert_parallel_rank(rank: int, ep_size: int) -> int:

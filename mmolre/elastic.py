@@ -34,9 +34,18 @@ def files(tag_dir: str) -> list[str]:
 
 
 def _zero(engine):
-    """DeepSpeed's ZeRO 1/2 optimizer (fp32 partitions linked to each parameter), or None."""
+    """DeepSpeed's ZeRO 1/2 optimizer, or its bf16 optimizer (bf16 ZeRO-1 accumulating in fp32): fp32
+    partitions linked to each parameter, stepped by a torch optimizer (`.optimizer`). None otherwise."""
     opt = engine.optimizer
-    return opt if hasattr(opt, "single_partition_of_fp32_groups") else None
+    return opt if _flat_partitions(opt) is not None else None
+
+
+def _flat_partitions(opt) -> list | None:
+    """The fp32 partitions the torch optimizer steps (one per parameter group), under either name."""
+    for name in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(opt, name):
+            return getattr(opt, name)
+    return None
 
 
 def _plain(engine):
@@ -52,19 +61,22 @@ def _adam_step(optimizer: torch.optim.Optimizer) -> int:
     return 0
 
 
-def gather(engine, rank: int) -> dict | None:
+def gather(engine, info) -> dict | None:
     """This rank's share of the state: its experts, and on rank 0 the dense parameters too. Under ZeRO each
     value is assembled from its partitions (a collective over the parameter's data-parallel or
     expert-data-parallel group), so every rank calls this, in the same order. None (the same on every rank)
     for an optimizer this does not know (DeepSpeed's stage-0 low-precision or bf16 optimizers)."""
     from deepspeed.moe.utils import is_moe_param
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from . import distributed
     zero, plain = _zero(engine), _plain(engine)
     if zero is None and plain is None:
         warnings.warn(f"{type(engine.optimizer).__name__}: no topology-free state is saved; a resume under "
                       f"another topology will reset the optimizer", stacklevel=2)
         return None
-    moments_ready = bool(zero.optimizer.state) if zero else True
+    # Every rank must make the same number of collectives per parameter: agree whether moments exist.
+    missing = torch.tensor(0.0 if (zero.optimizer.state if zero else True) else 1.0)
+    moments_ready = float(distributed.all_reduce(missing, info, "max")) == 0.0
     if zero and moments_ready:
         # DeepSpeed links each parameter to its slice of the AdamW state once, right after stepping the FIRST
         # parameter group on the first step, when the other groups' state does not exist yet; link again.
@@ -72,6 +84,8 @@ def gather(engine, rank: int) -> dict | None:
         zero._lazy_init_hp_params_optimizer_state()
     params = {}
     for name, param in engine.module.named_parameters():
+        if not param.requires_grad:   # not trained: its value is in DeepSpeed's model files
+            continue
         if zero:
             entry = {"fp32": safe_get_full_fp32_param(param)}
             if moments_ready:
@@ -79,7 +93,7 @@ def gather(engine, rank: int) -> dict | None:
         else:
             state = plain.state.get(param, {})
             entry = {"fp32": param.detach(), **{k: state[k] for k in MOMENTS if k in state}}
-        if is_moe_param(param) or rank == 0:
+        if is_moe_param(param) or info.rank == 0:
             params[name] = {k: v.detach().float().cpu().clone() for k, v in entry.items()}
     step = _adam_step(zero.optimizer if zero else plain)
     return {"params": params, "step": step}
@@ -121,6 +135,8 @@ def share_of(model, params: dict, ep_size: int, ep_rank: int) -> dict[str, dict[
     per_rank = model.cfg.num_experts // ep_size
     out = {}
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         stacked, single = _STACKED.match(name), _PER_EXPERT.match(name)
         if stacked:
             prefix, kind, what = stacked.groups()
@@ -147,13 +163,18 @@ def restore(engine, tag_dir: str, saved_ep_size: int, ep_size: int, ep_rank: int
     state = read(tag_dir, saved_ep_size, engine.module.cfg.num_experts)
     if state is None or (zero is None and plain is None):
         return None
-    share = share_of(engine.module, state["params"], ep_size, ep_rank)
+    try:
+        share = share_of(engine.module, state["params"], ep_size, ep_rank)
+    except KeyError as e:
+        raise ValueError(f"{tag_dir}: the checkpoint's state has no parameter {e}; was it written by a model of "
+                         f"another configuration (--num_experts, --blocks, modalities ...)?") from None
     with_moments = all(set(MOMENTS) <= set(entry) for entry in share.values())
     if zero and with_moments:   # AdamW's state is created lazily at the first step: create it now
         basic = zero.optimizer
-        for flat in zero.single_partition_of_fp32_groups:
+        for flat in _flat_partitions(zero):
             basic.state[flat] = {"step": torch.tensor(float(state["step"])), **{k: torch.zeros_like(flat)
                                                                              for k in MOMENTS}}
+        zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
     params = dict(engine.module.named_parameters())
     for name, entry in share.items():

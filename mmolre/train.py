@@ -140,7 +140,7 @@ class Trainer:
             log(info, SYNTHETIC_NOTICE)
         for name, meta in self.data.sources.items():
             log(info, describe_source(name, meta, self.data.modalities))
-        if info.is_main:
+        if info.is_main and not t.reshard_only:   # a reshard keeps the run's own record
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 json.dump({**cfg.to_dict(), "ds_config": ds_config}, f, indent=1)
@@ -215,6 +215,10 @@ class Trainer:
         restored = current and elastic.restore(self.engine, os.path.join(self.ckpt_dir, tag), marker["ep_size"],
                                                self.ep_size,
                                                distributed.expert_parallel_rank(self.info.rank, self.ep_size))
+        if self.cfg.train.reshard_only and restored != "weights and optimizer":
+            raise ConfigError(f"--reshard_only: {self.ckpt_dir}/{tag} holds no topology-free optimizer state (written "
+                              f"by an earlier version, or before the first step); resharding would reset the "
+                              f"optimizer, so nothing was written. Resume it with --resume instead")
         self.engine.lr_scheduler.load_state_dict(self.state.schedule or {   # earlier versions saved no plan
             "samples": self.state.train_samples, "last_epoch": self.state.global_step})
         why = (f"saved with world size {marker['world_size']} / expert parallel {marker['ep_size']}, now "
@@ -227,19 +231,24 @@ class Trainer:
                        f"{self.state.epoch_samples:,} of its order")
 
     def reshard(self) -> None:
-        """Save the state just resumed under its own tag, laid out for this topology. The tag's old files
-        are kept aside until the new ones are complete, so a failure leaves the checkpoint as it was."""
+        """Save the state just resumed under its own tag, laid out for this topology. The tag's old files are
+        moved aside first and moved back if the save fails, so a failure leaves the checkpoint as it was."""
         tag = checkpoint.tag_for(self.state.global_step)
         original, aside = os.path.join(self.ckpt_dir, tag), os.path.join(self.ckpt_dir, tag + ".before-reshard")
         if self.info.is_main:
-            shutil.rmtree(aside, ignore_errors=True)
-            shutil.copytree(original, aside)
+            os.replace(original, aside)
         distributed.barrier(self.info)
-        self.save()
+        try:
+            self.save()
+        except BaseException:
+            if self.info.is_main:
+                shutil.rmtree(original, ignore_errors=True)
+                os.replace(aside, original)
+            raise
         if self.info.is_main:
             shutil.rmtree(aside)
         log(self.info, f"resharded {original} for world size {self.info.world_size} / expert parallel "
-                       f"{self.ep_size}: resume with that topology to continue with everything DeepSpeed saves")
+                       f"{self.ep_size}: resume with that topology to continue with DeepSpeed's own full load")
 
     def _done(self) -> bool:
         """--max_steps reached: its sample budget (the same steps under the first start's batch size)."""

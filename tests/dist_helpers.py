@@ -1,4 +1,5 @@
 """Workers for the multi-process tests (spawned, so they must live in an importable module)."""
+import dataclasses
 import json
 import os
 
@@ -325,7 +326,7 @@ def elastic_resume_worker(rank: int, world: int, port: int, run_dir: str, out_pa
         checkpoint.load(engine, ckpt_dir, tag, rank, weights_only=True)
         refreshed = {n: safe_get_full_fp32_param(p).cpu().clone() for n, p in model.named_parameters()}
         restored = elastic.restore(engine, os.path.join(ckpt_dir, tag), marker["ep_size"], ep_size, rank % ep_size)
-        gathered = elastic.gather(engine, 0)   # as rank 0 would write it: every parameter this rank holds
+        gathered = elastic.gather(engine, dataclasses.replace(info, rank=0))   # every parameter this rank holds
         record[stage] = {"restored": restored, "refreshed": refreshed, "state": gathered,
                          "module": {n: p.detach().cpu().clone() for n, p in model.named_parameters()}}
     _save_from_main(record, info, out_path)

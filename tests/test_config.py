@@ -33,7 +33,8 @@ def test_flags_fill_the_dataclasses_and_round_trip():
 
 
 @pytest.mark.parametrize("requested, world, experts, per_node, expected", [
-    (0, 2, 8, 2, 2), (0, 1, 8, 1, 1), (0, 16, 64, 8, 8), (0, 8, 6, 8, 2), (0, 4, 7, 4, 1), (2, 4, 8, 4, 2)])
+    (0, 2, 8, 2, 2), (0, 1, 8, 1, 1), (0, 16, 64, 8, 8), (0, 8, 6, 8, 2), (0, 4, 7, 4, 1), (2, 4, 8, 4, 2),
+    (0, 12, 4, 3, 1)])   # 3 ranks a node: a group of 2 consecutive ranks would span two nodes
 def test_expert_parallel_size_rule(requested, world, experts, per_node, expected):
     assert choose_ep_size(requested, world, experts, per_node) == expected
 

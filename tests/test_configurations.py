@@ -198,6 +198,7 @@ def test_an_elastic_resume_4_4_then_2_2_then_4_2_trains_like_an_uninterrupted_ru
     last = run_deepspeed(tmp_path, "--run_name", "elastic", "--batch_size", "4", "--ep_size", "2", *ELASTIC,
                          "--resume", procs=4)
     assert "world size 2 / expert parallel 2, now 4 / 2" in last.stdout
+    assert "AdamW moments and step of every parameter were carried over" in last.stdout
     straight = tmp_path / "runs" / "straight"
     assert results(run)["global_step"] == results(straight)["global_step"] == 40
     lr = dict(scalars(run, "train/lr"))
@@ -214,9 +215,17 @@ def test_an_elastic_resume_4_4_then_2_2_then_4_2_trains_like_an_uninterrupted_ru
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=3e-4, msg=lambda m: f"{key}: {m}")
     # offline: the finished 4/4 run laid out for 2/2, which then resumes it as its own (DeepSpeed's full load)
+    from mmolre import elastic
+    tag = complete_tags(straight)[-1]
+    before = elastic.read(str(straight / "checkpoints" / tag), 4, 8)
     subprocess.run([sys.executable, "-m", "mmolre.cli", "reshard", str(straight), "--world_size", "2",
                     "--ep_size", "2"], cwd=ROOT, env=environment(tmp_path), check=True, capture_output=True)
-    tag = complete_tags(straight)[-1]
+    assert complete_tags(straight)[-1] == tag
+    after = elastic.read(str(straight / "checkpoints" / tag), 2, 8)   # written by the 2/2 engine
+    assert after["step"] == before["step"] == 40 and after["params"].keys() == before["params"].keys()
+    for name, entry in before["params"].items():
+        for k, v in entry.items():
+            assert torch.equal(after["params"][name][k], v), (name, k)
     marker = json.loads((straight / "checkpoints" / tag / "mmolre_complete.json").read_text())
     assert (marker["world_size"], marker["ep_size"], marker["step"]) == (2, 2, 40)
     assert not list((straight / "checkpoints").glob("*before-reshard*"))

@@ -213,3 +213,20 @@ def test_a_checkpoint_of_an_earlier_version_resumes_its_weights_saying_so(refere
     assert "WEIGHTS ONLY: the optimizer state was reset" in proc.stdout and "written by an earlier version" in proc.stdout
     for k, v in results(ref)["test"]["sentiment"].items():
         assert results(run)["test"]["sentiment"][k] == pytest.approx(v, abs=1e-6), k
+
+
+def test_reshard_refuses_a_checkpoint_without_optimizer_state_and_leaves_it_as_it_was(reference, tmp_path):
+    _, ref = reference
+    run = tmp_path / "runs" / "ref"
+    shutil.copytree(ref, run)
+    tag_dir = run / "checkpoints" / complete_tags(run)[-1]
+    for path in tag_dir.glob("elastic_rank*.pt"):   # what an earlier version's checkpoint lacks
+        path.unlink()
+    files = sorted(p.name for p in tag_dir.iterdir())
+    config = (run / "config.json").read_text()
+    proc = subprocess.run([sys.executable, "-m", "mmolre.cli", "reshard", str(run), "--world_size", "1",
+                           "--ep_size", "1"], cwd=ROOT, env=environment(tmp_path), capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "holds no topology-free optimizer state" in proc.stdout + proc.stderr
+    assert sorted(p.name for p in tag_dir.iterdir()) == files and (run / "config.json").read_text() == config
+    assert not list((run / "checkpoints").glob("*before-reshard*"))

@@ -29,9 +29,22 @@ def launch_nodes(tmp, args, ranks_per_node=1, private_runs_on=(), timeout=300):
         if node in private_runs_on:
             cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
                    f'mount -t tmpfs tmpfs "{runs}" && exec "$@"', "sh", *cmd]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=environment(tmp), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
+        procs.append(start(cmd, tmp / f"node{node}.log", tmp))
+    return [(finish(p, timeout), (tmp / f"node{n}.log").read_text()) for n, p in enumerate(procs)]
+
+
+def start(cmd, log, tmp):
+    """A node's launcher, writing to a file (a pipe could fill up and stall it), in a session of its own."""
+    return subprocess.Popen(cmd, cwd=ROOT, env=environment(tmp), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(proc, timeout) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)   # the whole launcher session, ranks included
+        raise
 
 
 def needs_root():
@@ -79,15 +92,14 @@ def launch_on_hosts(tmp, args, ranks_per_node=2, timeout=300):
     hostfile = tmp / "hostfile"
     hostfile.write_text("".join(f"mmolre-node{n} slots={ranks_per_node}\n" for n in range(2)))
     port = free_port()
-    procs = [subprocess.Popen(
-        [NODES, "run", str(node), sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
-         "--no_ssh", "--node_rank", str(node), "--master_addr", "mmolre-node0", "--master_port", str(port),
-         "launch.py", *TINY, "--output_dir", str(tmp / "runs"), *args],
-        cwd=ROOT, env=environment(tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for node in range(2)]
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+    procs = [start([NODES, "run", str(node), sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile",
+                    str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_addr", "mmolre-node0",
+                    "--master_port", str(port), "launch.py", *TINY, "--output_dir", str(tmp / "runs"), *args],
+                   tmp / f"host{node}.log", tmp) for node in range(2)]
+    codes = [finish(p, timeout) for p in procs]
+    outs = [(tmp / f"host{node}.log").read_text() for node in range(2)]
+    for code, out in zip(codes, outs):
+        assert code == 0, out[-4000:]
     return outs
 
 
@@ -117,3 +129,30 @@ def test_two_hosts_with_two_ranks_each_train_like_one_process(two_hosts, one_pro
     # steps of up to ~lr/10 (seen: 1e-4 on a router bias); anything else is within ~1e-5.
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=3e-4, msg=lambda m: f"{key}: {m}")
+
+
+def test_the_two_hosts_come_up_once_and_leave_nothing_behind(tmp_path):
+    """A separate pair (its own prefix and subnet, so the pair the Slurm cluster may be using is untouched):
+    `up` twice makes one pair, `down` removes namespaces, links and /etc/hosts lines."""
+    needs_root()
+    env = {**os.environ, "MMOLRE_NODES_PREFIX": "mmtest", "MMOLRE_NODES_NET": "10.79.0"}
+
+    def state():
+        netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+        hosts = open("/etc/hosts").read()
+        return ([n.split()[0] for n in netns.splitlines() if n.startswith("mmtest")],
+                sorted(l.split(":")[1].strip().split("@")[0] for l in links.splitlines() if "mmtest" in l),
+                [h for h in hosts.splitlines() if "mmtest" in h])
+    try:
+        for _ in range(2):
+            subprocess.run([NODES, "up"], env=env, check=True, capture_output=True)
+        netns, links, hosts = state()
+        assert sorted(netns) == ["mmtest-node0", "mmtest-node1"]
+        assert links == ["mmtest-br", "mmtest-h0", "mmtest-h1"]
+        assert hosts == ["10.79.0.1 mmtest-node0 # mmtest test node", "10.79.0.2 mmtest-node1 # mmtest test node"]
+        hostname = subprocess.run([NODES, "run", "1", "hostname"], env=env, capture_output=True, text=True).stdout
+        assert hostname.strip() == "mmtest-node1"
+    finally:
+        subprocess.run([NODES, "down"], env=env, check=True, capture_output=True)
+    assert state() == ([], [], [])

@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Two hosts on this machine, for the multi-node tests: network namespaces mmolre-node0 and mmolre-node1,
+# Two hosts on this machine, for the multi-node tests: network namespaces <prefix>-node0 and <prefix>-node1,
 # joined by a bridge in the root namespace (10.77.0.0/24), each with its own address and, for processes
 # started through `run`, its own hostname. Names resolve through /etc/hosts. Traffic goes only to loopback
-# and to these namespaces; `down` removes everything `up` made. Needs root and iproute2.
+# and to these namespaces; `down` removes everything `up` made (namespaces, links, /etc/hosts lines), and
+# `up` twice is `up` once. Needs root, iproute2 and util-linux.
 #
-#   tests/cluster/nodes.sh up            # create (idempotent)
-#   tests/cluster/nodes.sh run N CMD...  # run CMD on node N (its namespace, hostname mmolre-nodeN)
+#   tests/cluster/nodes.sh up            # create
+#   tests/cluster/nodes.sh run N CMD...  # run CMD on node N (its network namespace, hostname <prefix>-nodeN)
 #   tests/cluster/nodes.sh addr N        # node N's address (bridge_addr: this host's, on the bridge)
-#   tests/cluster/nodes.sh down          # remove namespaces, bridge, /etc/hosts lines
+#   tests/cluster/nodes.sh down          # remove
+#
+# MMOLRE_NODES_PREFIX (default mmolre) and MMOLRE_NODES_NET (default 10.77.0) make another, separate pair.
 set -euo pipefail
-BRIDGE=mmolre-br
-NET=10.77.0
-MARK="# mmolre test node"
+PREFIX=${MMOLRE_NODES_PREFIX:-mmolre}
+NET=${MMOLRE_NODES_NET:-10.77.0}
+BRIDGE=$PREFIX-br
+MARK="# $PREFIX test node"
 
 addr() { echo "$NET.$(( $1 + 1 ))"; }
 bridge_addr() { echo "$NET.254"; }   # the root namespace's address on the bridge (e.g. for slurmctld)
@@ -19,41 +23,41 @@ bridge_addr() { echo "$NET.254"; }   # the root namespace's address on the bridg
 up() {
   ip link show "$BRIDGE" >/dev/null 2>&1 || {
     ip link add "$BRIDGE" type bridge
-    ip addr add "$NET.254/24" dev "$BRIDGE"
+    ip addr add "$(bridge_addr)/24" dev "$BRIDGE"
     ip link set "$BRIDGE" up
   }
   for n in 0 1; do
-    local ns=mmolre-node$n
+    local ns=$PREFIX-node$n
     if ! ip netns list | grep -qw "$ns"; then
       ip netns add "$ns"
-      ip link add "mmolre-h$n" type veth peer name "mmolre-n$n"
-      ip link set "mmolre-n$n" netns "$ns"
-      ip link set "mmolre-h$n" master "$BRIDGE"
-      ip link set "mmolre-h$n" up
-      ip netns exec "$ns" ip addr add "$(addr "$n")/24" dev "mmolre-n$n"
-      ip netns exec "$ns" ip link set "mmolre-n$n" up
+      ip link add "$PREFIX-h$n" type veth peer name "$PREFIX-n$n"
+      ip link set "$PREFIX-n$n" netns "$ns"
+      ip link set "$PREFIX-h$n" master "$BRIDGE"
+      ip link set "$PREFIX-h$n" up
+      ip netns exec "$ns" ip addr add "$(addr "$n")/24" dev "$PREFIX-n$n"
+      ip netns exec "$ns" ip link set "$PREFIX-n$n" up
       ip netns exec "$ns" ip link set lo up
     fi
-    grep -q "mmolre-node$n\$" /etc/hosts || echo "$(addr "$n") mmolre-node$n $MARK" >> /etc/hosts
+    local line="$(addr "$n") $ns $MARK"
+    grep -qxF "$line" /etc/hosts || echo "$line" >> /etc/hosts
   done
-  # a bridge does not forward between its ports when bridge-nf sends it through iptables; keep it plain
-  [ -w /proc/sys/net/bridge/bridge-nf-call-iptables ] && echo 0 > /proc/sys/net/bridge/bridge-nf-call-iptables || true
 }
 
 run() {
   # nsenter, not `ip netns exec`: that remounts /sys for the namespace, hiding the cgroup mounts slurmd needs
   local n=$1; shift
-  exec nsenter --net="/run/netns/mmolre-node$n" unshare --uts sh -c "hostname mmolre-node$n && exec \"\$@\"" sh "$@"
+  exec nsenter --net="/run/netns/$PREFIX-node$n" unshare --uts sh -c "hostname $PREFIX-node$n && exec \"\$@\"" \
+    sh "$@"
 }
 
 down() {
   for n in 0 1; do
-    ip netns pids "mmolre-node$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-    ip netns del "mmolre-node$n" 2>/dev/null || true
-    ip link del "mmolre-h$n" 2>/dev/null || true
+    ip netns pids "$PREFIX-node$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$PREFIX-node$n" 2>/dev/null || true
+    ip link del "$PREFIX-h$n" 2>/dev/null || true
   done
   ip link del "$BRIDGE" 2>/dev/null || true
-  sed -i "/$MARK\$/d" /etc/hosts
+  sed -i "\|$MARK\$|d" /etc/hosts
 }
 
 "$@"

@@ -62,7 +62,7 @@ PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscr
 PartitionName=two Nodes=mmolre-node0,mmolre-node1 MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
   mkdir -p /var/spool/slurmd/$host /var/spool/slurmd/mmolre-node0 /var/spool/slurmd/mmolre-node1
-  pgrep -x slurmctld >/dev/null || slurmctld
+  if pgrep -x slurmctld >/dev/null; then scontrol reconfigure; else slurmctld; fi   # a running one reads the new config
   [ -f "$STATE/slurmd-$host.pid" ] && kill -0 "$(cat "$STATE/slurmd-$host.pid")" 2>/dev/null || slurmd -N "$host"
   for n in 0 1; do   # each in its host's namespace, under its hostname
     [ -f "$STATE/slurmd-mmolre-node$n.pid" ] && kill -0 "$(cat "$STATE/slurmd-mmolre-node$n.pid")" 2>/dev/null ||
