@@ -4,7 +4,7 @@
 """
 import sys
 
-from mmolre.launcher import main
+from mmolre.launcher import exit_without_teardown, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_without_teardown(main()))

@@ -12,6 +12,7 @@ read.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -117,6 +118,27 @@ def check_shared(tag_dir: str, info) -> None:
                           f"{' ...' if len(blind) > 8 else ''}). The checkpoint directory (--output_dir) must be on "
                           f"a file system every rank shares (hosts {', '.join(hosts)}), e.g. NFS or Lustre; the "
                           f"checkpoint was not marked complete")
+
+
+ASIDE = ".before-reshard"
+
+
+def recover_aside(ckpt_dir: str) -> list[str]:
+    """Settle what an interrupted reshard left (it moves a tag aside while it writes the new one): where
+    the new tag is complete the old one goes, otherwise the old one comes back. Call on one rank per file
+    system before choosing a tag. Returns the tags brought back."""
+    restored = []
+    for aside in sorted(glob.glob(os.path.join(ckpt_dir, "step*" + ASIDE))):
+        tag = os.path.basename(aside)[:-len(ASIDE)]
+        if is_complete(ckpt_dir, tag):
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+            os.replace(aside, os.path.join(ckpt_dir, tag))
+            restored.append(tag)
+            warnings.warn(f"{ckpt_dir}/{tag}: a reshard of it was interrupted; the checkpoint as it was before "
+                          f"is back", stacklevel=2)
+    return restored
 
 
 def withdraw(ckpt_dir: str, tag: str) -> None:

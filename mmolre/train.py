@@ -191,6 +191,9 @@ class Trainer:
         return tag
 
     def resume(self) -> None:
+        if self.info.is_main:
+            checkpoint.recover_aside(self.ckpt_dir)
+        distributed.barrier(self.info)
         tag = checkpoint.latest_complete(self.ckpt_dir, warn=self.info.is_main)
         if tag is None:
             raise ConfigError(f"--resume: no complete checkpoint in {self.ckpt_dir}")
@@ -232,9 +235,10 @@ class Trainer:
 
     def reshard(self) -> None:
         """Save the state just resumed under its own tag, laid out for this topology. The tag's old files are
-        moved aside first and moved back if the save fails, so a failure leaves the checkpoint as it was."""
+        moved aside first and moved back if the save fails (or, if a rank died, by the next resume or
+        reshard: `checkpoint.recover_aside`), so a failure leaves the checkpoint as it was."""
         tag = checkpoint.tag_for(self.state.global_step)
-        original, aside = os.path.join(self.ckpt_dir, tag), os.path.join(self.ckpt_dir, tag + ".before-reshard")
+        original, aside = os.path.join(self.ckpt_dir, tag), os.path.join(self.ckpt_dir, tag + checkpoint.ASIDE)
         if self.info.is_main:
             os.replace(original, aside)
         distributed.barrier(self.info)
@@ -310,6 +314,9 @@ class Trainer:
             result = self._run()
         finally:
             self.monitor.close()
+            deepspeed_tb = getattr(getattr(self.engine.monitor, "tb_monitor", None), "summary_writer", None)
+            if deepspeed_tb is not None:   # DeepSpeed's own events: the process may leave without teardown
+                deepspeed_tb.flush()
         # Only after a run that ended well: a rank that raised alone must exit at once (the launcher then
         # ends the others), not wait in a barrier its peers never reach.
         distributed.shutdown(self.info)

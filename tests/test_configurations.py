@@ -218,8 +218,9 @@ def test_an_elastic_resume_4_4_then_2_2_then_4_2_trains_like_an_uninterrupted_ru
     from mmolre import elastic
     tag = complete_tags(straight)[-1]
     before = elastic.read(str(straight / "checkpoints" / tag), 4, 8)
-    subprocess.run([sys.executable, "-m", "mmolre.cli", "reshard", str(straight), "--world_size", "2",
-                    "--ep_size", "2"], cwd=ROOT, env=environment(tmp_path), check=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "mmolre.cli", "reshard", str(straight), "--world_size", "2",
+                           "--ep_size", "2"], cwd=ROOT, env=environment(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert complete_tags(straight)[-1] == tag
     after = elastic.read(str(straight / "checkpoints" / tag), 2, 8)   # written by the 2/2 engine
     assert after["step"] == before["step"] == 40 and after["params"].keys() == before["params"].keys()

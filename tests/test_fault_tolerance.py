@@ -230,3 +230,24 @@ def test_reshard_refuses_a_checkpoint_without_optimizer_state_and_leaves_it_as_i
     assert "holds no topology-free optimizer state" in proc.stdout + proc.stderr
     assert sorted(p.name for p in tag_dir.iterdir()) == files and (run / "config.json").read_text() == config
     assert not list((run / "checkpoints").glob("*before-reshard*"))
+
+
+@pytest.mark.parametrize("new_tag_complete", [False, True])
+def test_what_an_interrupted_reshard_left_is_settled_before_a_tag_is_chosen(tmp_path, new_tag_complete):
+    """A reshard moves the tag aside while it writes the new one; if a rank died in between, the next
+    resume (or reshard) brings the old tag back, or drops it where the new one was completed."""
+    from mmolre import checkpoint
+    aside = tmp_path / ("step00000040" + checkpoint.ASIDE)
+    aside.mkdir()
+    (aside / "mmolre_complete.json").write_text("{}")
+    (aside / "old.pt").write_text("old")
+    new = tmp_path / "step00000040"
+    new.mkdir()
+    (new / "new.pt").write_text("new")
+    if new_tag_complete:
+        (new / "mmolre_complete.json").write_text("{}")
+    restored = checkpoint.recover_aside(str(tmp_path))
+    assert not aside.exists()
+    assert restored == ([] if new_tag_complete else ["step00000040"])
+    assert (new / ("new.pt" if new_tag_complete else "old.pt")).exists()
+    assert checkpoint.latest_complete(str(tmp_path)) == "step00000040"
