@@ -93,9 +93,9 @@ def _reshard(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import load_runs, markdown_report, plot_sweep
+    from .report import REPORT_METRICS, STUDY_METRICS, load_runs, markdown_report, plot_sweep
     runs = load_runs(args.run_dirs)
-    table = markdown_report(runs)
+    table = markdown_report(runs, STUDY_METRICS if args.study else REPORT_METRICS)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
@@ -178,6 +178,8 @@ def main(argv=None) -> int:
     rep.add_argument("--out", help="also write the markdown table here")
     rep.add_argument("--plot", help="write PREFIX_vs_experts.png and PREFIX_heatmap.png (needs matplotlib)")
     rep.add_argument("--metric", default="test.sentiment.mae", help="the metric the figures show")
+    rep.add_argument("--study", action="store_true", help="the routing study's columns: accuracy, load balance, "
+                     "dead experts, specialisation (routing_stats) and samples/s")
     rep.set_defaults(func=_report)
     feat = sub.add_parser("featurize", help="transcripts in a label table -> a text-only MMSA-schema pickle")
     feat.add_argument("table", help="MMSA label.csv (video_id, clip_id, text, label, mode) or a MOSEI table")

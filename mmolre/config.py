@@ -64,6 +64,14 @@ class ModelConfig:
                                         default=0.0)
     router_noise: bool = _help("Gumbel noise on the 2nd expert choice while training (top-2 only)",
                                default=False)
+    balance: str = _help("how each task's router is balanced: 'aux' (the per-task load-balancing loss, weight "
+                         "--aux_loss_weight), 'aux_free' (a per-task, per-expert bias on the logits for the "
+                         "choice only, nudged after each step against the task's load error; no loss, no "
+                         "gradient) or 'none'", default="aux")
+    balance_bias_rate: float = _help("aux_free: how far each step moves an expert's selection bias",
+                                     default=1e-3)
+    router_temperature: float = _help("the routers' logits are divided by this before the softmax and the "
+                                      "top-k choice (< 1: sharper combine weights)", default=1.0)
     grouped_experts: bool = _help("compute all local experts in one batched call on occupied slots only "
                                   "(false: DeepSpeed's per-expert loop)", default=True)
     # Ablations and baselines (README "Reproducing the paper's experiments").
@@ -127,6 +135,9 @@ class TrainConfig:
                       default=1)
     aux_loss_weight: float = _help("weight α of the per-task load-balancing losses", default=0.01)
     emotion_loss_weight: float = _help("weight λ of the emotion BCE loss", default=1.0)
+    router_z_loss: float = _help("weight of the router z-loss (ST-MoE: mean logsumexp(logits)^2 per task and "
+                                 "layer; 0: off)", default=0.0)
+    router_lr_scale: float = _help("the routers' learning rate is --lr times this", default=1.0)
     ep_size: int = _help("expert-parallel group size (0: automatic, the largest that divides the world "
                          "size and --num_experts within one node)", default=0)
     tasks: str = _help("train 'both' tasks, or a single task: 'sentiment' or 'emotion' (the other head gets no "
@@ -238,6 +249,14 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
     if m.model == "mmolre" and not (m.shared_experts or m.task_experts):
         raise ConfigError("--shared_experts false and --task_experts false leave UniTSE without experts")
+    if m.balance not in ("aux", "aux_free", "none"):
+        raise ConfigError(f"--balance must be one of aux, aux_free, none; got {m.balance!r}")
+    if m.balance == "aux_free" and m.dense_mixture:
+        raise ConfigError("--balance aux_free needs routed experts: with --routers false or --model mmoe every "
+                          "row visits every expert, so there is no choice to bias")
+    if m.balance_bias_rate <= 0 or m.router_temperature <= 0 or t.router_lr_scale <= 0 or t.router_z_loss < 0:
+        raise ConfigError("--balance_bias_rate, --router_temperature and --router_lr_scale must be > 0, "
+                          "--router_z_loss >= 0")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"--on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
     if m.router_noise and m.capacity_factor > 0:

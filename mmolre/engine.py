@@ -104,15 +104,33 @@ def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim < 2 or name.endswith("bias") or name.endswith(".pos")
 
 
-def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay / no-decay groups, each split by DeepSpeed into dense and expert (per expert group) parts."""
-    decay, no_decay = [], []
+def is_router(name: str) -> bool:
+    return ".gate.routers." in name
+
+
+def optimizer_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                     router_lr_scale: float = 1.0) -> list[dict]:
+    """Decay / no-decay groups, each split by DeepSpeed into dense and expert (per expert group) parts. With
+    router_lr_scale != 1 the routers' parameters form two more groups whose LR is lr times that (the schedule
+    scales each group's own base LR)."""
+    separate = router_lr_scale != 1.0
+    if separate and lr is None:
+        raise ValueError("router_lr_scale needs the base lr")
+    groups = {"decay": [], "no_decay": [], "router_decay": [], "router_no_decay": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
-    groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
-              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
-    return split_params_into_different_moe_groups_for_optimizer(groups)
+            key = ("router_" if separate and is_router(name) else "") + \
+                  ("no_decay" if no_weight_decay(name, p) else "decay")
+            groups[key].append(p)
+    out = []
+    for key, params in groups.items():
+        if key.startswith("router_") and not params:
+            continue
+        group = {"name": key, "params": params, "weight_decay": 0.0 if key.endswith("no_decay") else weight_decay}
+        if key.startswith("router_"):
+            group["lr"] = lr * router_lr_scale
+        out.append(group)
+    return split_params_into_different_moe_groups_for_optimizer(out)
 
 
 def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, samples_per_epoch: int,
@@ -121,7 +139,7 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, sample
     (planned for --epochs epochs of samples_per_epoch, or --max_steps steps of samples_per_step if fewer)."""
     import deepspeed
     flags = Flags(cfg.epochs, cfg.max_steps, cfg.warmup_ratio, samples_per_epoch, samples_per_step)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay, cfg.lr, cfg.router_lr_scale), lr=cfg.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            lr_scheduler=lambda opt: WarmupCosineBySamples(opt, flags))
     return clip_by_the_model_norm(engine, info)

@@ -11,6 +11,7 @@ from . import distributed
 from .config import RunConfig
 from .data import Batch, PreparedData, eval_batches
 from .metrics import emotion_metrics, sentiment_metrics
+from .routing_stats import routing_summary
 
 
 @dataclass
@@ -18,6 +19,7 @@ class EvalResult:
     loss: float
     metrics: dict
     predictions: dict | None = None   # rank 0 only: arrays keyed by column
+    routing: dict | None = None       # rank 0 only: routing_stats.routing_summary of this split
 
 
 def to_device(batch: Batch, device, dtype) -> Batch:
@@ -31,7 +33,7 @@ def predict_batches(forward, batches) -> dict:
     """Predictions and labels of the real (non-padding) samples of `batches`, as arrays keyed by column;
     `forward(batch)` returns the model's output. Shared by evaluation and `mmolre predict`."""
     parts = {"ids": [], "sentiment_pred": [], "sentiment_true": [], "emotion_prob": [], "emotion_true": [],
-             "has_emotion": []}
+             "has_emotion": [], "routes": [], "combine": []}
     for batch in batches:
         out = forward(batch)
         keep = batch.valid.numpy()
@@ -41,12 +43,16 @@ def predict_batches(forward, batches) -> dict:
         parts["emotion_prob"].append(torch.sigmoid(out.emotion_logits.float()).cpu().numpy()[keep])
         parts["emotion_true"].append(batch.emotions.numpy()[keep])
         parts["has_emotion"].append(batch.has_emotion.numpy()[keep])
+        parts["routes"].append(out.routes.permute(2, 0, 1, 3).cpu().numpy()[keep])   # [B, layers, tasks, k]
+        parts["combine"].append(out.combine.permute(2, 0, 1, 3).float().cpu().numpy()[keep])
     return {k: (v if k == "ids" else np.concatenate(v)) for k, v in parts.items()}
 
 
 @torch.no_grad()
-def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, device, dtype) -> EvalResult:
-    """Run on every rank (padded to equal batches); gather predictions with ids to rank 0."""
+def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, device, dtype,
+             previous: dict | None = None) -> EvalResult:
+    """Run on every rank (padded to equal batches); gather predictions with ids to rank 0. `previous`: an
+    earlier evaluation's predictions of this split (rank 0), whose routes the routing stability compares."""
     engine.eval()
     batches = eval_batches(data.splits[split], engine.train_micro_batch_size_per_gpu(), info.rank, info.world_size)
     local = predict_batches(lambda batch: engine(*inputs(to_device(batch, device, dtype))), batches)
@@ -57,6 +63,7 @@ def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, devic
         preds = {k: (sum((g[k] for g in gathered), []) if k == "ids" else np.concatenate([g[k] for g in gathered]))
                  for k in local}
         summary = _score(preds, cfg)
+        routing = _routing(preds, engine.module, previous)
         if len(data.names) > 1:  # mixed datasets: each one's metrics too (ids carry "name/")
             for name in data.names:
                 rows = np.array([i.startswith(f"{name}/") for i in preds["ids"]])
@@ -64,7 +71,18 @@ def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, devic
                     {k: ([i for i, r in zip(v, rows) if r] if k == "ids" else v[rows]) for k, v in preds.items()},
                     cfg)[1]
     loss, metrics = distributed.broadcast_from_main(summary, info)  # every rank selects the same checkpoint
-    return EvalResult(loss, metrics, preds)
+    return EvalResult(loss, metrics, preds, routing if info.is_main else None)
+
+
+def _routing(preds: dict, model, previous: dict | None) -> dict | None:
+    if preds["routes"].shape[-1] == 0:   # no shared experts: nothing is routed
+        return None
+    before = None
+    if previous is not None and set(previous["ids"]) >= set(preds["ids"]):   # aligned by id: the order of the
+        where = {i: n for n, i in enumerate(previous["ids"])}                 # gathered rows depends on the world
+        before = previous["routes"][[where[i] for i in preds["ids"]]]
+    return routing_summary(preds["routes"], preds["combine"], model.moe_layer_names(), model.cfg.num_experts,
+                           preds["sentiment_true"], preds["emotion_true"], preds["has_emotion"], before)
 
 
 def _score(preds: dict, cfg: RunConfig) -> tuple[float, dict]:

@@ -1,4 +1,5 @@
-"""The training objective: L1(sentiment) + λ·BCE(emotions, where labelled) + α·Σ per-task aux losses."""
+"""The training objective: L1(sentiment) + λ·BCE(emotions, where labelled) + α·Σ per-task aux losses
++ β·Σ per-task router z-losses."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,12 +19,13 @@ class LossParts:
     sentiment: torch.Tensor
     emotion: torch.Tensor
     aux: torch.Tensor        # Σ over layers and tasks (unweighted)
+    z: torch.Tensor          # Σ over layers and tasks (unweighted)
 
 
 def compute_loss(out: "ModelOutput", batch: "Batch", aux_weight: float, emotion_weight: float,
-                 tasks: str = "both") -> LossParts:
+                 tasks: str = "both", z_weight: float = 0.0) -> LossParts:
     """tasks: 'both', or 'sentiment' / 'emotion' for single-task training (the other head and its router
-    get no loss)."""
+    get no loss). aux_weight is 0 when the routers are not balanced by the loss (--balance aux_free/none)."""
     valid = batch.valid
     sentiment = F.l1_loss(out.sentiment[valid].float(), batch.sentiment[valid])
     emo_rows = valid & batch.has_emotion
@@ -32,13 +34,17 @@ def compute_loss(out: "ModelOutput", batch: "Batch", aux_weight: float, emotion_
         emotion = F.binary_cross_entropy_with_logits(out.emotion_logits[emo_rows].float(), target)
     else:  # keep the head in the graph so every rank reduces the same gradients
         emotion = out.emotion_logits.float().sum() * 0.0
-    aux_terms = out.aux_loss.float()
+    aux_terms, z_terms = out.aux_loss.float(), out.z_loss.float()
     if tasks != "both" and aux_terms.shape[-1] == 2:
-        aux_terms = aux_terms[:, 0 if tasks == "sentiment" else 1]
-    aux = aux_terms.sum()
+        trained = 0 if tasks == "sentiment" else 1
+        aux_terms, z_terms = aux_terms[:, trained], z_terms[:, trained]
+    aux, z = aux_terms.sum(), z_terms.sum()
     w_sent = 0.0 if tasks == "emotion" else 1.0
     w_emo = 0.0 if tasks == "sentiment" else emotion_weight
-    return LossParts(w_sent * sentiment + w_emo * emotion + aux_weight * aux, sentiment, emotion, aux)
+    total = w_sent * sentiment + w_emo * emotion + aux_weight * aux
+    if z_weight:
+        total = total + z_weight * z
+    return LossParts(total, sentiment, emotion, aux, z)
 
 
 def zero_loss(model: torch.nn.Module) -> torch.Tensor:

@@ -35,6 +35,7 @@ from .metrics import baselines
 from .model import MMoLRE, count_parameters
 from .monitor import Monitor, tensorboard_dir
 from .preemption import StopRequest
+from .routing_stats import dead_experts, headline
 from .report import SYNTHETIC_NOTICE, flatten, format_table, git_commit, versions, write_predictions
 
 # Test hooks: make the loss of the N-th micro batch this process trains on (1-based) NaN on rank
@@ -61,6 +62,8 @@ class TrainState:
     best_valid_loss: float = float("inf")
     history: list = field(default_factory=list)
     schedule: dict = field(default_factory=dict)   # the LR schedule's state, for a resume without the engine's
+    valid_routes: dict | None = None   # the last validation's routes by id, for routing stability
+    epoch_load: torch.Tensor | None = None   # rows per expert so far this epoch, all ranks [layers, tasks, N]
 
     @classmethod
     def from_client_state(cls, saved: dict, marker: dict, micro_batch: int) -> "TrainState":
@@ -169,6 +172,10 @@ class Trainer:
         self.dtype = compute_dtype(self.engine)
         self.monitor = Monitor(tensorboard_dir(self.run_dir) if info.is_main else None)
         self.state = TrainState()
+        self.aux_weight = t.aux_loss_weight if m.balance == "aux" else 0.0
+        self.biased_gates = [b.moe.deepspeed_moe.gate for _, b in self.model.moe_blocks()
+                             if b.moe is not None and m.balance == "aux_free"]
+        self.epoch_load = None   # rows each expert received this epoch on this rank since the last save
         accumulation = f" x {self.grad_accum} accumulated" if self.grad_accum > 1 else ""
         log(info, f"run: {self.run_dir} | world {info.world_size} | expert parallel {self.ep_size} | "
                   f"{m.num_experts} experts, top-{m.top_k}, rank {m.expert_rank} | params "
@@ -180,6 +187,9 @@ class Trainer:
         """A checkpoint of every rank's state; only ever called at an accumulation boundary."""
         tag = checkpoint.tag_for(self.state.global_step)
         self.state.schedule = self.engine.lr_scheduler.state_dict()
+        if self.epoch_load is not None:   # the epoch's loads so far, whole in the checkpoint (any topology)
+            self.state.epoch_load = self._take_epoch_load()
+            self.epoch_load = self.state.epoch_load.to(self.device) if self.info.is_main else None
         marker = {"format": checkpoint.FORMAT, "step": self.state.global_step, "epoch": self.state.epoch,
                   "epoch_samples": self.state.epoch_samples, "world_size": self.info.world_size,
                   "ep_size": self.ep_size, "micro_batch": self.micro, "grad_accum": self.grad_accum,
@@ -205,6 +215,8 @@ class Trainer:
         same = current and marker["world_size"] == self.info.world_size and marker["ep_size"] == self.ep_size
         client = checkpoint.load(self.engine, self.ckpt_dir, tag, self.info.rank, weights_only=not same)
         self.state = TrainState.from_client_state(client["train_state"], marker, self.micro)
+        if self.state.epoch_load is not None and self.info.is_main:   # counted once, on rank 0
+            self.epoch_load = self.state.epoch_load.to(self.device)
         if same:
             # DeepSpeed loads the optimizer state after the scheduler's, and with it the saved LR; a resume
             # with other --epochs re-plans the schedule, so its LR must be the optimizer's again.
@@ -295,7 +307,7 @@ class Trainer:
         losses = (distributed.all_reduce_sum(window_losses, info) / (info.world_size * count)).cpu()
         aux, entropy, dropped, weights, load = _routing_summary(out, info)
         self.monitor.scalars({"loss/total": losses[0], "loss/sentiment": losses[1], "loss/emotion": losses[2],
-                              "loss/aux": losses[3], "train/lr": lr,
+                              "loss/aux": losses[3], "loss/router_z": losses[4], "train/lr": lr,
                               "train/samples": state.train_samples,
                               "train/samples_per_s": self.samples_per_step * steps / max(seconds, 1e-9),
                               "train/epoch": state.epoch}, state.global_step)
@@ -305,6 +317,21 @@ class Trainer:
         self.monitor.routing(out.layer_names, aux, load, entropy, dropped, state.global_step)
         self.monitor.fusion(self.model.modalities, weights, state.global_step)
         bar.set_postfix(loss=f"{losses[0]:.3f}", mae=f"{losses[1]:.3f}", bce=f"{losses[2]:.3f}")
+
+    def _nudge_selection_biases(self, stepped: bool) -> None:
+        """--balance aux_free: after an applied optimizer step, every gate's bias moves against its tasks' load
+        error over the step's routes, summed over all ranks in one all-reduce (so the replicas stay equal).
+        A step that was not applied leaves the biases as they were."""
+        if not self.biased_gates:
+            return
+        pending = [g.pending_counts for g in self.biased_gates]
+        for g in self.biased_gates:
+            g.pending_counts = None
+        if not stepped or any(p is None for p in pending):
+            return
+        counts = distributed.all_reduce_sum(torch.stack(pending), self.info)
+        for gate, c in zip(self.biased_gates, counts):
+            gate.nudge_selection_bias(c)
 
     # ---- the loop ----------------------------------------------------------------------------------
     def run(self) -> dict | None:
@@ -347,7 +374,9 @@ class Trainer:
                 start = time.perf_counter()
                 batch = to_device(batch, self.device, self.dtype)
                 out = self.engine(*inputs(batch))
-                loss = compute_loss(out, batch, t.aux_loss_weight, t.emotion_loss_weight, t.tasks)
+                loss = compute_loss(out, batch, self.aux_weight, t.emotion_loss_weight, t.tasks, t.router_z_loss)
+                load = out.expert_load.detach().float()
+                self.epoch_load = load if self.epoch_load is None else self.epoch_load + load
                 micro_batches_here += 1
                 if fault_step == micro_batches_here and info.rank == fault_rank:
                     loss.total = loss.total * float("nan")
@@ -361,7 +390,7 @@ class Trainer:
                 lr = self.engine.get_lr()[0]   # the LR this step applies (the scheduler moves on in step())
                 self._backward(loss.total, nonfinite)
                 state.epoch_samples += self.samples_per_micro
-                parts = torch.stack([loss.total, loss.sentiment, loss.emotion, loss.aux]).detach().float()
+                parts = torch.stack([loss.total, loss.sentiment, loss.emotion, loss.aux, loss.z]).detach().float()
                 if not nonfinite:
                     window_losses = parts if window_losses is None else window_losses + parts
                     window_count += 1
@@ -373,6 +402,7 @@ class Trainer:
                     stepped = False
                     log(info, f"warning: DeepSpeed skipped optimizer step {state.global_step + 1} (gradient "
                               f"overflow)")
+                self._nudge_selection_biases(stepped)
                 if stepped:
                     state.global_step += 1
                     state.train_samples += self.samples_per_step
@@ -402,10 +432,15 @@ class Trainer:
         info, state = self.info, self.state
         state.epoch += 1
         state.epoch_samples = 0
-        valid = evaluate(self.engine, self.data, "valid", self.cfg, info, self.device, self.dtype)
+        before = state.valid_routes and {"ids": state.valid_routes["ids"],
+                                         "routes": state.valid_routes["routes"].numpy()}
+        valid = evaluate(self.engine, self.data, "valid", self.cfg, info, self.device, self.dtype, before)
+        routing = self._routing_record(valid, state.epoch)
         state.history.append({"epoch": state.epoch, "step": state.global_step, "valid_loss": valid.loss,
-                              "valid": valid.metrics})
+                              "valid": valid.metrics, **routing})
         self.monitor.scalars(flatten("valid", valid.metrics), state.global_step)
+        self.monitor.scalars(flatten("routing", {**(routing.get("routing") or {}),
+                                                 "dead_experts": routing.get("dead_experts", {})}), state.global_step)
         tag = checkpoint.tag_for(state.global_step)
         if valid.loss < state.best_valid_loss:
             state.best_valid_loss, state.best_tag, state.best_epoch = valid.loss, tag, state.epoch
@@ -416,6 +451,39 @@ class Trainer:
                                              if "emotion" in valid.metrics else "")
                   + (" (best)" if state.best_tag == tag else ""))
         self.monitor.flush()
+
+    def _take_epoch_load(self) -> torch.Tensor | None:
+        """The epoch's expert loads summed over ranks (every rank calls it; each rank's share is then spent)."""
+        have = distributed.all_reduce_sum(torch.tensor([float(self.epoch_load is not None)]), self.info)
+        if not have.item():
+            return None
+        local = self.epoch_load if self.epoch_load is not None else torch.zeros(self._load_shape(), device=self.device)
+        self.epoch_load = None
+        return distributed.all_reduce_sum(local, self.info).cpu()
+
+    def _load_shape(self) -> tuple[int, ...]:
+        blocks = list(self.model.moe_blocks())
+        return (len(blocks), self.model.num_streams, self.cfg.model.num_experts if blocks[0][1].moe is not None else 0)
+
+    def _routing_record(self, valid, epoch: int) -> dict:
+        """This epoch's routing record (rank 0; {} elsewhere): validation's specialisation statistics
+        (routing_stats) and the dead experts of each layer over the epoch's training steps, with a warning."""
+        load = self._take_epoch_load()
+        self.state.epoch_load = None
+        load = load.numpy() if load is not None else None
+        if not self.info.is_main:
+            return {}
+        self.state.valid_routes = {"ids": list(valid.predictions["ids"]),
+                                   "routes": torch.from_numpy(valid.predictions["routes"])}
+        record = {"routing": valid.routing} if valid.routing else {}
+        if load is not None and load.shape[-1]:
+            dead = dict(zip(self.model.moe_layer_names(), dead_experts(load).tolist()))
+            record["dead_experts"] = dead
+            if any(dead.values()):
+                log(self.info, f"warning: epoch {epoch}: shared experts that received no row: "
+                               + ", ".join(f"{layer} {n} of {self.cfg.model.num_experts}"
+                                           for layer, n in dead.items() if n))
+        return record
 
     def _test(self) -> dict | None:
         """The test split is evaluated once, with the checkpoint that validation selected."""
@@ -441,6 +509,9 @@ class Trainer:
                       "samples_per_s": state.train_samples / max(state.train_seconds, 1e-9), "epochs": state.epoch,
                       "skipped_nonfinite": state.skipped_nonfinite},
             "valid": best["valid"], "test": test.metrics,
+            "routing": {"valid": best.get("routing"), "test": test.routing,
+                        "dead_experts": best.get("dead_experts"),
+                        "summary": headline(best["routing"], best.get("dead_experts")) if best.get("routing") else None},
             "baselines": baselines(np.asarray(train_split["sentiment"]),
                                    np.asarray(train_split["emotions"])[emo_rows],
                                    test.predictions["sentiment_true"], test.predictions["emotion_true"][has]),

@@ -60,6 +60,21 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(reference,
     _kill_then_resume(tmp_path, reference[1], RUN)
 
 
+AUX_FREE = [*RUN, "--balance", "aux_free", "--balance_bias_rate", "0.01"]
+
+
+def test_sigkill_then_resume_keeps_the_aux_free_selection_biases(tmp_path_factory, tmp_path):
+    """The biases live in the gate's state (checkpointed with the module) and are nudged only at optimizer
+    steps, so a kill and resume ends bit-identical to an uninterrupted aux_free run."""
+    ref_tmp = tmp_path_factory.mktemp("aux_free")
+    run_deepspeed(ref_tmp, "--run_name", "ref", *AUX_FREE)
+    ref = ref_tmp / "runs" / "ref"
+    run = _kill_then_resume(tmp_path, ref, AUX_FREE)
+    _, state = final_weights(run)
+    biases = [v for k, v in state.items() if k.endswith("gate.selection_bias")]
+    assert biases and all(b.abs().max() > 0 for b in biases)
+
+
 # micro batch 8 x 2 accumulated on 2 ranks: 10 optimizer steps per epoch, a checkpoint every 2 of them
 ACCUMULATING = ["--epochs", "2", "--save_every", "2", "--keep_checkpoints", "3", "--dropout", "0.1",
                 "--grad_accum", "2"]

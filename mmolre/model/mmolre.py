@@ -20,6 +20,9 @@ class ModelOutput:
     expert_load: torch.Tensor        # [layers, tasks, N]
     router_entropy: torch.Tensor     # [layers, tasks]
     dropped_fraction: torch.Tensor   # [layers, tasks] routes dropped for capacity
+    z_loss: torch.Tensor             # [layers, tasks] router z-loss
+    routes: torch.Tensor             # [layers, tasks, B, k] experts assigned to each utterance's row
+    combine: torch.Tensor            # [layers, tasks, B, k] their combine weights
     modality_weights: torch.Tensor   # [tasks, B, M]
     layer_names: list[str]
 
@@ -58,7 +61,8 @@ class MMoLRE(nn.Module):
                       router_noise=cfg.router_noise, grouped_experts=cfg.grouped_experts,
                       use_shared=cfg.shared_experts and cfg.model != "hard_sharing",
                       use_task=cfg.task_experts and cfg.model != "mmoe",
-                      uniform_gate=not cfg.routers)
+                      uniform_gate=not cfg.routers, balance=cfg.balance, bias_rate=cfg.balance_bias_rate,
+                      router_temperature=cfg.router_temperature)
             for m, (t, _) in shapes.items()})
         fusion = TaskAdaptiveFusion if cfg.fusion == "adaptive" else ConcatFusion
         self.fusion = nn.ModuleList(fusion(d, self.modalities) for _ in range(self.num_streams))
@@ -107,8 +111,17 @@ class MMoLRE(nn.Module):
             expert_load=torch.stack([s.expert_load for s in stats]),
             router_entropy=torch.stack([s.router_entropy for s in stats]),
             dropped_fraction=torch.stack([s.dropped_fraction for s in stats]),
+            z_loss=torch.stack([s.z_loss for s in stats]),
+            routes=_stack_routes([s.routes for s in stats]), combine=_stack_routes([s.combine for s in stats]),
             modality_weights=torch.stack(weights).detach(),
             layer_names=self.moe_layer_names())
+
+
+def _stack_routes(per_layer: list[torch.Tensor]) -> torch.Tensor:
+    """[layers, tasks, B, k]; k = 0 for every layer if some layer has no shared experts (an ablation)."""
+    if len({r.shape for r in per_layer}) > 1:
+        per_layer = [r[..., :0] for r in per_layer]
+    return torch.stack(per_layer)
 
 
 def count_parameters(model: MMoLRE) -> dict[str, int]:

@@ -10,6 +10,12 @@ utterances (width T*d) of two tasks, so the gate instead:
      1.0 at perfect balance) over the routes the gate assigned, and per-task expert loads and dropped
      fractions over the routes DeepSpeed actually dispatched, and router entropies.
 
+Balancing (`balance`): "aux" adds the per-task aux losses to the objective; "aux_free" instead keeps a
+per-task, per-expert bias that is added to the logits for the top-k *selection only* (the combine weights
+and the aux loss read the unbiased probabilities) and is nudged after every optimizer step against that
+task's load error (DeepSeek-V3's auxiliary-loss-free balancing, here per task; `nudge_selection_bias`);
+"none" neither. The router z-loss (ST-MoE: mean logsumexp(logits)^2 per task) keeps the logits small.
+
 The task of each row (and the time mask) reaches the gate through `MoE.forward`'s second argument,
 `used_token`, which DeepSpeed passes to its gate untouched. The per-task aux losses replace DeepSpeed's
 single l_aux, so `MoE.forward` returns them as `l_aux` with shape [num_tasks] and the per-task expert
@@ -85,7 +91,8 @@ class TaskRoutedGate(TopKGate):
 
     def __init__(self, d_model: int, seq_len: int, num_experts: int, num_tasks: int, k: int,
                  capacity_factor: float = 0.0, router_noise: bool = False, uniform: bool = False,
-                 eval_capacity_factor: float = 0.0):
+                 eval_capacity_factor: float = 0.0, balance: str = "aux", bias_rate: float = 1e-3,
+                 temperature: float = 1.0):
         super().__init__(model_dim=1, num_experts=num_experts, k=k,
                          capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                          min_capacity=0, noisy_gate_policy=None, drop_tokens=capacity_factor > 0, use_rts=False,
@@ -98,8 +105,28 @@ class TaskRoutedGate(TopKGate):
         # DeepSpeed's no-drop gating all-reduces the busiest expert's load over the expert-parallel group to
         # size its [experts, capacity] buffers; a dispatch that does not use them switches this off.
         self.agree_on_capacity = True
+        self.balance, self.bias_rate, self.temperature = balance, bias_rate, temperature
+        if balance == "aux_free":   # saved with the module (checkpoints carry it); fp32 whatever the engine's dtype
+            self.register_buffer("selection_bias", torch.zeros(num_tasks, num_experts))
+        self.pending_counts: torch.Tensor | None = None   # assigned routes per task since the last nudge
         self.last_stats: dict[str, torch.Tensor] = {}
 
+    def _apply(self, fn, recurse=True):
+        """Keep the selection bias in fp32 when the engine casts the module to bf16/fp16: its nudges (1e-3)
+        are below bf16's resolution at the values it reaches."""
+        super()._apply(fn, recurse)
+        if getattr(self, "selection_bias", None) is not None and self.selection_bias.dtype != torch.float32:
+            self.selection_bias = self.selection_bias.float()
+        return self
+
+    @torch.no_grad()
+    def nudge_selection_bias(self, counts: torch.Tensor) -> None:
+        """aux_free: after an optimizer step, move each task's bias by bias_rate against its load error.
+        counts [tasks, N]: the routes each expert was assigned over the step, summed over all ranks (so every
+        replica of the gate takes the same nudge). An expert above its task's mean load loses bias_rate, one
+        below gains it; a task that routed no rows is left alone."""
+        error = counts.mean(1, keepdim=True) - counts
+        self.selection_bias += self.bias_rate * torch.sign(error).to(self.selection_bias)
     def route_logits(self, rows: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         """Per-row fp32 logits [S, N], each row scored by its own task's router."""
         if not len(self.routers):
@@ -116,34 +143,42 @@ class TaskRoutedGate(TopKGate):
         if not sparse_routes:
             raise ValueError("TaskRoutedGate returns sparse routes only (DeepSpeed's MOELayer asks for them)")
         logits = self.route_logits(input, used_token)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        select = logits   # what chooses the experts; the combine weights come from `logits`
+        if self.balance == "aux_free":
+            select = logits + self.selection_bias[used_token.task_ids]
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         drop = factor > 0
         order = None
         if drop:
             generator = None if self.training else torch.Generator(logits.device).manual_seed(0)
             order = torch.randperm(logits.shape[0], device=logits.device, generator=generator)
-            logits = logits.index_select(0, order)
+            select = select.index_select(0, order)
         ep_group = self.ep_group if drop or self.agree_on_capacity else None
         factor = factor or 1.0   # unused when nothing is dropped
         if self.k == 1:
-            out = top1gating(logits, factor, self.min_capacity, None, None, drop, False, ep_group, True, use_tutel)
+            out = top1gating(select, factor, self.min_capacity, None, None, drop, False, ep_group, True, use_tutel)
         elif self.k == 2:
-            out = top2gating(logits.clone(), factor, self.min_capacity, drop, ep_group,
+            out = top2gating(select.clone(), factor, self.min_capacity, drop, ep_group,
                              self.top2_2nd_expert_sampling and self.training, True)
         else:
-            out = topkgating(logits, self.k, factor, self.min_capacity, drop, ep_group, sparse_routes=True)
+            out = topkgating(select, self.k, factor, self.min_capacity, drop, ep_group, sparse_routes=True)
         _, capacity, num_experts, indices, locations, gates, _ = out
         if order is not None:   # back to the rows' own order
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(len(order), device=order.device)
-            logits, indices, locations, gates = (logits.index_select(0, inverse), indices[:, inverse],
+            select, indices, locations, gates = (select.index_select(0, inverse), indices[:, inverse],
                                                  locations[:, inverse], gates[:, inverse])
-        task_aux, task_counts = self._per_task_balance(logits, used_token.task_ids, indices)
+        if self.balance == "aux_free":   # DeepSpeed weighed the routes by the biased logits; use the router's
+            gates = combine_weights(F.softmax(logits, dim=1), indices, self.k)
+        task_aux, task_counts = self._per_task_balance(logits, select, used_token.task_ids, indices, gates)
         return task_aux, capacity, num_experts, indices, locations, gates, task_counts
 
-    def _per_task_balance(self, logits: torch.Tensor, task_ids: torch.Tensor, indices: torch.Tensor):
+    def _per_task_balance(self, logits: torch.Tensor, select: torch.Tensor, task_ids: torch.Tensor,
+                          indices: torch.Tensor, gates: torch.Tensor):
         """Per task: the aux loss, the rows each expert received, the fraction of routes dropped, the router
-        entropy.
+        entropy, the z-loss; per row: the experts assigned and their combine weights.
 
         Loads and dropped fractions count the routes DeepSpeed dispatched (indices [k, S], -1 where the
         capacity limit dropped a route). The aux loss counts the routes the gate assigned before any
@@ -153,8 +188,9 @@ class TaskRoutedGate(TopKGate):
         the router's probabilities (slot j holds the j-th choice, as in DeepSpeed's gating)."""
         probs = F.softmax(logits, dim=1)
         dispatched = indices.t().long()                                              # [S, k]
-        assigned = torch.where(dispatched >= 0, dispatched, probs.topk(self.k, dim=1).indices)
-        aux, counts, entropy, dropped = [], [], [], []
+        assigned = torch.where(dispatched >= 0, dispatched, select.topk(self.k, dim=1).indices)
+        z = torch.logsumexp(logits, dim=1) ** 2
+        aux, counts, entropy, dropped, z_loss, assigned_counts = [], [], [], [], [], []
         for task in range(self.num_tasks):
             rows = task_ids == task
             aux.append(load_balancing_loss(probs[rows], assigned[rows], self.k))
@@ -165,5 +201,23 @@ class TaskRoutedGate(TopKGate):
             dropped.append((~kept).float().mean() if kept.numel() else probs.new_zeros(()))
             p = probs[rows].detach()
             entropy.append(-(p * p.clamp_min(1e-12).log()).sum(1).mean() if len(p) else p.new_zeros(()))
-        self.last_stats = {"entropy": torch.stack(entropy).detach(), "dropped_fraction": torch.stack(dropped)}
+            z_loss.append(z[rows].mean() if rows.any() else z.sum() * 0.0)
+            assigned_counts.append(torch.bincount(assigned[rows].reshape(-1), minlength=self.num_experts))
+        if self.balance == "aux_free" and self.training:
+            pending = torch.stack(assigned_counts).float()
+            self.pending_counts = pending if self.pending_counts is None else self.pending_counts + pending
+        self.last_stats = {"entropy": torch.stack(entropy).detach(), "dropped_fraction": torch.stack(dropped),
+                           "z_loss": torch.stack(z_loss), "routes": assigned.detach(),
+                           "combine": gates.t().detach().float()}
         return torch.stack(aux), torch.stack(counts).detach()
+
+
+def combine_weights(probs: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:
+    """The combine weights DeepSpeed's gating gives routes `indices` [k, S] (-1: dropped) under router
+    probabilities `probs` [S, N]: top-1 the chosen expert's probability, top-k (k >= 2) the kept routes'
+    probabilities renormalised to sum to one. [k, S], 0 for dropped routes."""
+    kept = indices >= 0
+    g = probs.gather(1, indices.t().long().clamp_min(0)).t() * kept
+    if k == 1:
+        return g
+    return g / g.sum(0, keepdim=True).clamp_min(torch.finfo(g.dtype).eps)

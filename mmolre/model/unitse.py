@@ -29,13 +29,17 @@ class BlockStats:
     expert_load: torch.Tensor     # [tasks, N] routes per expert on this rank (detached)
     router_entropy: torch.Tensor  # [tasks]
     dropped_fraction: torch.Tensor  # [tasks] routes dropped for capacity
+    z_loss: torch.Tensor          # [tasks] router z-loss, differentiable
+    routes: torch.Tensor          # [tasks, B, k] experts assigned to each row (k = 0 without shared experts)
+    combine: torch.Tensor         # [tasks, B, k] their combine weights
 
 
 class UniTSEBlock(nn.Module):
     def __init__(self, d_model: int, seq_len: int, num_experts: int, top_k: int, expert_rank: int,
                  task_rank: int, num_tasks: int, ep_size: int, dropout: float, capacity_factor: float,
                  router_noise: bool, grouped_experts: bool = True, use_shared: bool = True,
-                 use_task: bool = True, uniform_gate: bool = False, eval_capacity_factor: float = 0.0):
+                 use_task: bool = True, uniform_gate: bool = False, eval_capacity_factor: float = 0.0,
+                 balance: str = "aux", bias_rate: float = 1e-3, router_temperature: float = 1.0):
         super().__init__()
         self.seq_len, self.d_model, self.num_tasks, self.num_experts = seq_len, d_model, num_tasks, num_experts
         self.moe = None
@@ -44,7 +48,8 @@ class UniTSEBlock(nn.Module):
             self.moe = MoE(hidden_size=1, expert=template, num_experts=num_experts, ep_size=ep_size, k=top_k,
                            min_capacity=0, drop_tokens=capacity_factor > 0, use_rts=False)
             gate = TaskRoutedGate(d_model, seq_len, num_experts, num_tasks, top_k, capacity_factor, router_noise,
-                                  uniform=uniform_gate, eval_capacity_factor=eval_capacity_factor)
+                                  uniform=uniform_gate, eval_capacity_factor=eval_capacity_factor,
+                                  balance=balance, bias_rate=bias_rate, temperature=router_temperature)
             if grouped_experts:  # DeepSpeed's layer with a compact dispatch and batched experts (grouped.py)
                 moe = self.moe
                 moe.deepspeed_moe = CompactMOELayer(
@@ -96,11 +101,14 @@ class UniTSEBlock(nn.Module):
             routing = RowRouting(task_ids, time_mask.repeat(self.num_tasks, 1))             # zeros past the end
             shared, aux, load = self.moe(rows.reshape(rows.shape[0], -1), routing)
             updates = [u + s for u, s in zip(updates, shared.view_as(rows).split(batch, 0))]
-            gate = self.moe.deepspeed_moe.gate
-            stats = BlockStats(aux, load, gate.last_stats["entropy"], gate.last_stats["dropped_fraction"])
+            g = self.moe.deepspeed_moe.gate.last_stats
+            per_task = (self.num_tasks, batch, -1)   # rows are task-major
+            stats = BlockStats(aux, load, g["entropy"], g["dropped_fraction"], g["z_loss"],
+                               g["routes"].view(per_task), g["combine"].view(per_task))
         else:
             zero = streams[0].new_zeros(self.num_tasks, dtype=torch.float32)
-            stats = BlockStats(zero, zero.new_zeros(self.num_tasks, 0), zero, zero)
+            none = torch.zeros(self.num_tasks, batch, 0, dtype=torch.long, device=zero.device)
+            stats = BlockStats(zero, zero.new_zeros(self.num_tasks, 0), zero, zero, zero, none, none.float())
         if self.task_specific is not None:
             updates = [u + e.forward_sequences(x * keep) for u, e, x in zip(updates, self.task_specific, streams)]
         out = [self.norm(x + self.dropout(u)) for x, u in zip(streams, updates)]

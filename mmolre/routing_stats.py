@@ -1,0 +1,116 @@
+"""Does routing specialise? Statistics of the routes the gates chose on a split, per MoE layer and task.
+
+Inputs are the arrays evaluation gathers (`evaluate.predict_batches`): for every utterance, per layer and
+task, the k experts its row was assigned (`routes`, [n, layers, tasks, k], -1 for none) and their combine
+weights (`combine`, same shape). Natural logarithms throughout (nats); None where a statistic is undefined (no rows, no labels).
+
+* `task_divergence`: Jensen-Shannon divergence between the two tasks' expert-use distributions
+  (0: both tasks use the experts alike; ln 2: disjoint experts).
+* `label_mi`: mutual information between the expert a route goes to and the row's label: for sentiment the
+  sign (negative vs non-negative, the Has0 convention), for emotions each emotion's presence (averaged over
+  the six). Each of a row's k routes counts 1/k. ln 2 is the most a balanced binary label allows.
+* `stability`: the fraction of utterances whose top-k set is the same as at the previous evaluation.
+* `max_combine_weight`: the mean over rows of the largest combine weight (1/k: flat, 1: one expert decides).
+* `dead_experts`: experts that received no row of either task over a window of training steps.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import TASKS
+
+
+def expert_distribution(routes: np.ndarray, num_experts: int) -> np.ndarray:
+    """routes [n, k] -> the fraction of routes that went to each expert [N] (zeros when there are none)."""
+    kept = routes[routes >= 0]
+    counts = np.bincount(kept, minlength=num_experts).astype(np.float64)
+    return counts / counts.sum() if counts.sum() else counts
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    m = 0.5 * (p + q)
+
+    def kl(a):
+        nz = a > 0
+        return float((a[nz] * np.log(a[nz] / m[nz])).sum())
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+def mutual_information(routes: np.ndarray, labels: np.ndarray, num_experts: int) -> float:
+    """I(expert; label) with each row's kept routes weighted 1/(its kept routes); labels [n] small ints."""
+    kept = routes >= 0
+    per_row = kept.sum(1)
+    rows = per_row > 0
+    if not rows.any():
+        return 0.0
+    routes, kept, labels = routes[rows], kept[rows], labels[rows]
+    weight = (kept / per_row[rows, None]).ravel()
+    classes = np.unique(labels, return_inverse=True)[1]
+    joint = np.zeros((num_experts, classes.max() + 1))
+    np.add.at(joint, (routes.ravel().clip(0), np.repeat(classes, routes.shape[1])), weight)
+    joint /= joint.sum()
+    pe, py = joint.sum(1, keepdims=True), joint.sum(0, keepdims=True)
+    nz = joint > 0
+    return float((joint[nz] * np.log(joint[nz] / (pe @ py)[nz])).sum())
+
+
+def stability(routes: np.ndarray, previous: np.ndarray) -> float:
+    """Fraction of rows whose set of experts equals the previous one's ([n, k] each, same row order)."""
+    return float((np.sort(routes, 1) == np.sort(previous, 1)).all(1).mean()) if len(routes) else None
+
+
+def routing_summary(routes: np.ndarray, combine: np.ndarray, layer_names: list[str], num_experts: int,
+                    sentiment: np.ndarray, emotions: np.ndarray, has_emotion: np.ndarray,
+                    previous: np.ndarray | None = None) -> dict:
+    """{layer: {"task_divergence": x, task: {label_mi, max_combine_weight, stability, expert_use}}} from
+    evaluation arrays (module docstring). `previous`: the routes of the same rows at the last evaluation."""
+    summary: dict = {}
+    streams = TASKS if routes.shape[2] == len(TASKS) else ("shared",)
+    for li, layer in enumerate(layer_names):
+        entry: dict = {}
+        use = [expert_distribution(routes[:, li, ti], num_experts) for ti in range(len(streams))]
+        if len(streams) == len(TASKS):
+            entry["task_divergence"] = js_divergence(use[0], use[1])
+        for ti, task in enumerate(streams):
+            r, w = routes[:, li, ti], combine[:, li, ti]
+            stats = {"max_combine_weight": float(w.max(1).mean()) if len(w) else None,
+                     "experts_used": int((use[ti] > 0).sum()),
+                     "load_max_over_mean": float(use[ti].max() * num_experts) if use[ti].sum() else None}
+            if task in ("sentiment", "shared"):
+                stats["label_mi"] = mutual_information(r, (sentiment >= 0).astype(np.int64), num_experts)
+            else:
+                rows = has_emotion.astype(bool)
+                stats["label_mi"] = (float(np.mean([mutual_information(r[rows], (emotions[rows, j] > 0)
+                                                                       .astype(np.int64), num_experts)
+                                                    for j in range(emotions.shape[1])])) if rows.any()
+                                     else None)
+            if previous is not None:
+                stats["stability"] = stability(r, previous[:, li, ti])
+            entry[task] = stats
+        summary[layer] = entry
+    return summary
+
+
+def headline(summary: dict, dead: dict | None = None) -> dict:
+    """One number per statistic for tables: the mean over layers (and tasks, where per task), the label
+    MI per task, and the dead experts summed over layers."""
+    def mean(values):
+        values = [v for v in values if v is not None]   # undefined entries (None) do not count
+        return float(np.mean(values)) if values else None
+    per_task = [v for layer in summary.values() for v in layer.values() if isinstance(v, dict)]
+    out = {"task_divergence": mean([layer.get("task_divergence") for layer in summary.values()]),
+           "max_combine_weight": mean([t["max_combine_weight"] for t in per_task]),
+           "load_max_over_mean": mean([t["load_max_over_mean"] for t in per_task]),
+           "stability": mean([t.get("stability") for t in per_task])}
+    for task in (*TASKS, "shared"):
+        values = [layer[task]["label_mi"] for layer in summary.values() if task in layer]
+        if values:
+            out[f"{task}_label_mi"] = mean(values)
+    if dead is not None:
+        out["dead_experts"] = int(sum(dead.values()))
+    return out
+
+
+def dead_experts(load: np.ndarray) -> np.ndarray:
+    """load [layers, tasks, N] rows each expert received over a window -> dead experts per layer [layers]."""
+    return (load.sum(1) == 0).sum(-1) if load.shape[-1] else np.zeros(load.shape[0], np.int64)

@@ -1,0 +1,132 @@
+"""Balancing options of the task gate: aux_free selection biases, the router z-loss, the temperature and the
+routers' learning-rate multiplier."""
+import pytest
+import torch
+from torch.nn import functional as F
+
+from mmolre.config import ConfigError, parse_args
+from mmolre.engine import optimizer_groups
+from mmolre.model.routing import RowRouting, TaskRoutedGate, combine_weights
+
+D, T, N = 8, 5, 8
+
+
+def _gate(k=2, **kw):
+    torch.manual_seed(0)
+    return TaskRoutedGate(D, T, N, num_tasks=2, k=k, **kw)
+
+
+def _rows(s=64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(s, T * D, generator=g)
+    return rows, RowRouting(torch.arange(2).repeat_interleave(s // 2), torch.ones(s, T, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("capacity", [0.0, 0.5])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_combine_weights_are_deepspeeds_own(k, capacity):
+    """aux_free recomputes the combine weights from the unbiased probabilities; with a zero bias they must be
+    exactly what DeepSpeed's gating returned (also with routes dropped by a capacity limit)."""
+    gate = _gate(k, capacity_factor=capacity)
+    gate.train()
+    rows, routing = _rows()
+    torch.manual_seed(3)
+    _, _, _, indices, _, gates, _ = gate(rows, routing)
+    if capacity:
+        assert (indices < 0).any()
+    probs = F.softmax(gate.route_logits(rows, routing), dim=1)
+    torch.testing.assert_close(combine_weights(probs, indices, k), gates)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_aux_free_biases_move_a_skewed_router_towards_balance_without_gradient(k):
+    gate = _gate(k, balance="aux_free", bias_rate=0.05)
+    with torch.no_grad():   # task 0's router prefers expert 0 by far, task 1's is left alone
+        gate.routers[0].net[2].bias[0] += 3.0
+    gate.train()
+    rows, routing = _rows(256)
+    sentiment = routing.task_ids == 0
+    router_before = [p.detach().clone() for p in gate.parameters()]
+
+    def sentiment_load():
+        _, _, _, indices, _, gates, counts = gate(rows, routing)
+        return counts[0], indices, gates
+
+    first, _, _ = sentiment_load()
+    for _ in range(60):
+        sentiment_load()
+        gate.nudge_selection_bias(gate.pending_counts)
+        gate.pending_counts = None
+    last, indices, gates = sentiment_load()
+    def imbalance(c):   # the fraction of routes that would have to move for a uniform load
+        return ((c - c.mean()).abs().sum() / (2 * c.sum())).item()
+    assert imbalance(first) > 0.2
+    assert imbalance(last) < 0.5 * imbalance(first)
+    assert gate.selection_bias[0, 0] < 0 < gate.selection_bias[0, 1:].max()   # the favourite was pushed down
+    assert not gate.selection_bias.requires_grad and "selection_bias" in gate.state_dict()
+    for before, p in zip(router_before, gate.parameters()):
+        assert torch.equal(before, p)                                           # no router weight moved
+    # the combine weights are still the router's own probabilities of the chosen experts
+    probs = F.softmax(gate.route_logits(rows, routing), dim=1)
+    torch.testing.assert_close(gates, combine_weights(probs, indices, k))
+    assert sentiment.any()
+
+
+def test_aux_free_counts_are_kept_only_in_training_and_the_bias_stays_fp32_under_bf16():
+    gate = _gate(2, balance="aux_free")
+    rows, routing = _rows()
+    gate.eval()
+    gate(rows, routing)
+    assert gate.pending_counts is None
+    gate.train()
+    gate(rows, routing)
+    gate(rows, routing)
+    assert gate.pending_counts.sum().item() == 2 * 2 * rows.shape[0]   # k routes per row, two forwards
+    gate.to(torch.bfloat16)
+    assert gate.selection_bias.dtype == torch.float32 and gate.routers[0].net[0].weight.dtype == torch.bfloat16
+    gate.selection_bias += 1e-3
+    assert gate.selection_bias[0, 0].item() == pytest.approx(1e-3)
+
+
+def test_z_loss_is_the_mean_squared_logsumexp_of_each_tasks_logits():
+    gate = _gate(2)
+    rows, routing = _rows()
+    gate(rows, routing)
+    logits = gate.route_logits(rows, routing)
+    for task in (0, 1):
+        by_hand = torch.stack([torch.log(torch.exp(row).sum()) ** 2 for row in logits[routing.task_ids == task]])
+        torch.testing.assert_close(gate.last_stats["z_loss"][task], by_hand.mean())
+    assert gate.last_stats["z_loss"].requires_grad
+
+
+def test_a_temperature_below_one_sharpens_the_combine_weights():
+    rows, routing = _rows()
+    flat = _gate(2)(rows, routing)[5]
+    sharp = _gate(2, temperature=0.1)(rows, routing)[5]
+    assert sharp.max(0).values.mean() > flat.max(0).values.mean()
+    gate = _gate(2, temperature=0.1)
+    _, _, _, indices, _, gates, _ = gate(rows, routing)
+    torch.testing.assert_close(gates, combine_weights(F.softmax(gate.route_logits(rows, routing) / 0.1, 1),
+                                                      indices, 2))
+
+
+def test_the_routers_get_their_own_learning_rate():
+    gate = _gate(2)
+    groups = optimizer_groups(torch.nn.ModuleDict({"x": torch.nn.ModuleDict({"gate": gate})}), 0.01, lr=1e-3,
+                              router_lr_scale=10.0)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["router_decay"]["lr"] == pytest.approx(1e-2) and "lr" not in by_name["decay"]
+    routed = {id(p) for g in groups if g["name"].startswith("router_") for p in g["params"]}
+    assert routed == {id(p) for p in gate.routers.parameters()}
+    same = optimizer_groups(torch.nn.ModuleDict({"x": torch.nn.ModuleDict({"gate": gate})}), 0.01)
+    assert [g["name"] for g in same] == ["decay", "no_decay"]   # the default layout checkpoints hold
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--balance", "sometimes"], "--balance must be one of"),
+    (["--balance", "aux_free", "--routers", "false"], "needs routed experts"),
+    (["--router_temperature", "0"], "must be > 0"),
+])
+def test_balancing_flags_are_checked(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)

@@ -1,0 +1,68 @@
+"""Routing specialisation statistics on constructed routings whose answers are known."""
+import math
+
+import numpy as np
+import pytest
+
+from mmolre.routing_stats import (dead_experts, expert_distribution, headline, js_divergence,
+                                  mutual_information, routing_summary, stability)
+
+N = 4
+
+
+def test_identical_tasks_have_zero_divergence_and_disjoint_ones_ln2():
+    routes = np.array([[0, 1], [2, 3], [0, 2]])
+    p = expert_distribution(routes, N)
+    assert js_divergence(p, p) == 0.0
+    a = expert_distribution(np.array([[0, 1]] * 5), N)
+    b = expert_distribution(np.array([[2, 3]] * 5), N)
+    assert js_divergence(a, b) == pytest.approx(math.log(2))
+
+
+def test_a_router_that_sends_each_sentiment_sign_to_its_own_expert_has_mi_ln2():
+    labels = np.array([0, 1] * 50)
+    one_expert_per_sign = np.where(labels == 0, 0, 3)[:, None]
+    assert mutual_information(one_expert_per_sign, labels, N) == pytest.approx(math.log(2))
+    # top-2, each sign to its own pair of experts: still ln 2
+    pairs = np.where(labels[:, None] == 0, [[0, 1]], [[2, 3]])
+    assert mutual_information(pairs, labels, N) == pytest.approx(math.log(2))
+    # a routing that ignores the label carries no information about it
+    ignores = np.array([[0, 1] if i % 4 < 2 else [2, 3] for i in range(100)])
+    assert mutual_information(ignores, labels, N) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_dropped_routes_do_not_count_and_stability_compares_sets():
+    labels = np.array([0, 1, 0, 1])
+    routes = np.array([[0, -1], [3, -1], [0, -1], [3, -1]])
+    assert mutual_information(routes, labels, N) == pytest.approx(math.log(2))
+    assert stability(np.array([[0, 1], [2, 3]]), np.array([[1, 0], [2, 1]])) == 0.5
+
+
+def test_summary_per_layer_and_task_on_a_constructed_routing():
+    n = 8
+    sentiment = np.array([-1.0, 1.0] * (n // 2))
+    emotions = np.zeros((n, 6))
+    emotions[:, 0] = (np.arange(n) % 2) * 1.0     # happy present on odd rows
+    has = np.ones(n)
+    routes = np.zeros((n, 1, 2, 1), np.int64)
+    routes[:, 0, 0, 0] = np.where(sentiment < 0, 0, 1)   # sentiment: by sign to experts 0 / 1
+    routes[:, 0, 1, 0] = 2 + (np.arange(n) % 2)          # emotion: by happy presence to experts 2 / 3
+    combine = np.ones_like(routes, dtype=np.float64)
+    s = routing_summary(routes, combine, ["text.0"], N, sentiment, emotions, has, previous=routes)
+    layer = s["text.0"]
+    assert layer["task_divergence"] == pytest.approx(math.log(2))    # the tasks use disjoint experts
+    assert layer["sentiment"]["label_mi"] == pytest.approx(math.log(2))
+    # happy carries ln 2, the five absent emotions nothing: the mean over the six
+    assert layer["emotion"]["label_mi"] == pytest.approx(math.log(2) / 6)
+    assert layer["sentiment"]["stability"] == 1.0 and layer["sentiment"]["max_combine_weight"] == 1.0
+    assert layer["sentiment"]["experts_used"] == 2 and layer["sentiment"]["load_max_over_mean"] == 2.0
+    h = headline(s, {"text.0": 2})
+    assert h["dead_experts"] == 2 and h["sentiment_label_mi"] == pytest.approx(math.log(2))
+
+
+def test_dead_experts_are_those_no_task_used_over_the_window():
+    load = np.zeros((2, 2, N))
+    load[0, 0, 0] = 3
+    load[0, 1, 1] = 1      # layer 0: experts 2, 3 dead
+    load[1, :, :] = 1      # layer 1: none
+    assert dead_experts(load).tolist() == [2, 0]
