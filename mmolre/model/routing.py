@@ -91,7 +91,7 @@ class TaskRoutedGate(TopKGate):
 
     def __init__(self, d_model: int, seq_len: int, num_experts: int, num_tasks: int, k: int,
                  capacity_factor: float = 0.0, router_noise: bool = False, uniform: bool = False,
-                 eval_capacity_factor: float = 0.0, balance: str = "aux", bias_rate: float = 1e-3,
+                 eval_capacity_factor: float = 0.0, balance: str = "aux", bias_rate: float = 1e-2,
                  temperature: float = 1.0):
         super().__init__(model_dim=1, num_experts=num_experts, k=k,
                          capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,

@@ -39,7 +39,7 @@ class UniTSEBlock(nn.Module):
                  task_rank: int, num_tasks: int, ep_size: int, dropout: float, capacity_factor: float,
                  router_noise: bool, grouped_experts: bool = True, use_shared: bool = True,
                  use_task: bool = True, uniform_gate: bool = False, eval_capacity_factor: float = 0.0,
-                 balance: str = "aux", bias_rate: float = 1e-3, router_temperature: float = 1.0):
+                 balance: str = "aux", bias_rate: float = 1e-2, router_temperature: float = 1.0):
         super().__init__()
         self.seq_len, self.d_model, self.num_tasks, self.num_experts = seq_len, d_model, num_tasks, num_experts
         self.moe = None
