@@ -112,7 +112,7 @@ class TaskRoutedGate(TopKGate):
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def _apply(self, fn, recurse=True):
-        """Keep the selection bias in fp32 when the engine casts the module to bf16/fp16: its nudges (1e-3)
+        """Keep the selection bias in fp32 when the engine casts the module to bf16/fp16: its nudges (1e-2)
         are below bf16's resolution at the values it reaches."""
         super()._apply(fn, recurse)
         if getattr(self, "selection_bias", None) is not None and self.selection_bias.dtype != torch.float32:
