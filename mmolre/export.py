@@ -80,7 +80,12 @@ def _load_fp32_state(model: MMoLRE, tag_dir: str, marker: dict) -> bool:
     state = elastic.read(tag_dir, marker["ep_size"], model.cfg.num_experts)
     if state is None:
         return False
-    model.load_state_dict({name: entry["fp32"] for name, entry in state["params"].items()}, strict=True)
+    missing, unexpected = model.load_state_dict({name: entry["fp32"] for name, entry in state["params"].items()},
+                                                strict=False)
+    buffers = {name for name, _ in model.named_buffers()}   # e.g. aux_free selection biases: kept from the module
+    if unexpected or set(missing) - buffers:
+        raise ValueError(f"{tag_dir}: the topology-free state does not match the model: missing "
+                         f"{sorted(set(missing) - buffers)[:5]}, unexpected {unexpected[:5]}")
     return True
 
 

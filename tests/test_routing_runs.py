@@ -3,6 +3,8 @@ aux_free balancing with 2 processes against 1, the specialisation statistics in 
 TensorBoard."""
 import torch
 
+from mmolre.export import export
+
 from tests.launcher import final_weights, results, run_deepspeed
 from tests.test_configurations import scalars
 
@@ -34,6 +36,10 @@ def test_1024_experts_with_expert_parallelism_2_train_under_two_processes(tmp_pa
     _, weights = final_weights(run)
     biases = _biases(weights)
     assert biases and all(b.shape == (2, 1024) and b.abs().sum() > 0 for b in biases.values())
+    # the export keeps the biases (they are part of the routing an exported model does)
+    exported = export(str(run), str(tmp_path / "wide.pt"), tag="latest")["state_dict"]
+    for key, bias in biases.items():
+        assert torch.equal(exported[key], bias.float()), key
 
 
 def test_aux_free_biases_with_two_processes_equal_one_process(tmp_path):
