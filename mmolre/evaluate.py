@@ -86,9 +86,12 @@ def _routing(preds: dict, model, previous: dict | None) -> dict | None:
 
 
 def _score(preds: dict, cfg: RunConfig) -> tuple[float, dict]:
+    """The metrics, and the validation loss that selects the checkpoint: sentiment MAE + λ·emotion BCE, or
+    only the trained task's term in a single-task run (the untrained head's loss must not choose)."""
     sent = sentiment_metrics(preds["sentiment_pred"], preds["sentiment_true"])
     metrics = {"sentiment": sent, "samples": len(preds["ids"])}
-    loss = sent["mae"]
+    tasks = cfg.train.tasks
+    loss = sent["mae"] if tasks != "emotion" else 0.0
     has = preds["has_emotion"].astype(bool)
     if has.any():
         metrics["emotion"] = emotion_metrics(preds["emotion_prob"][has], preds["emotion_true"][has])
@@ -96,7 +99,8 @@ def _score(preds: dict, cfg: RunConfig) -> tuple[float, dict]:
         y = (preds["emotion_true"][has] > 0).astype(np.float64)
         bce = float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
         metrics["emotion"]["bce"] = bce
-        loss += cfg.train.emotion_loss_weight * bce
+        if tasks != "sentiment":
+            loss += cfg.train.emotion_loss_weight * bce
     metrics["loss"] = loss
     return loss, metrics
 

@@ -118,3 +118,27 @@ def test_baselines_train_under_two_processes(variant, tmp_path):
     losses = torch.load(tmp_path / "out.pt", weights_only=False)[0]["losses"]
     # batches alternate between two fixed ones: compare windows holding both equally often
     assert sum(losses[-4:]) < sum(losses[:4]), losses
+
+
+@pytest.mark.parametrize("tasks", ["both", "sentiment", "emotion"])
+def test_a_single_task_run_selects_its_checkpoint_on_its_own_task(tasks):
+    """The validation loss that chooses the checkpoint counts only the trained task: an untrained head's
+    loss (here the emotion probabilities of a sentiment-only run) must not decide."""
+    import numpy as np
+    from mmolre.config import RunConfig
+    from mmolre.evaluate import _score
+    cfg = RunConfig()
+    cfg.train.tasks = tasks
+    rng = np.random.default_rng(0)
+    n = 40
+    preds = {"ids": [str(i) for i in range(n)], "sentiment_pred": rng.normal(size=n),
+             "sentiment_true": rng.normal(size=n), "emotion_true": (rng.random((n, 6)) > 0.7) * 1.0,
+             "has_emotion": np.ones(n)}
+    losses = []
+    for emotion_prob in (np.full((n, 6), 0.3), rng.random((n, 6))):   # a sensible and a random emotion head
+        loss, metrics = _score({**preds, "emotion_prob": emotion_prob}, cfg)
+        expected = {"both": metrics["sentiment"]["mae"] + metrics["emotion"]["bce"],
+                    "sentiment": metrics["sentiment"]["mae"], "emotion": metrics["emotion"]["bce"]}[tasks]
+        assert loss == pytest.approx(expected) and metrics["loss"] == loss
+        losses.append(loss)
+    assert (losses[0] == losses[1]) == (tasks == "sentiment")
