@@ -35,6 +35,9 @@ class DataConfig:
     emotion_labels: Optional[str] = _help("MOSEI emotion labels joined by (video, clip): an SDK "
                                           "CMU_MOSEI_Labels.csd or a CSV table (video_id, clip_index, happy..fear)",
                                           default=None)
+    emotion_join_tolerance: float = _help("largest fraction of joined clips whose sentiment may differ between "
+                                          "the pickle and --emotion_labels before the join is refused",
+                                          default=0.01)
     modalities: str = _help("comma-separated modalities to use, among text,audio,vision (default: every "
                             "modality the dataset has)", default="")
     cache_dir: str = _help("where generated data and Arrow caches live (env MMOLRE_CACHE)",
@@ -222,6 +225,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--modalities: unknown {unknown}; choose among {','.join(MODALITIES)}")
     if d.alignment not in ("aligned", "unaligned"):
         raise ConfigError(f"--alignment must be 'aligned' or 'unaligned', got {d.alignment!r}")
+    if not 0.0 <= d.emotion_join_tolerance <= 1.0:
+        raise ConfigError(f"--emotion_join_tolerance must be in [0, 1], got {d.emotion_join_tolerance}")
     if m.num_experts < 1:
         raise ConfigError(f"--num_experts must be >= 1, got {m.num_experts}")
     if not 1 <= m.top_k <= m.num_experts:

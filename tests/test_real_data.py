@@ -141,6 +141,32 @@ def test_emotion_join_from_a_label_table_and_a_wrong_clip_numbering_is_caught(tm
         build_cache(path, str(tmp_path / "cache2"), emotion_labels=table("shifted.csv", 1))
 
 
+def test_an_emotion_join_that_is_partly_wrong_is_refused_naming_the_clips(tmp_path):
+    """3 of 22 clips (14 %) carry another clip's labels: far below the old "more than half" rule, and enough
+    to train on wrong emotions. Refused with the ids; accepted only when the fraction is stated; a cache
+    joined under a higher tolerance does not satisfy a lower one."""
+    raw = mmsa()
+    path = dump(tmp_path / "mosei.pkl", raw)
+    lines, wrong = ["video_id,clip_index,sentiment," + ",".join(EMOTIONS)], []
+    for split in raw:
+        for n, (sid, y) in enumerate(zip(raw[split]["id"], raw[split]["regression_labels"])):
+            video, clip = str(sid).split("$_$")
+            if split == "train" and n < 3:   # these rows hold a different clip's sentiment (and emotions)
+                y, wrong = y + 1.0, wrong + [str(sid)]
+            lines.append(f"{video},{clip},{y}," + ",".join(["1"] * 6))
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    labels = str(tmp_path / "labels.csv")
+    with pytest.raises(DataError, match=r"3 of 22 samples \(13.6%\).*tolerated 1.0%") as err:
+        build_cache(path, str(tmp_path / "cache"), emotion_labels=labels)
+    assert all(w in str(err.value) for w in wrong) and "--emotion_join_tolerance 0.136" in str(err.value)
+    target = build_cache(path, str(tmp_path / "cache"), emotion_labels=labels, join_tolerance=0.15)
+    with open(os.path.join(target, "meta.json")) as f:
+        join = json.load(f)["emotion_labels"]
+    assert join["sentiment_mismatches"] == 3 and join["compared"] == 22 and len(join["disagreeing"]) == 3
+    with pytest.raises(DataError, match="3 of 22 samples"):   # the same cache, the default tolerance
+        build_cache(path, str(tmp_path / "cache"), emotion_labels=labels)
+
+
 def test_clip_ids_match_as_integers_or_as_written(tmp_path):
     raw = mmsa()
     raw["train"]["id"] = np.array([f"v{i}$_${i}{'_5' if i % 2 else ''}" for i in range(12)], dtype=object)

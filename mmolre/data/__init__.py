@@ -37,7 +37,8 @@ def prepare(cfg: DataConfig, builds: bool, barrier: Callable[[], None]) -> Prepa
     if builds:
         try:
             for src in resolve_sources(cfg):
-                build_cache(src.path, cfg.cache_dir, {"synthetic": src.name == "synthetic"}, src.emotion_labels)
+                build_cache(src.path, cfg.cache_dir, {"synthetic": src.name == "synthetic"}, src.emotion_labels,
+                            cfg.emotion_join_tolerance)
         except Exception as e:  # let the other ranks leave the barrier before failing
             error = e
     barrier()

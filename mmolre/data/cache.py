@@ -20,7 +20,7 @@ import numpy as np
 from datasets.arrow_writer import ArrowWriter
 
 from ..config import EMOTIONS, MODALITIES
-from .emotions import join_emotions, read_emotion_labels
+from .emotions import JOIN_TOLERANCE, check_join, join_emotions, read_emotion_labels
 from .schema import EMOTION_KEY, LENGTH_KEYS, SPLITS, DataError, check_dataset, decode_id
 
 CACHE_FORMAT = 3
@@ -122,11 +122,17 @@ def _normalisation(train: dict, modalities: list[str]) -> dict:
 
 
 def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
-                emotion_labels: str | None = None) -> str:
+                emotion_labels: str | None = None, join_tolerance: float = JOIN_TOLERANCE) -> str:
     """Convert `source` (an MMSA-schema pickle) unless its cache exists; returns the cache directory.
-    With `emotion_labels` (an SDK .csd or a CSV table), the six intensities are joined by (video, clip)."""
+    With `emotion_labels` (an SDK .csd or a CSV table), the six intensities are joined by (video, clip), and
+    refused if more than `join_tolerance` of the joined clips disagree on the sentiment."""
     target = cache_path_for(source, cache_dir, emotion_labels)
     if os.path.exists(os.path.join(target, "meta.json")):
+        with open(os.path.join(target, "meta.json")) as f:
+            join = json.load(f).get("emotion_labels")
+        if join and "compared" in join:
+            check_join(source, join["file"], join["sentiment_mismatches"], join["compared"],
+                       join.get("disagreeing", []), join_tolerance)
         return target
     raw = load_pickle(source)
     if not isinstance(raw, dict):
@@ -137,7 +143,7 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
     reports = check_dataset(source, raw, modalities)   # first: the join relies on valid ids and splits
     join = None
     if emotion_labels:  # the reader has range-checked every joined row; no second pass over the features
-        join = join_emotions(source, raw, read_emotion_labels(emotion_labels))
+        join = join_emotions(source, raw, read_emotion_labels(emotion_labels), join_tolerance)
         for split, matched in join.matched.items():
             reports[split].with_emotions = matched
     columns = {s: _split_columns(raw[s], modalities) for s in SPLITS}
@@ -157,6 +163,7 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
             "emotion_labels": None if join is None else {
                 "file": os.path.abspath(emotion_labels), "matched": join.matched,
                 "unmatched": join.unmatched, "sentiment_mismatches": join.sentiment_mismatches,
+                "compared": join.compared, "disagreeing": join.disagreeing,
                 "summary": join.summary()},
             "normalisation": _normalisation(columns["train"], modalities),
             "splits": {s: {"samples": r.samples, "with_emotions": r.with_emotions,

@@ -28,6 +28,7 @@ from .schema import EMOTION_KEY, ID_SEPARATOR, SPLITS, DataError, decode_id, spl
 CSD_ORDER = ("sentiment",) + EMOTIONS   # "All Labels"
 CLIP_COLUMNS = ("clip_id", "clip_index")   # MMSA's label.csv, the MOSEI table
 SENTIMENT_TOLERANCE = 1e-3
+JOIN_TOLERANCE = 0.01   # default largest fraction of joined clips whose sentiments may disagree
 
 
 @dataclass
@@ -42,6 +43,12 @@ class JoinReport:
     matched: dict[str, int]
     unmatched: dict[str, list[str]]     # split -> sample ids without emotion labels
     sentiment_mismatches: int
+    compared: int = 0                   # joined samples whose sentiment both files hold
+    disagreeing: list[str] = field(default_factory=list)   # their ids (pickle vs label file), the first 50
+
+    @property
+    def mismatch_fraction(self) -> float:
+        return self.sentiment_mismatches / self.compared if self.compared else 0.0
 
     def summary(self) -> str:
         parts = [f"{s}: {self.matched[s]} of {self.matched[s] + len(self.unmatched[s])} samples labelled"
@@ -143,9 +150,13 @@ def check_intensities(values: np.ndarray, location: str) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def join_emotions(source: str, data: dict, table: EmotionTable) -> JoinReport:
-    """Set data[split]['emotion_labels'] ([N, 6], NaN rows = unlabelled) for every split, in place."""
-    matched, unmatched, mismatches, compared = {}, {}, 0, 0
+def join_emotions(source: str, data: dict, table: EmotionTable, tolerance: float = JOIN_TOLERANCE) -> JoinReport:
+    """Set data[split]['emotion_labels'] ([N, 6], NaN rows = unlabelled) for every split, in place.
+
+    Where the label file has a sentiment too, every joined clip's is compared with the pickle's; if more than
+    `tolerance` of them disagree, the join is refused (a wrong clip numbering, another dataset or version):
+    even 10 % wrong rows would train on wrong emotion labels."""
+    matched, unmatched, mismatches, compared, disagreeing = {}, {}, 0, 0, []
     for split in SPLITS:
         d = data[split]
         if EMOTION_KEY in d:
@@ -163,17 +174,33 @@ def join_emotions(source: str, data: dict, table: EmotionTable) -> JoinReport:
             out[i] = table.emotions[key]
             if key in table.sentiment:
                 compared += 1
-                mismatches += int(abs(table.sentiment[key] - sent[i]) > SENTIMENT_TOLERANCE)
+                if abs(table.sentiment[key] - sent[i]) > SENTIMENT_TOLERANCE:
+                    mismatches += 1
+                    if len(disagreeing) < 50:
+                        disagreeing.append(f"{sid} ({sent[i]:+.3f} vs {table.sentiment[key]:+.3f})")
         matched[split] = len(ids) - len(unmatched[split])
         d[EMOTION_KEY] = out
     total = sum(matched.values())
     if total == 0:
         raise DataError(f"{source}: no sample id matched {table.path} by (video, clip); the pickle's ids look "
                         f"like {ids[:2]}, the label file's keys like {list(table.emotions)[:2]}")
-    if compared and mismatches > compared / 2:
-        raise DataError(f"{source}: joined by (video, clip), {mismatches} of {compared} samples have a different "
-                        f"sentiment in {table.path}; the clip numbering of the two files does not agree")
-    return JoinReport(matched, unmatched, mismatches)
+    report = JoinReport(matched, unmatched, mismatches, compared, disagreeing)
+    check_join(source, table.path, report.sentiment_mismatches, compared, disagreeing, tolerance)
+    return report
+
+
+def check_join(source: str, labels: str, mismatches: int, compared: int, disagreeing: list[str],
+               tolerance: float) -> None:
+    """Refuse a join where more than `tolerance` of the compared sentiments disagree (also for a cached one,
+    so a lower tolerance is never satisfied by a cache built under a higher one)."""
+    if compared and mismatches > tolerance * compared:
+        why = ("the clip numbering of the two files does not agree" if mismatches > compared / 2 else
+               "some clips are joined to another clip's labels")
+        raise DataError(f"{source}: joined by (video, clip) with {labels}, {mismatches} of {compared} samples "
+                        f"({mismatches / compared:.1%}) have a different sentiment in the label file, more than "
+                        f"the tolerated {tolerance:.1%}: {why}. Disagreeing (pickle vs label file): "
+                        f"{', '.join(disagreeing[:10])}{' ...' if mismatches > 10 else ''}. If the difference is "
+                        f"known and harmless, accept it with --emotion_join_tolerance {mismatches / compared:.3f}")
 
 
 def _key(sample_id: str) -> tuple[str, str]:
