@@ -173,6 +173,8 @@ class Trainer:
         self.monitor = Monitor(tensorboard_dir(self.run_dir) if info.is_main else None)
         self.state = TrainState()
         self.aux_weight = t.aux_loss_weight if m.balance == "aux" else 0.0
+        # a dataset without emotion labels has no emotion loss to show (its BCE term is an exact -0.0)
+        self.has_emotions = bool(np.asarray(self.data.splits["train"].hf["has_emotion"], bool).any())
         self.biased_gates = [b.moe.deepspeed_moe.gate for _, b in self.model.moe_blocks()
                              if b.moe is not None and m.balance == "aux_free"]
         self.epoch_load = None   # rows each expert received this epoch on this rank since the last save
@@ -306,7 +308,8 @@ class Trainer:
         info, state = self.info, self.state
         losses = (distributed.all_reduce_sum(window_losses, info) / (info.world_size * count)).cpu()
         aux, entropy, dropped, weights, load = _routing_summary(out, info)
-        self.monitor.scalars({"loss/total": losses[0], "loss/sentiment": losses[1], "loss/emotion": losses[2],
+        self.monitor.scalars({"loss/total": losses[0], "loss/sentiment": losses[1],
+                              **({"loss/emotion": losses[2]} if self.has_emotions else {}),
                               "loss/aux": losses[3], "loss/router_z": losses[4], "train/lr": lr,
                               "train/samples": state.train_samples,
                               "train/samples_per_s": self.samples_per_step * steps / max(seconds, 1e-9),
@@ -316,7 +319,8 @@ class Trainer:
             self.monitor.scalars({"train/grad_norm": norm}, state.global_step)
         self.monitor.routing(out.layer_names, aux, load, entropy, dropped, state.global_step)
         self.monitor.fusion(self.model.modalities, weights, state.global_step)
-        bar.set_postfix(loss=f"{losses[0]:.3f}", mae=f"{losses[1]:.3f}", bce=f"{losses[2]:.3f}")
+        bar.set_postfix(loss=f"{losses[0]:.3f}", mae=f"{losses[1]:.3f}",
+                        **({"bce": f"{losses[2]:.3f}"} if self.has_emotions else {}))
 
     def _nudge_selection_biases(self, stepped: bool) -> None:
         """--balance aux_free: after an applied optimizer step, every gate's bias moves against its tasks' load

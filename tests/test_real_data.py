@@ -462,3 +462,22 @@ def test_featurize_rejects_bad_emotions_in_the_table_with_file_line_and_sample(t
         assert mmolre(["featurize", str(tmp_path / "t.csv"), str(tmp_path / "o.pkl"), "--text_encoder", "unused"]) == 2
         err = capsys.readouterr().err
         assert "t.csv [line 2, key 'emotions', sample 'v$_$0']" in err and message in err
+
+
+def test_a_dataset_without_emotion_labels_shows_no_emotion_loss(tmp_path):
+    """MOSI has no emotions: the progress bar and TensorBoard show no emotion loss (it was an exact -0.0)."""
+    from tests.launcher import run_deepspeed
+    from tests.test_configurations import scalars
+    mosi = dump(tmp_path / "mosi.pkl", mmsa(seed=1))
+    proc = run_deepspeed(tmp_path, "--dataset", "mosi", "--data_path", mosi, "--epochs", "2", "--log_every", "1",
+                         "--batch_size", "4", "--run_name", "mosi")
+    run = tmp_path / "runs" / "mosi"
+    assert "mae=" in proc.stderr and "bce=" not in proc.stderr
+    assert scalars(run, "loss/sentiment") and "loss/emotion" not in _scalar_tags(run)
+
+
+def _scalar_tags(run) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return acc.Tags()["scalars"]
