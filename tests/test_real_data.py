@@ -3,6 +3,7 @@
 random encoder, `mmolre data inspect|verify`, dataset mixing, and every malformed case named precisely."""
 import json
 import os
+import re
 import pickle
 
 import h5py
@@ -30,6 +31,9 @@ def mmsa_split(split: str, n: int, rng, aligned=True, bytes_ids=False, videos=3,
          "annotations": np.array(["Positive"] * n),
          "classification_labels": np.ones(n),
          "text_bert": np.zeros((n, 3, t["text"]), np.int64)}
+    tokens = rng.integers(2, t["text"] + 1, n)   # MMSA: ids, attention mask (1s then 0s), segments
+    d["text_bert"][:, 0] = rng.integers(100, 30000, (n, t["text"])) * (np.arange(t["text"]) < tokens[:, None])
+    d["text_bert"][:, 1] = np.arange(t["text"]) < tokens[:, None]
     for m, dim in DIMS.items():
         d[m] = rng.normal(size=(n, t[m], dim)).astype(np.float32)
     d["audio"][0, 0, :2] = -np.inf   # as in MMSA's COVAREP features
@@ -71,7 +75,8 @@ def test_unaligned_mmsa_directory_with_bytes_ids_and_lengths(tmp_path):
     assert batch.ids[0] == "vidtrain0$_$0" and isinstance(batch.ids[0], str)
     np.testing.assert_array_equal(batch.masks["audio"].sum(1).numpy(), raw["train"]["audio_lengths"])
     np.testing.assert_array_equal(batch.masks["vision"].sum(1).numpy(), raw["train"]["vision_lengths"])
-    assert batch.masks["text"].all()   # aligned text: full length
+    # text: MMSA's attention mask text_bert[:, 1] (the pickle has no text_lengths)
+    np.testing.assert_array_equal(batch.masks["text"].numpy(), raw["train"]["text_bert"][:, 1].astype(bool))
     assert not batch.has_emotion.any()
     np.testing.assert_allclose(batch.sentiment.numpy(), raw["train"]["regression_labels"], atol=1e-6)
     # the aligned file is the default pick inside a directory
@@ -167,6 +172,37 @@ def test_an_emotion_join_that_is_partly_wrong_is_refused_naming_the_clips(tmp_pa
         build_cache(path, str(tmp_path / "cache"), emotion_labels=labels)
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+def test_the_masks_are_mmsas_text_attention_mask(tmp_path, aligned):
+    """MMSA pickles carry no text_lengths: the text's valid steps are text_bert[:, 1]; in an aligned file audio
+    and vision follow the same mask, in an unaligned one their own lengths. Normalisation counts valid steps
+    only, and the batch masks equal the mask of the file."""
+    raw = mmsa(aligned=aligned)
+    data = prepared(tmp_path, dataset="mmsa", data_path=dump(tmp_path / "m.pkl", raw))
+    meta = data.sources["mmsa"]
+    assert meta["splits"]["train"]["lengths_from"]["text"].startswith("text_bert[:, 1]")
+    test = data.splits["test"].__getitems__(list(range(SIZES["test"])))
+    mask = raw["test"]["text_bert"][:, 1].astype(bool)
+    np.testing.assert_array_equal(test.masks["text"].numpy(), mask)
+    for m in ("audio", "vision"):
+        expected = mask if aligned else np.arange(raw["test"][m].shape[1]) < raw["test"][f"{m}_lengths"][:, None]
+        np.testing.assert_array_equal(test.masks[m].numpy(), expected)
+    train = raw["train"]
+    valid = train["text_bert"][:, 1].astype(bool)
+    np.testing.assert_allclose(meta["normalisation"]["text"]["mean"], train["text"][valid].mean(0), atol=1e-5)
+    assert meta["normalisation"]["text"]["count"] == valid.sum() < train["text"].shape[0] * train["text"].shape[1]
+
+
+def test_a_text_mask_with_holes_is_refused_naming_the_sample(tmp_path):
+    raw = mmsa()
+    raw["valid"]["text_bert"][1, 1] = 0
+    raw["valid"]["text_bert"][1, 1, 0] = raw["valid"]["text_bert"][1, 1, 2] = 1   # 1 0 1 0 ...
+    sid = str(raw["valid"]["id"][1])
+    with pytest.raises(DataError, match=rf"split 'valid', key 'text_bert', sample '{re.escape(sid)}'.*1s for the "
+                                        "first tokens then 0s"):
+        prepared(tmp_path, dataset="mmsa", data_path=dump(tmp_path / "m.pkl", raw))
+
+
 def test_clip_ids_match_as_integers_or_as_written(tmp_path):
     raw = mmsa()
     raw["train"]["id"] = np.array([f"v{i}$_${i}{'_5' if i % 2 else ''}" for i in range(12)], dtype=object)
@@ -223,8 +259,8 @@ def test_mixing_datasets_masks_emotions_prefixes_ids_and_pools_normalisation(tmp
     assert all(i.startswith("mosi/") for i in batch.ids[:12])
     assert all(i.startswith("mosei/") for i in batch.ids[12:])
     assert batch.has_emotion.tolist() == [False] * 12 + [True] * 12
-    # one normalisation over both train splits (valid time steps only; aligned = all), -inf counted as 0
-    text = np.concatenate([mosi["train"]["text"], mosei["train"]["text"]]).reshape(-1, DIMS["text"])
+    # one normalisation over both train splits (valid time steps only: text_bert's mask), -inf counted as 0
+    text = np.concatenate([d["train"]["text"][d["train"]["text_bert"][:, 1].astype(bool)] for d in (mosi, mosei)])
     np.testing.assert_allclose(data.normalisation["text"]["mean"], text.mean(0), atol=1e-5)
     np.testing.assert_allclose(data.normalisation["text"]["std"], text.std(0), atol=1e-5)
     # a modality whose shape differs between the datasets cannot be mixed; --modalities can leave it out
@@ -290,10 +326,14 @@ def test_every_malformed_case_names_file_split_key_and_sample(tmp_path, break_it
 
 
 def test_data_inspect_and_verify(tmp_path, capsys, monkeypatch):
-    path = dump(tmp_path / "aligned_50.pkl", mmsa(emotions=True))
+    raw = mmsa(emotions=True)
+    path = dump(tmp_path / "aligned_50.pkl", raw)
     assert mmolre(["data", "inspect", path]) == 0
     out = capsys.readouterr().out
     assert "train: 12 samples" in out and "test: 6 samples" in out
+    tokens = raw["train"]["text_bert"][:, 1].sum(1)   # the valid-length distribution training will use
+    assert f"valid text steps (text_bert[:, 1]): min {tokens.min()}," in out
+    assert f"valid audio steps (text_bert[:, 1]): min {tokens.min()}," in out and f"max {tokens.max()} of 8" in out
     assert "audio" in out and "(12, 8, 5)" in out and "-inf 2" in out
     assert "emotions: 12 labelled" in out and "sentiment: mean" in out
     assert mmolre(["data", "verify", path]) == 1

@@ -67,6 +67,9 @@ def describe_source(name: str, meta: dict, used: list[str]) -> str:
                          for m in meta["modalities"])]
     for split in SPLITS:
         rep = meta["splits"][split]
+        derived = {m: how for m, how in rep.get("lengths_from", {}).items() if how.startswith("text_bert")}
+        if derived and split == "train":
+            lines.append(f"data: {name}: valid time steps from " + ", ".join(f"{m}: {how}" for m, how in derived.items()))
         if rep["nonfinite_replaced"]:
             lines.append(f"data: {name}: {split}: replaced non-finite feature values with 0: "
                          f"{rep['nonfinite_replaced']}")

@@ -23,7 +23,7 @@ from ..config import EMOTIONS, MODALITIES
 from .emotions import JOIN_TOLERANCE, check_join, join_emotions, read_emotion_labels
 from .schema import EMOTION_KEY, LENGTH_KEYS, SPLITS, DataError, check_dataset, decode_id
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4   # 4: lengths from MMSA's text_bert attention mask (a format-3 cache counted padding as valid)
 WRITE_ROWS = 512   # rows per Arrow record batch: conversion holds the pickle plus one batch, not a 2nd copy
 
 
@@ -167,7 +167,8 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
                 "summary": join.summary()},
             "normalisation": _normalisation(columns["train"], modalities),
             "splits": {s: {"samples": r.samples, "with_emotions": r.with_emotions,
-                           "nonfinite_replaced": r.nonfinite_replaced} for s, r in reports.items()},
+                           "nonfinite_replaced": r.nonfinite_replaced, "lengths_from": r.lengths_from}
+                       for s, r in reports.items()},
             **(extra_meta or {})}
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)

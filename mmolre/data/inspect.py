@@ -7,7 +7,7 @@ import numpy as np
 
 from ..config import EMOTIONS
 from .cache import load_pickle, file_sha256
-from .schema import EMOTION_KEY, SPLITS, DataError, decode_id
+from .schema import EMOTION_KEY, LENGTH_KEYS, SPLITS, DataError, decode_id
 
 # SHA-256 of the feature files as published in the MMSA README (thuiar/MMSA, "2. Datasets").
 MMSA_SHA256 = {
@@ -64,7 +64,31 @@ def inspect(path: str) -> str:
             present = (e[labelled] > 0).mean(0) if labelled.any() else np.zeros(e.shape[1])
             lines.append(f"    emotions: {labelled.sum()} labelled; present in " + ", ".join(
                 f"{name} {p:.0%}" for name, p in zip(EMOTIONS, present)))
+        lines += _valid_lengths(d)
         if "id" in d and len(d["id"]):
             ids = [decode_id(x) for x in np.asarray(d["id"]).reshape(-1)[:2]]
             lines.append(f"    ids like {ids}")
     return "\n".join(lines)
+
+
+def _valid_lengths(d: dict) -> list[str]:
+    """The distribution of valid time steps per modality, from its lengths or (text, and aligned audio and
+    vision) MMSA's attention mask text_bert[:, 1]; what training uses as each sample's mask."""
+    out = []
+    mask_lengths = None
+    if "text_bert" in d and np.asarray(d["text_bert"]).ndim == 3:
+        mask_lengths = np.asarray(d["text_bert"])[:, 1, :].sum(1)
+    for m, key in LENGTH_KEYS.items():
+        if m not in d:
+            continue
+        steps = np.asarray(d[m]).shape[1]
+        if key in d:
+            lengths, how = np.asarray(d[key]).reshape(-1), key
+        elif mask_lengths is not None and steps == np.asarray(d["text_bert"]).shape[2]:
+            lengths, how = mask_lengths, "text_bert[:, 1]"
+        else:
+            lengths, how = np.full(len(d[m]), steps), "no lengths: every step counts"
+        q = np.percentile(lengths, [0, 25, 50, 75, 100])
+        out.append(f"    valid {m} steps ({how}): min {q[0]:.0f}, quartiles {q[1]:.0f} / {q[2]:.0f} / {q[3]:.0f}, "
+                   f"max {q[4]:.0f} of {steps}; mean {np.mean(lengths):.1f}")
+    return out

@@ -3,6 +3,9 @@
 An MMSA file is `{'train'|'valid'|'test': {key: array with samples on axis 0}}`. The keys used here:
 `text`, `audio`, `vision` (float [N, T, F]; a dataset may have any non-empty subset), optional
 `audio_lengths`/`vision_lengths` (unaligned files) and `text_lengths` (our extension, written by `mmolre featurize`),
+`text_bert` ([N, 3, T]: token ids, attention mask, segment ids; MMSA's files carry no `text_lengths`, so the
+text's valid steps are its attention mask `text_bert[:, 1]`, and in aligned files, whose audio and vision are
+aligned to those tokens, the same mask holds for them),
 `id` ("video$_$clip", str or bytes), `regression_labels` (sentiment in [-3, 3]) and our extension
 `emotion_labels` (float [N, 6] intensities in [0, 3], order EMOTIONS; absent or NaN rows = no labels).
 """
@@ -45,6 +48,7 @@ class SplitReport:
     samples: int = 0
     nonfinite_replaced: dict[str, int] = field(default_factory=dict)
     with_emotions: int = 0
+    lengths_from: dict[str, str] = field(default_factory=dict)   # modality -> where its valid lengths came from
 
 
 def check_split(path: str, split: str, data: dict, modalities: list[str]) -> SplitReport:
@@ -102,6 +106,7 @@ def check_split(path: str, split: str, data: dict, modalities: list[str]) -> Spl
                 i = bad[0]
                 raise DataError(f"{where(path, split, lkey, ids[i])}: length {lengths[i]} outside "
                                 f"[1, {arr.shape[1]}]")
+    _lengths_from_text_mask(path, split, data, modalities, ids, report)
     if EMOTION_KEY in data:
         emo = np.asarray(data[EMOTION_KEY], dtype=np.float64)
         count_ok(EMOTION_KEY, emo)
@@ -122,6 +127,42 @@ def check_split(path: str, split: str, data: dict, modalities: list[str]) -> Spl
                             f"outside [0, 3] ({bad.size} such samples)")
         report.with_emotions = int(labelled.sum())
     return report
+
+
+def _lengths_from_text_mask(path: str, split: str, data: dict, modalities: list[str], ids: list[str],
+                            report: SplitReport) -> None:
+    """MMSA files: the text's lengths from its attention mask `text_bert[:, 1]` (in place, as `text_lengths`),
+    and the same lengths for audio and vision of an aligned file (no lengths of their own, same steps)."""
+    for m in modalities:
+        if LENGTH_KEYS[m] in data:
+            report.lengths_from[m] = LENGTH_KEYS[m]
+    if "text" not in modalities or "text_lengths" in data or "text_bert" not in data:
+        return
+    tokens = np.asarray(data["text_bert"])
+    steps = np.asarray(data["text"]).shape[1]
+    if tokens.ndim != 3 or tokens.shape[0] != len(ids) or tokens.shape[1] != 3 or tokens.shape[2] != steps:
+        raise DataError(f"{where(path, split, 'text_bert')}: expected [samples, 3 (ids, mask, segments), {steps}] "
+                        f"like 'text', got shape {tokens.shape}")
+    mask = tokens[:, 1, :]
+    bad = np.flatnonzero(~np.isin(mask, (0, 1)).all(1))
+    if bad.size:
+        raise DataError(f"{where(path, split, 'text_bert', ids[bad[0]])}: the attention mask (row 1) holds "
+                        f"{sorted(set(np.unique(mask[bad[0]]).tolist()))}, expected 0/1")
+    lengths = mask.sum(1).astype(np.int64)
+    # valid steps must come first (the model's masks are prefixes); a mask with holes cannot be kept as lengths
+    prefix = mask == (np.arange(steps)[None, :] < lengths[:, None])
+    bad = np.flatnonzero(~prefix.all(1) | (lengths < 1))
+    if bad.size:
+        i = bad[0]
+        raise DataError(f"{where(path, split, 'text_bert', ids[i])}: the attention mask (row 1) is "
+                        f"{mask[i].astype(int).tolist()}; expected 1s for the first tokens then 0s ({bad.size} such "
+                        f"samples)")
+    data["text_lengths"] = lengths
+    report.lengths_from["text"] = "text_bert[:, 1] (attention mask)"
+    for m in ("audio", "vision"):
+        if m in modalities and LENGTH_KEYS[m] not in data and np.asarray(data[m]).shape[1] == steps:
+            data[LENGTH_KEYS[m]] = lengths
+            report.lengths_from[m] = "text_bert[:, 1] (aligned to the text tokens)"
 
 
 def check_dataset(path: str, data: dict, modalities: list[str]) -> dict[str, SplitReport]:
