@@ -19,6 +19,7 @@ On a cluster, the same grid as a job array (one run per array element, then `mmo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -69,8 +70,10 @@ def main(argv=None) -> None:
     grid = [(e, k, b, s) for e in args.experts.split(",") for k in args.top_ks.split(",")
             for b in args.balances.split(",") for s in args.seeds.split(",")]
     dirs, started = [], time.time()
+    # finished runs are reused by name, so the name carries the extra flags too
+    suffix = "_x" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8] if extra else ""
     for i, (e, k, b, s) in enumerate(grid, 1):
-        run, seconds = train(path, os.path.join(args.work, "runs"), f"e{e}_k{k}_{b}_s{s}",
+        run, seconds = train(path, os.path.join(args.work, "runs"), f"e{e}_k{k}_{b}_s{s}{suffix}",
                              ["--num_experts", e, "--top_k", k, "--balance", b, "--seed", s, *extra],
                              args.processes)
         dirs.append(run)

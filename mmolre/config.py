@@ -259,6 +259,10 @@ def validate(cfg: RunConfig) -> None:
     if m.balance == "aux_free" and m.dense_mixture:
         raise ConfigError("--balance aux_free needs routed experts: with --routers false or --model mmoe every "
                           "row visits every expert, so there is no choice to bias")
+    if m.balance == "aux_free" and m.capacity_factor > 0 and m.top_k >= 3:
+        raise ConfigError("--balance aux_free with --capacity_factor > 0 and --top_k >= 3: DeepSpeed's top-k gating "
+                          "gives an over-subscribed expert's slots to the rows of highest (here: biased) probability, "
+                          "and the bias is per task, so one task would be favoured; use top-1/2 or no capacity")
     if m.balance_bias_rate <= 0 or m.router_temperature <= 0 or t.router_lr_scale <= 0 or t.router_z_loss < 0:
         raise ConfigError("--balance_bias_rate, --router_temperature and --router_lr_scale must be > 0, "
                           "--router_z_loss >= 0")

@@ -43,7 +43,7 @@ def predict_batches(forward, batches) -> dict:
         parts["emotion_prob"].append(torch.sigmoid(out.emotion_logits.float()).cpu().numpy()[keep])
         parts["emotion_true"].append(batch.emotions.numpy()[keep])
         parts["has_emotion"].append(batch.has_emotion.numpy()[keep])
-        parts["routes"].append(out.routes.permute(2, 0, 1, 3).cpu().numpy()[keep])   # [B, layers, tasks, k]
+        parts["routes"].append(out.routes.permute(2, 0, 1, 3).to(torch.int32).cpu().numpy()[keep])  # [B, L, tasks, k]
         parts["combine"].append(out.combine.permute(2, 0, 1, 3).float().cpu().numpy()[keep])
     return {k: (v if k == "ids" else np.concatenate(v)) for k, v in parts.items()}
 
@@ -75,7 +75,9 @@ def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, devic
 
 
 def _routing(preds: dict, model, previous: dict | None) -> dict | None:
-    if preds["routes"].shape[-1] == 0:   # no shared experts: nothing is routed
+    """Routing statistics where rows choose experts (none without shared experts, or in a dense mixture, where
+    every row visits every expert)."""
+    if preds["routes"].shape[-1] == 0 or model.cfg.dense_mixture:
         return None
     before = None
     if previous is not None and set(previous["ids"]) >= set(preds["ids"]):   # aligned by id: the order of the

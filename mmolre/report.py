@@ -91,8 +91,9 @@ REPORT_METRICS = (("test", "sentiment", "mae"), ("test", "sentiment", "non0_acc2
 # selected epoch), speed
 STUDY_METRICS = (("test", "sentiment", "mae"), ("test", "emotion", "micro_f1"), ("test", "emotion", "mean_wacc"),
                  ("routing", "summary", "load_max_over_mean"), ("routing", "summary", "dead_experts"),
-                 ("routing", "summary", "task_divergence"), ("routing", "summary", "sentiment_label_mi"),
-                 ("routing", "summary", "emotion_label_mi"), ("routing", "summary", "max_combine_weight"),
+                 ("routing", "summary", "task_divergence"), ("routing", "summary", "task_divergence_excess"),
+                 ("routing", "summary", "sentiment_label_mi"), ("routing", "summary", "sentiment_label_mi_excess"),
+                 ("routing", "summary", "emotion_label_mi_excess"), ("routing", "summary", "max_combine_weight"),
                  ("routing", "summary", "stability"), ("train", "samples_per_s"))
 # config fields that tell runs apart besides the seed (and bookkeeping that never does)
 _IGNORED = {"seed", "run_name", "output_dir", "resume", "cache_dir", "log_every", "save_every", "keep_checkpoints",

@@ -1,16 +1,22 @@
 """Does routing specialise? Statistics of the routes the gates chose on a split, per MoE layer and task.
 
 Inputs are the arrays evaluation gathers (`evaluate.predict_batches`): for every utterance, per layer and
-task, the k experts its row was assigned (`routes`, [n, layers, tasks, k], -1 for none) and their combine
-weights (`combine`, same shape). Natural logarithms throughout (nats); None where a statistic is undefined (no rows, no labels).
+task, the k experts its row was assigned (`routes`, [n, layers, tasks, k]; a route a capacity limit dropped
+still names the expert it was assigned) and their combine weights (`combine`, same shape; 0 if dropped).
+Natural logarithms throughout (nats); None where a statistic is undefined (no rows, no labels).
 
 * `task_divergence`: Jensen-Shannon divergence between the two tasks' expert-use distributions
   (0: both tasks use the experts alike; ln 2: disjoint experts).
 * `label_mi`: mutual information between the expert a route goes to and the row's label: for sentiment the
   sign (negative vs non-negative, the Has0 convention), for emotions each emotion's presence (averaged over
   the six). Each of a row's k routes counts 1/k. ln 2 is the most a balanced binary label allows.
+* Both are plug-in estimates, biased upwards when the experts are many for the rows (about (N-1)/(2n) nats
+  for MI with a binary label): each comes with a `*_chance` value, the same statistic with the labels
+  shuffled (MI) or the rows' tasks shuffled (divergence), and `*_excess`, the difference: what routing
+  shows beyond what N experts and n rows give by chance.
 * `stability`: the fraction of utterances whose top-k set is the same as at the previous evaluation.
-* `max_combine_weight`: the mean over rows of the largest combine weight (1/k: flat, 1: one expert decides).
+* `max_combine_weight`: the mean over rows of the largest combine weight (top-k, k >= 2: 1/k = flat, 1 = one
+  expert decides; top-1: the chosen expert's probability, 1/N = flat).
 * `dead_experts`: experts that received no row of either task over a window of training steps.
 """
 from __future__ import annotations
@@ -42,7 +48,7 @@ def mutual_information(routes: np.ndarray, labels: np.ndarray, num_experts: int)
     per_row = kept.sum(1)
     rows = per_row > 0
     if not rows.any():
-        return 0.0
+        return None
     routes, kept, labels = routes[rows], kept[rows], labels[rows]
     weight = (kept / per_row[rows, None]).ravel()
     classes = np.unique(labels, return_inverse=True)[1]
@@ -59,31 +65,53 @@ def stability(routes: np.ndarray, previous: np.ndarray) -> float:
     return float((np.sort(routes, 1) == np.sort(previous, 1)).all(1).mean()) if len(routes) else None
 
 
+def _shuffled_mi(routes: np.ndarray, labels: np.ndarray, num_experts: int, rng) -> float | None:
+    return mutual_information(routes, rng.permutation(labels), num_experts)
+
+
+def _shuffled_divergence(a: np.ndarray, b: np.ndarray, num_experts: int, rng) -> float:
+    """The divergence of two groups of a's and b's sizes drawn from their pooled rows: chance level."""
+    pooled = rng.permutation(np.concatenate([a, b]))
+    return js_divergence(expert_distribution(pooled[:len(a)], num_experts),
+                         expert_distribution(pooled[len(a):], num_experts))
+
+
+def _with_chance(stats: dict, name: str, value, chance) -> None:
+    stats[name], stats[f"{name}_chance"] = value, chance
+    stats[f"{name}_excess"] = None if value is None or chance is None else value - chance
+
+
 def routing_summary(routes: np.ndarray, combine: np.ndarray, layer_names: list[str], num_experts: int,
                     sentiment: np.ndarray, emotions: np.ndarray, has_emotion: np.ndarray,
                     previous: np.ndarray | None = None) -> dict:
-    """{layer: {"task_divergence": x, task: {label_mi, max_combine_weight, stability, expert_use}}} from
-    evaluation arrays (module docstring). `previous`: the routes of the same rows at the last evaluation."""
+    """{layer: {"task_divergence": x, ..., task: {label_mi, max_combine_weight, stability, ...}}} from
+    evaluation arrays (module docstring). `previous`: the routes of the same rows at the last evaluation.
+    Chance levels use a fixed seed, so the summary is a function of its inputs."""
+    rng = np.random.default_rng(0)
     summary: dict = {}
     streams = TASKS if routes.shape[2] == len(TASKS) else ("shared",)
     for li, layer in enumerate(layer_names):
         entry: dict = {}
         use = [expert_distribution(routes[:, li, ti], num_experts) for ti in range(len(streams))]
         if len(streams) == len(TASKS):
-            entry["task_divergence"] = js_divergence(use[0], use[1])
+            _with_chance(entry, "task_divergence", js_divergence(use[0], use[1]),
+                         _shuffled_divergence(routes[:, li, 0], routes[:, li, 1], num_experts, rng))
         for ti, task in enumerate(streams):
             r, w = routes[:, li, ti], combine[:, li, ti]
             stats = {"max_combine_weight": float(w.max(1).mean()) if len(w) else None,
                      "experts_used": int((use[ti] > 0).sum()),
                      "load_max_over_mean": float(use[ti].max() * num_experts) if use[ti].sum() else None}
             if task in ("sentiment", "shared"):
-                stats["label_mi"] = mutual_information(r, (sentiment >= 0).astype(np.int64), num_experts)
+                sign = (sentiment >= 0).astype(np.int64)
+                _with_chance(stats, "label_mi", mutual_information(r, sign, num_experts),
+                             _shuffled_mi(r, sign, num_experts, rng))
             else:
                 rows = has_emotion.astype(bool)
-                stats["label_mi"] = (float(np.mean([mutual_information(r[rows], (emotions[rows, j] > 0)
-                                                                       .astype(np.int64), num_experts)
-                                                    for j in range(emotions.shape[1])])) if rows.any()
-                                     else None)
+                present = [(emotions[rows, j] > 0).astype(np.int64) for j in range(emotions.shape[1])]
+                mi = [mutual_information(r[rows], y, num_experts) for y in present] if rows.any() else []
+                chance = [_shuffled_mi(r[rows], y, num_experts, rng) for y in present] if rows.any() else []
+                _with_chance(stats, "label_mi", float(np.mean(mi)) if mi else None,
+                             float(np.mean(chance)) if chance else None)
             if previous is not None:
                 stats["stability"] = stability(r, previous[:, li, ti])
             entry[task] = stats
@@ -93,19 +121,21 @@ def routing_summary(routes: np.ndarray, combine: np.ndarray, layer_names: list[s
 
 def headline(summary: dict, dead: dict | None = None) -> dict:
     """One number per statistic for tables: the mean over layers (and tasks, where per task), the label
-    MI per task, and the dead experts summed over layers."""
+    MI per task (with its chance level and excess), and the dead experts summed over layers."""
     def mean(values):
         values = [v for v in values if v is not None]   # undefined entries (None) do not count
         return float(np.mean(values)) if values else None
     per_task = [v for layer in summary.values() for v in layer.values() if isinstance(v, dict)]
-    out = {"task_divergence": mean([layer.get("task_divergence") for layer in summary.values()]),
-           "max_combine_weight": mean([t["max_combine_weight"] for t in per_task]),
-           "load_max_over_mean": mean([t["load_max_over_mean"] for t in per_task]),
-           "stability": mean([t.get("stability") for t in per_task])}
+    out = {name: mean([layer.get(name) for layer in summary.values()])
+           for name in ("task_divergence", "task_divergence_chance", "task_divergence_excess")}
+    out |= {"max_combine_weight": mean([t["max_combine_weight"] for t in per_task]),
+            "load_max_over_mean": mean([t["load_max_over_mean"] for t in per_task]),
+            "stability": mean([t.get("stability") for t in per_task])}
     for task in (*TASKS, "shared"):
-        values = [layer[task]["label_mi"] for layer in summary.values() if task in layer]
-        if values:
-            out[f"{task}_label_mi"] = mean(values)
+        for name in ("label_mi", "label_mi_chance", "label_mi_excess"):
+            values = [layer[task][name] for layer in summary.values() if task in layer]
+            if values:
+                out[f"{task}_{name}"] = mean(values)
     if dead is not None:
         out["dead_experts"] = int(sum(dead.values()))
     return out

@@ -189,18 +189,24 @@ class Trainer:
         """A checkpoint of every rank's state; only ever called at an accumulation boundary."""
         tag = checkpoint.tag_for(self.state.global_step)
         self.state.schedule = self.engine.lr_scheduler.state_dict()
-        if self.epoch_load is not None:   # the epoch's loads so far, whole in the checkpoint (any topology)
-            self.state.epoch_load = self._take_epoch_load()
-            self.epoch_load = self.state.epoch_load.to(self.device) if self.info.is_main else None
+        # the epoch's loads so far, whole in the checkpoint (any topology); collective on every rank, also where
+        # only rank 0 holds them (a save right after a resume: a reshard)
+        self.state.epoch_load = self._take_epoch_load()
+        if self.state.epoch_load is not None and self.info.is_main:
+            self.epoch_load = self.state.epoch_load.to(self.device)
         marker = {"format": checkpoint.FORMAT, "step": self.state.global_step, "epoch": self.state.epoch,
                   "epoch_samples": self.state.epoch_samples, "world_size": self.info.world_size,
                   "ep_size": self.ep_size, "micro_batch": self.micro, "grad_accum": self.grad_accum,
-                  "dtype": str(self.dtype).replace("torch.", "")}
+                  "dtype": str(self.dtype).replace("torch.", ""), **self._layout()}
         checkpoint.save(self.engine, self.ckpt_dir, tag, {"train_state": asdict(self.state)}, self.info,
                         self.ep_size, marker)
         if self.info.local_rank == 0:
             checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints, protect={self.state.best_tag})
         return tag
+
+    def _layout(self) -> dict:
+        """Settings that change what a checkpoint holds (the gates' bias buffers, the optimizer's groups)."""
+        return {"balance": self.cfg.model.balance, "router_groups": self.cfg.train.router_lr_scale != 1.0}
 
     def resume(self) -> None:
         if self.info.is_main:
@@ -213,6 +219,15 @@ class Trainer:
         if marker.get("format", 1) > checkpoint.FORMAT:
             raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was written by a newer version of the trainer "
                               f"(checkpoint format {marker['format']}, this one reads {checkpoint.FORMAT})")
+        saved = {k: marker.get(k, default) for k, default in (("balance", "aux"), ("router_groups", False))}
+        if (saved["balance"] == "aux_free") != (self.cfg.model.balance == "aux_free") or \
+                saved["router_groups"] != self._layout()["router_groups"]:
+            raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was saved with --balance {saved['balance']} and "
+                              f"{'a' if saved['router_groups'] else 'no'} --router_lr_scale other than 1; this run "
+                              f"has --balance {self.cfg.model.balance}, --router_lr_scale "
+                              f"{self.cfg.train.router_lr_scale}. aux_free keeps selection biases in the model and a "
+                              f"router LR scale gives the routers their own optimizer groups, so switching either "
+                              f"on or off needs a new run")
         current = marker.get("format") == checkpoint.FORMAT
         same = current and marker["world_size"] == self.info.world_size and marker["ep_size"] == self.ep_size
         client = checkpoint.load(self.engine, self.ckpt_dir, tag, self.info.rank, weights_only=not same)
@@ -437,7 +452,7 @@ class Trainer:
         state.epoch += 1
         state.epoch_samples = 0
         before = state.valid_routes and {"ids": state.valid_routes["ids"],
-                                         "routes": state.valid_routes["routes"].numpy()}
+                                         "routes": state.valid_routes["routes"].numpy().astype(np.int64)}
         valid = evaluate(self.engine, self.data, "valid", self.cfg, info, self.device, self.dtype, before)
         routing = self._routing_record(valid, state.epoch)
         state.history.append({"epoch": state.epoch, "step": state.global_step, "valid_loss": valid.loss,
@@ -477,9 +492,11 @@ class Trainer:
         load = load.numpy() if load is not None else None
         if not self.info.is_main:
             return {}
-        self.state.valid_routes = {"ids": list(valid.predictions["ids"]),
-                                   "routes": torch.from_numpy(valid.predictions["routes"])}
         record = {"routing": valid.routing} if valid.routing else {}
+        if valid.routing:   # for the next epoch's stability; int16 keeps checkpoints small
+            routes = valid.predictions["routes"]
+            self.state.valid_routes = {"ids": list(valid.predictions["ids"]), "routes": torch.from_numpy(
+                routes.astype(np.int16 if self.cfg.model.num_experts < 2 ** 15 else np.int32))}
         if load is not None and load.shape[-1]:
             dead = dict(zip(self.model.moe_layer_names(), dead_experts(load).tolist()))
             record["dead_experts"] = dead

@@ -46,7 +46,7 @@ def test_aux_free_biases_move_a_skewed_router_towards_balance_without_gradient(k
     gate.train()
     rows, routing = _rows(256)
     sentiment = routing.task_ids == 0
-    router_before = [p.detach().clone() for p in gate.parameters()]
+    router_before = [p.detach().clone() for p in gate.parameters()]   # no optimizer runs: only the biases move
 
     def sentiment_load():
         _, _, _, indices, _, gates, counts = gate(rows, routing)
@@ -66,9 +66,16 @@ def test_aux_free_biases_move_a_skewed_router_towards_balance_without_gradient(k
     assert not gate.selection_bias.requires_grad and "selection_bias" in gate.state_dict()
     for before, p in zip(router_before, gate.parameters()):
         assert torch.equal(before, p)                                           # no router weight moved
-    # the combine weights are still the router's own probabilities of the chosen experts
+    # the combine weights are the router's own (unbiased) probabilities of the chosen experts, normalised over
+    # the k chosen as DeepSpeed does for k >= 2 (top-1: the probability itself), row by row
     probs = F.softmax(gate.route_logits(rows, routing), dim=1)
-    torch.testing.assert_close(gates, combine_weights(probs, indices, k))
+    for row in range(0, rows.shape[0], 17):
+        chosen = probs[row, indices[:, row].long()]
+        expected = chosen if k == 1 else chosen / chosen.sum()
+        torch.testing.assert_close(gates[:, row], expected)
+    biased = gate.route_logits(rows, routing) + gate.selection_bias[routing.task_ids]
+    assert torch.equal(indices.t().long().sort(1).values, biased.topk(k, dim=1).indices.sort(1).values)
+    assert not torch.equal(biased.topk(k, dim=1).indices, probs.topk(k, dim=1).indices)   # the bias did choose
     assert sentiment.any()
 
 
@@ -82,10 +89,14 @@ def test_aux_free_counts_are_kept_only_in_training_and_the_bias_stays_fp32_under
     gate(rows, routing)
     gate(rows, routing)
     assert gate.pending_counts.sum().item() == 2 * 2 * rows.shape[0]   # k routes per row, two forwards
+    with torch.no_grad():
+        gate.selection_bias += 0.123456789   # not representable in bf16
+    before = gate.selection_bias.clone()
     gate.to(torch.bfloat16)
     assert gate.selection_bias.dtype == torch.float32 and gate.routers[0].net[0].weight.dtype == torch.bfloat16
-    gate.selection_bias += 1e-3
-    assert gate.selection_bias[0, 0].item() == pytest.approx(1e-3)
+    assert torch.equal(gate.selection_bias, before)   # not rounded through bf16 on the way
+    gate.nudge_selection_bias(torch.arange(2 * N, dtype=torch.float32).view(2, N))
+    assert gate.selection_bias[0, 0].item() == pytest.approx(0.123456789 + 1e-2)
 
 
 def test_z_loss_is_the_mean_squared_logsumexp_of_each_tasks_logits():
@@ -126,6 +137,7 @@ def test_the_routers_get_their_own_learning_rate():
     (["--balance", "sometimes"], "--balance must be one of"),
     (["--balance", "aux_free", "--routers", "false"], "needs routed experts"),
     (["--router_temperature", "0"], "must be > 0"),
+    (["--balance", "aux_free", "--capacity_factor", "1.0", "--top_k", "3"], "one task would be favoured"),
 ])
 def test_balancing_flags_are_checked(argv, message):
     with pytest.raises(ConfigError, match=message):

@@ -247,6 +247,31 @@ def test_reshard_refuses_a_checkpoint_without_optimizer_state_and_leaves_it_as_i
     assert not list((run / "checkpoints").glob("*before-reshard*"))
 
 
+def test_reshard_of_a_mid_epoch_checkpoint_keeps_the_epochs_loads(reference, tmp_path):
+    """A mid-epoch checkpoint holds the epoch's expert loads so far (for the dead-expert count), and after a
+    resume only rank 0 holds them: the reshard's save must still run the same collectives on every rank."""
+    _, ref = reference
+    run = tmp_path / "runs" / "ref"
+    shutil.copytree(ref, run)
+    (run / "results.json").unlink()
+    tags = complete_tags(run)
+    mid = [t for t in tags if int(t[4:]) % 10][-1]          # 10 steps per epoch: a save_every tag
+    for tag in tags:
+        if tag > mid:
+            shutil.rmtree(run / "checkpoints" / tag)
+
+    def client(tag):
+        return torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)
+    before = client(mid)["train_state"]["epoch_load"]
+    assert before is not None and before.sum() > 0
+    proc = subprocess.run([sys.executable, "-m", "mmolre.cli", "reshard", str(run), "--world_size", "2",
+                           "--ep_size", "1"], cwd=ROOT, env=environment(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert torch.equal(client(mid)["train_state"]["epoch_load"], before)
+    assert json.loads((run / "checkpoints" / mid / "mmolre_complete.json").read_text())["ep_size"] == 1
+
+
 @pytest.mark.parametrize("new_tag_complete", [False, True])
 def test_what_an_interrupted_reshard_left_is_settled_before_a_tag_is_chosen(tmp_path, new_tag_complete):
     """A reshard moves the tag aside while it writes the new one; if a rank died in between, the next

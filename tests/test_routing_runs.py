@@ -1,6 +1,8 @@
 """Routing options in real runs through the `deepspeed` launcher: 1024 experts under expert parallelism 2,
 aux_free balancing with 2 processes against 1, the specialisation statistics in results.json and
 TensorBoard."""
+import numpy as np
+import pytest
 import torch
 
 from mmolre.export import export
@@ -27,8 +29,14 @@ def test_1024_experts_with_expert_parallelism_2_train_under_two_processes(tmp_pa
     dead = r["history"][0]["dead_experts"]
     assert all(n >= 1024 - 4 * 16 * 2 * 2 for n in dead.values()), dead
     assert "shared experts that received no row" in proc.stdout and "text.0" in proc.stdout
-    summary = r["routing"]["summary"]
-    assert 0.0 <= summary["task_divergence"] <= 0.6932 and 0.5 <= summary["max_combine_weight"] <= 1.0
+    summary, valid = r["routing"]["summary"], r["routing"]["valid"]
+    assert set(valid) == set(dead)
+    assert summary["task_divergence"] == pytest.approx(np.mean([v["task_divergence"] for v in valid.values()]))
+    assert summary["sentiment_label_mi_excess"] == pytest.approx(
+        summary["sentiment_label_mi"] - summary["sentiment_label_mi_chance"])
+    # the validation rows' experts: at most 2 per row per task, the rest unused
+    rows = r["history"][0]["valid"]["samples"]
+    assert all(v[t]["experts_used"] <= 2 * rows for v in valid.values() for t in ("sentiment", "emotion"))
     assert summary["dead_experts"] == sum(dead.values())
     assert set(r["routing"]["test"]) == set(dead)                   # every MoE layer, per task
     assert [s for s, _ in scalars(run, "loss/router_z")] == [1, 2, 3, 4]
@@ -56,3 +64,7 @@ def test_aux_free_biases_with_two_processes_equal_one_process(tmp_path):
         assert b1[key].abs().max() > 0
         torch.testing.assert_close(b2[key], b1[key], rtol=0, atol=1e-6, msg=lambda m: f"{key}: {m}")
     assert results(tmp_path / "runs" / "two")["config"]["model"]["balance"] == "aux_free"
+    # switching the balancing rule on a resume is refused, saying why (the biases are part of the model)
+    proc = run_deepspeed(tmp_path, "--run_name", "one", "--batch_size", "16", *same[:-4], "--epochs", "2",
+                         "--resume", procs=1, check=False)
+    assert proc.returncode != 0 and "was saved with --balance aux_free" in proc.stdout + proc.stderr

@@ -66,3 +66,23 @@ def test_dead_experts_are_those_no_task_used_over_the_window():
     load[0, 1, 1] = 1      # layer 0: experts 2, 3 dead
     load[1, :, :] = 1      # layer 1: none
     assert dead_experts(load).tolist() == [2, 0]
+
+
+def test_chance_levels_separate_specialisation_from_many_experts_and_few_rows():
+    """With 64 experts and 400 rows a label-blind routing still shows a plug-in MI of about 0.1 nats; its
+    shuffled chance level is as large, so the excess is about 0, while a sign-specialised routing keeps an
+    excess near ln 2."""
+    rng = np.random.default_rng(1)
+    n, experts = 400, 64
+    sentiment = rng.choice([-1.0, 1.0], n)
+    blind = rng.integers(0, experts, (n, 1, 2, 1))
+    s = routing_summary(blind, np.ones(blind.shape), ["text.0"], experts, sentiment, np.zeros((n, 6)),
+                        np.zeros(n))["text.0"]
+    assert s["sentiment"]["label_mi"] > 0.08 and abs(s["sentiment"]["label_mi_excess"]) < 0.05
+    assert s["task_divergence"] > 0.02 and abs(s["task_divergence_excess"]) < 0.02
+    assert s["emotion"]["label_mi"] is None            # no emotion labels: undefined, not 0
+    by_sign = blind.copy()
+    by_sign[:, 0, 0, 0] = np.where(sentiment < 0, rng.integers(0, 32, n), rng.integers(32, 64, n))
+    t = routing_summary(by_sign, np.ones(blind.shape), ["text.0"], experts, sentiment, np.zeros((n, 6)),
+                        np.zeros(n))["text.0"]["sentiment"]
+    assert t["label_mi"] == pytest.approx(math.log(2), abs=1e-3) and t["label_mi_excess"] > 0.6

@@ -14,7 +14,8 @@ Balancing (`balance`): "aux" adds the per-task aux losses to the objective; "aux
 per-task, per-expert bias that is added to the logits for the top-k *selection only* (the combine weights
 and the aux loss read the unbiased probabilities) and is nudged after every optimizer step against that
 task's load error (DeepSeek-V3's auxiliary-loss-free balancing, here per task; `nudge_selection_bias`);
-"none" neither. The router z-loss (ST-MoE: mean logsumexp(logits)^2 per task) keeps the logits small.
+"none" neither. The router z-loss (ST-MoE: mean logsumexp(logits)^2 per task, on the logits after the
+temperature) keeps the logits small.
 
 The task of each row (and the time mask) reaches the gate through `MoE.forward`'s second argument,
 `used_token`, which DeepSpeed passes to its gate untouched. The per-task aux losses replace DeepSpeed's
@@ -112,11 +113,12 @@ class TaskRoutedGate(TopKGate):
         self.last_stats: dict[str, torch.Tensor] = {}
 
     def _apply(self, fn, recurse=True):
-        """Keep the selection bias in fp32 when the engine casts the module to bf16/fp16: its nudges (1e-2)
-        are below bf16's resolution at the values it reaches."""
+        """Keep the selection bias in fp32, exactly, when the engine casts the module to bf16/fp16 (its nudges
+        are below bf16's resolution at the values it reaches): moved with the module, never rounded."""
+        bias = getattr(self, "selection_bias", None)
         super()._apply(fn, recurse)
-        if getattr(self, "selection_bias", None) is not None and self.selection_bias.dtype != torch.float32:
-            self.selection_bias = self.selection_bias.float()
+        if bias is not None and self.selection_bias.dtype != torch.float32:
+            self.selection_bias = bias.to(device=self.selection_bias.device, dtype=torch.float32)
         return self
 
     @torch.no_grad()
@@ -190,7 +192,7 @@ class TaskRoutedGate(TopKGate):
         dispatched = indices.t().long()                                              # [S, k]
         assigned = torch.where(dispatched >= 0, dispatched, select.topk(self.k, dim=1).indices)
         z = torch.logsumexp(logits, dim=1) ** 2
-        aux, counts, entropy, dropped, z_loss, assigned_counts = [], [], [], [], [], []
+        aux, counts, entropy, dropped, z_loss = [], [], [], [], []
         for task in range(self.num_tasks):
             rows = task_ids == task
             aux.append(load_balancing_loss(probs[rows], assigned[rows], self.k))
@@ -202,9 +204,10 @@ class TaskRoutedGate(TopKGate):
             p = probs[rows].detach()
             entropy.append(-(p * p.clamp_min(1e-12).log()).sum(1).mean() if len(p) else p.new_zeros(()))
             z_loss.append(z[rows].mean() if rows.any() else z.sum() * 0.0)
-            assigned_counts.append(torch.bincount(assigned[rows].reshape(-1), minlength=self.num_experts))
-        if self.balance == "aux_free" and self.training:
-            pending = torch.stack(assigned_counts).float()
+        if self.balance == "aux_free" and self.training:   # the assigned routes of the step, per task
+            pending = torch.zeros(self.num_tasks, self.num_experts, device=probs.device).index_put_(
+                (task_ids.view(-1, 1).expand_as(assigned), assigned), torch.ones_like(assigned, dtype=torch.float32),
+                accumulate=True)
             self.pending_counts = pending if self.pending_counts is None else self.pending_counts + pending
         self.last_stats = {"entropy": torch.stack(entropy).detach(), "dropped_fraction": torch.stack(dropped),
                            "z_loss": torch.stack(z_loss), "routes": assigned.detach(),
