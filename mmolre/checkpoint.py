@@ -28,6 +28,7 @@ from . import distributed, elastic
 from .config import ConfigError
 
 MARKER = "mmolre_complete.json"
+THRESHOLDS = "emotion_thresholds.json"   # beside the selected checkpoint: the emotion decisions chosen on valid
 FORMAT = 2   # in the marker; checkpoints without it (earlier versions) resume weights only
 TAG_RE = re.compile(r"^step(\d{8})$")
 

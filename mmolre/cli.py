@@ -54,9 +54,13 @@ def _predict(args) -> int:
     from .config import default_cache_dir
     from .export import predict
     from .report import write_predictions
+    from .export import load_exported
     preds = predict(args.model, args.data, args.split, args.cache_dir or default_cache_dir())
-    write_predictions(args.out, preds)
-    print(f"wrote {args.out}: {len(preds['ids'])} predictions for split {args.split!r} of {args.data}")
+    thresholds = load_exported(args.model)[1].get("emotion_thresholds")
+    write_predictions(args.out, preds, thresholds)
+    how = ("emotion decisions <emotion>_pred at the thresholds chosen on the validation split" if thresholds else
+           "no emotion thresholds in this export (a checkpoint other than the selected one): probabilities only")
+    print(f"wrote {args.out}: {len(preds['ids'])} predictions for split {args.split!r} of {args.data}; {how}")
     return 0
 
 

@@ -138,6 +138,9 @@ class TrainConfig:
                       default=1)
     aux_loss_weight: float = _help("weight α of the per-task load-balancing losses", default=0.01)
     emotion_loss_weight: float = _help("weight λ of the emotion BCE loss", default=1.0)
+    emotion_pos_weight: str = _help("'none', or 'prevalence': each emotion's present cases weigh (1 - p) / p in "
+                                    "the BCE, p its train prevalence (rare emotions count as much as common ones)",
+                                    default="none")
     router_z_loss: float = _help("weight of the router z-loss (ST-MoE: mean logsumexp(logits)^2 per task and "
                                  "layer; 0: off)", default=0.0)
     router_lr_scale: float = _help("the routers' learning rate is --lr times this", default=1.0)
@@ -248,7 +251,8 @@ def validate(cfg: RunConfig) -> None:
     if t.lr <= 0:
         raise ConfigError(f"--lr must be > 0, got {t.lr}")
     choices = {"--model": (m.model, ("mmolre", "hard_sharing", "mmoe")), "--fusion": (m.fusion, ("adaptive", "concat")),
-               "--tasks": (t.tasks, ("both", "sentiment", "emotion"))}
+               "--tasks": (t.tasks, ("both", "sentiment", "emotion")),
+               "--emotion_pos_weight": (t.emotion_pos_weight, ("none", "prevalence"))}
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")

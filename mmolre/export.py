@@ -66,7 +66,13 @@ def export(run_dir: str, out_path: str, tag: str = "best") -> dict:
     if not fp32 and marker.get("dtype", "float32") != "float32":
         warnings.warn(f"{tag_dir} was trained in {marker['dtype']} and holds no fp32 master weights; the export "
                       f"takes the {marker['dtype']} module weights", stacklevel=2)
+    decisions = os.path.join(tag_dir, checkpoint.THRESHOLDS)   # chosen on valid for this checkpoint, if selected
+    thresholds = None
+    if os.path.isfile(decisions):
+        with open(decisions) as f:
+            thresholds = json.load(f)["thresholds"]
     payload = {"format": FORMAT, "model_config": cfg["model"], "shapes": data_meta["shapes"],
+               "emotion_thresholds": thresholds,
                "normalisation": data_meta["normalisation"], "synthetic": data_meta["synthetic"],
                "source_run": os.path.abspath(run_dir), "checkpoint": tag,
                "state_dict": {k: v.float() for k, v in model.state_dict().items()}}

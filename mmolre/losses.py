@@ -23,15 +23,17 @@ class LossParts:
 
 
 def compute_loss(out: "ModelOutput", batch: "Batch", aux_weight: float, emotion_weight: float,
-                 tasks: str = "both", z_weight: float = 0.0) -> LossParts:
+                 tasks: str = "both", z_weight: float = 0.0, pos_weight: torch.Tensor | None = None) -> LossParts:
     """tasks: 'both', or 'sentiment' / 'emotion' for single-task training (the other head and its router
-    get no loss). aux_weight is 0 when the routers are not balanced by the loss (--balance aux_free/none)."""
+    get no loss). aux_weight is 0 when the routers are not balanced by the loss (--balance aux_free/none).
+    pos_weight [6]: the weight of each emotion's present cases in the BCE (--emotion_pos_weight)."""
     valid = batch.valid
     sentiment = F.l1_loss(out.sentiment[valid].float(), batch.sentiment[valid])
     emo_rows = valid & batch.has_emotion
     if emo_rows.any():
         target = (batch.emotions[emo_rows] > 0).float()
-        emotion = F.binary_cross_entropy_with_logits(out.emotion_logits[emo_rows].float(), target)
+        emotion = F.binary_cross_entropy_with_logits(out.emotion_logits[emo_rows].float(), target,
+                                                     pos_weight=pos_weight)
     else:  # keep the head in the graph so every rank reduces the same gradients
         emotion = out.emotion_logits.float().sum() * 0.0
     aux_terms, z_terms = out.aux_loss.float(), out.z_loss.float()

@@ -6,7 +6,8 @@ Sentiment follows MMSA `MetricsTop.__eval_mosei_regression`:
   F1 is sklearn's weighted F1 with (truth, prediction) in that order;
   Acc-7 / Acc-5: round(clip(x, -3, 3)) / round(clip(x, -2, 2)) with numpy's round-half-to-even;
   MAE on unclipped values; Corr = Pearson.
-Emotions (MOSEI, present = intensity > 0, predicted = sigmoid > 0.5), both conventions:
+Emotions (MOSEI, present = intensity > 0, predicted = sigmoid > threshold: 0.5, or thresholds chosen on the
+validation split, `choose_thresholds`), both conventions:
   per emotion: balanced ("weighted") accuracy (TPR + TNR) / 2 and weighted F1, and their means;
   multi-label: micro-F1 over all (sample, emotion) pairs and Jaccard accuracy |Y∩Ŷ| / |Y∪Ŷ| (empty union = 1).
 """
@@ -63,8 +64,9 @@ def sentiment_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     }
 
 
-def emotion_metrics(prob: np.ndarray, intensity: np.ndarray, threshold: float = 0.5) -> dict:
-    """prob: [N, 6] sigmoid outputs; intensity: [N, 6] labels in [0, 3]."""
+def emotion_metrics(prob: np.ndarray, intensity: np.ndarray, threshold=0.5) -> dict:
+    """prob: [N, 6] sigmoid outputs; intensity: [N, 6] labels in [0, 3]; threshold: one for all emotions or
+    one per emotion ([6])."""
     truth = np.asarray(intensity) > 0
     pred = np.asarray(prob) > threshold
     per = {e: {"wacc": balanced_accuracy(truth[:, i], pred[:, i]), "wf1": weighted_f1(truth[:, i], pred[:, i])}
@@ -99,4 +101,54 @@ def baselines(train_sentiment: np.ndarray, train_emotions: np.ndarray, truth: np
         emo = emotion_metrics(pred, intensity)
         out["majority_emotion_micro_f1"] = emo["micro_f1"]
         out["majority_emotion_jaccard_acc"] = emo["jaccard_acc"]
+    return out
+
+
+# ---- emotion decisions: thresholds chosen on the validation split, and trivial predictors beside them ----
+
+THRESHOLD_GRID = np.round(np.arange(0.02, 0.99, 0.01), 2)
+
+
+def _best(grid: np.ndarray, scores: list[float]) -> float:
+    """The grid value with the best score; ties go to the value closest to 0.5."""
+    scores = np.asarray(scores)
+    ties = np.flatnonzero(scores == scores.max())
+    return float(grid[ties[np.argmin(np.abs(grid[ties] - 0.5))]])
+
+
+def choose_thresholds(prob: np.ndarray, intensity: np.ndarray, grid: np.ndarray = THRESHOLD_GRID) -> list[float]:
+    """Per emotion, the threshold that maximises that emotion's F1 (present class) on these (validation)
+    predictions. MOSEI's emotions are rare and skewed, so 0.5 predicts most of them never."""
+    truth = np.asarray(intensity) > 0
+    out = []
+    for j in range(truth.shape[1]):
+        t, p = truth[:, j], np.asarray(prob)[:, j]
+        out.append(_best(grid, [_f1(float((t & (p > g)).sum()), float((~t & (p > g)).sum()),
+                                    float((t & ~(p > g)).sum())) for g in grid]))
+    return out
+
+
+def choose_single_threshold(prob: np.ndarray, intensity: np.ndarray, grid: np.ndarray = THRESHOLD_GRID) -> float:
+    """One threshold for every emotion, maximising micro-F1 on these (validation) predictions."""
+    return _best(grid, [emotion_metrics(prob, intensity, g)["micro_f1"] for g in grid])
+
+
+def emotion_baselines(train: np.ndarray, valid: np.ndarray, test: np.ndarray, draws: int = 20) -> dict:
+    """Trivial predictors of the six emotions, fitted on train (and valid where they choose), scored on test:
+    `majority` (each emotion's majority class in train), `prevalence` (each emotion predicted present at
+    random with its train prevalence; the mean over `draws` seeded draws) and `best_constant` (the set of
+    emotions always predicted present that maximises micro-F1 on valid, e.g. "always happy")."""
+    train_present, test = np.asarray(train) > 0, np.asarray(test)
+    n, k = test.shape
+    prevalence = train_present.mean(0)
+    out = {"majority": emotion_metrics(np.broadcast_to(prevalence >= 0.5, test.shape).astype(float), test)}
+    rng = np.random.default_rng(0)
+    runs = [emotion_metrics((rng.random(test.shape) < prevalence).astype(float), test) for _ in range(draws)]
+    out["prevalence"] = {m: float(np.mean([r[m] for r in runs])) for m in ("micro_f1", "jaccard_acc", "mean_wacc",
+                                                                            "mean_wf1")}
+    subsets = [np.array([(mask >> j) & 1 for j in range(k)], bool) for mask in range(2 ** k)]
+    best = max(subsets, key=lambda s: (emotion_metrics(np.broadcast_to(s, valid.shape).astype(float),
+                                                       valid)["micro_f1"], -s.sum()))
+    out["best_constant"] = emotion_metrics(np.broadcast_to(best, test.shape).astype(float), test)
+    out["best_constant"]["always_present"] = [e for e, b in zip(EMOTIONS, best) if b]
     return out

@@ -16,16 +16,21 @@ from .config import EMOTIONS
 SYNTHETIC_NOTICE = "SYNTHETIC DATA: these numbers say nothing about accuracy on real MOSI/MOSEI."
 
 
-def write_predictions(path: str, preds: dict) -> None:
+def write_predictions(path: str, preds: dict, thresholds: dict | None = None) -> None:
+    """One row per sample, sorted by id; with `thresholds` (emotion -> threshold chosen on valid) also each
+    emotion's decision `<emotion>_pred` (0/1)."""
     order = np.argsort(np.asarray(preds["ids"]), kind="stable")
+    cut = np.array([thresholds[e] for e in EMOTIONS]) if thresholds else None
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "sentiment_true", "sentiment_pred", "has_emotion",
-                    *[f"{e}_true" for e in EMOTIONS], *[f"{e}_prob" for e in EMOTIONS]])
+                    *[f"{e}_true" for e in EMOTIONS], *[f"{e}_prob" for e in EMOTIONS],
+                    *([f"{e}_pred" for e in EMOTIONS] if cut is not None else [])])
         for i in order:
+            prob = preds["emotion_prob"][i]
             w.writerow([preds["ids"][i], f"{preds['sentiment_true'][i]:.6g}", f"{preds['sentiment_pred'][i]:.6g}",
                         int(preds["has_emotion"][i]), *[f"{v:.6g}" for v in preds["emotion_true"][i]],
-                        *[f"{v:.6g}" for v in preds["emotion_prob"][i]]])
+                        *[f"{v:.6g}" for v in prob], *([int(v) for v in prob > cut] if cut is not None else [])])
 
 
 def git_commit() -> str | None:

@@ -26,12 +26,12 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, distributed, elastic
-from .config import ConfigError, RunConfig
+from .config import EMOTIONS, ConfigError, RunConfig
 from .data import describe_source, prepare, train_loader
 from .engine import compute_dtype, initialize, load_ds_config, point_tensorboard
 from .evaluate import evaluate, inputs, to_device
 from .losses import compute_loss, zero_loss
-from .metrics import baselines
+from .metrics import baselines, choose_single_threshold, choose_thresholds, emotion_baselines, emotion_metrics
 from .model import MMoLRE, count_parameters
 from .monitor import Monitor, tensorboard_dir
 from .preemption import StopRequest
@@ -175,6 +175,7 @@ class Trainer:
         self.aux_weight = t.aux_loss_weight if m.balance == "aux" else 0.0
         # a dataset without emotion labels has no emotion loss to show (its BCE term is an exact -0.0)
         self.has_emotions = bool(np.asarray(self.data.splits["train"].hf["has_emotion"], bool).any())
+        self.pos_weight = self._emotion_pos_weight() if t.emotion_pos_weight == "prevalence" else None
         self.biased_gates = [b.moe.deepspeed_moe.gate for _, b in self.model.moe_blocks()
                              if b.moe is not None and m.balance == "aux_free"]
         self.epoch_load = None   # rows each expert received this epoch on this rank since the last save
@@ -203,6 +204,18 @@ class Trainer:
         if self.info.local_rank == 0:
             checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints, protect={self.state.best_tag})
         return tag
+
+    def _emotion_pos_weight(self) -> torch.Tensor | None:
+        """(1 - p) / p per emotion from the train split's prevalence p (clipped to [0.01, 100])."""
+        train = self.data.splits["train"].hf
+        rows = np.asarray(train["has_emotion"], bool)
+        if not rows.any():
+            return None
+        p = (np.asarray(train["emotions"])[rows] > 0).mean(0)
+        weight = np.clip((1 - p) / np.maximum(p, 1e-6), 0.01, 100.0)
+        log(self.info, "emotion BCE: present cases weighted by (1 - prevalence) / prevalence: "
+                       + ", ".join(f"{e} {w:.2f}" for e, w in zip(EMOTIONS, weight)))
+        return torch.tensor(weight, dtype=torch.float32, device=self.device)
 
     def _layout(self) -> dict:
         """Settings that change what a checkpoint holds (the gates' bias buffers, the optimizer's groups)."""
@@ -393,7 +406,8 @@ class Trainer:
                 start = time.perf_counter()
                 batch = to_device(batch, self.device, self.dtype)
                 out = self.engine(*inputs(batch))
-                loss = compute_loss(out, batch, self.aux_weight, t.emotion_loss_weight, t.tasks, t.router_z_loss)
+                loss = compute_loss(out, batch, self.aux_weight, t.emotion_loss_weight, t.tasks, t.router_z_loss,
+                                    self.pos_weight)
                 load = out.expert_load.detach().float()
                 self.epoch_load = load if self.epoch_load is None else self.epoch_load + load
                 micro_batches_here += 1
@@ -506,14 +520,37 @@ class Trainer:
                                            for layer, n in dead.items() if n))
         return record
 
+    def _emotion_decisions(self, valid: dict, test: dict) -> dict:
+        """Per-emotion thresholds (and one shared threshold) chosen on the validation predictions of the selected
+        checkpoint, stored beside it (`emotion_thresholds.json`, read by export/predict), the test metrics under
+        them, and the trivial predictors beside them (metrics.emotion_baselines)."""
+        hv, ht = valid["has_emotion"].astype(bool), test["has_emotion"].astype(bool)
+        per = choose_thresholds(valid["emotion_prob"][hv], valid["emotion_true"][hv])
+        single = choose_single_threshold(valid["emotion_prob"][hv], valid["emotion_true"][hv])
+        thresholds = dict(zip(EMOTIONS, per))
+        with open(os.path.join(self.ckpt_dir, self.state.best_tag, checkpoint.THRESHOLDS), "w") as f:
+            json.dump({"thresholds": thresholds, "single_threshold": single, "chosen_on": "valid"}, f, indent=1)
+        train = self.data.splits["train"].hf
+        emo_rows = np.asarray(train["has_emotion"], bool)
+        return {"chosen_on": "valid", "thresholds": thresholds, "single_threshold": single,
+                "test_per_emotion_thresholds": emotion_metrics(test["emotion_prob"][ht], test["emotion_true"][ht],
+                                                               np.asarray(per)),
+                "test_single_threshold": emotion_metrics(test["emotion_prob"][ht], test["emotion_true"][ht], single),
+                "baselines": emotion_baselines(np.asarray(train["emotions"])[emo_rows], valid["emotion_true"][hv],
+                                               test["emotion_true"][ht])}
+
     def _test(self) -> dict | None:
         """The test split is evaluated once, with the checkpoint that validation selected."""
         info, state, m = self.info, self.state, self.cfg.model
         checkpoint.load(self.engine, self.ckpt_dir, state.best_tag, info.rank, weights_only=True)
+        # the emotion thresholds are chosen on the validation split's predictions of the selected checkpoint
+        decide = self.has_emotions and self.cfg.train.tasks != "sentiment"
+        valid = evaluate(self.engine, self.data, "valid", self.cfg, info, self.device, self.dtype) if decide else None
         test = evaluate(self.engine, self.data, "test", self.cfg, info, self.device, self.dtype)
         self.monitor.scalars(flatten("test", test.metrics), state.global_step)
         if not info.is_main:
             return None
+        decisions = self._emotion_decisions(valid.predictions, test.predictions) if decide else None
         train_split = self.data.splits["train"].hf
         best = next(h for h in state.history if h["epoch"] == state.best_epoch)
         emo_rows = np.asarray(train_split["has_emotion"], bool)
@@ -536,10 +573,12 @@ class Trainer:
             "baselines": baselines(np.asarray(train_split["sentiment"]),
                                    np.asarray(train_split["emotions"])[emo_rows],
                                    test.predictions["sentiment_true"], test.predictions["emotion_true"][has]),
+            "emotion_decisions": decisions,
             "history": state.history, "seed": self.cfg.train.seed, "versions": versions(),
             "git_commit": git_commit(),
         }
-        write_predictions(os.path.join(self.run_dir, "predictions_test.csv"), test.predictions)
+        write_predictions(os.path.join(self.run_dir, "predictions_test.csv"), test.predictions,
+                          decisions and decisions["thresholds"])
         with open(os.path.join(self.run_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
         print(format_table(results), flush=True)

@@ -15,7 +15,9 @@ import torch
 from tests.launcher import (ROOT, complete_tags, environment, final_weights, rank_pid, results, run_deepspeed,
                             start_deepspeed, wait_for)
 
-RUN = ["--epochs", "2", "--save_every", "4", "--keep_checkpoints", "3", "--dropout", "0.1"]
+# aux_free balancing here (its selection biases must survive every fault); the accumulating runs below use
+# the default aux loss
+RUN = ["--epochs", "2", "--save_every", "4", "--keep_checkpoints", "3", "--dropout", "0.1", "--balance", "aux_free"]
 
 
 @pytest.fixture(scope="module")
@@ -57,22 +59,13 @@ def _kill_then_resume(tmp_path, ref, args):
 
 
 def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(reference, tmp_path):
-    _kill_then_resume(tmp_path, reference[1], RUN)
-
-
-AUX_FREE = [*RUN, "--balance", "aux_free", "--balance_bias_rate", "0.01"]
-
-
-def test_sigkill_then_resume_keeps_the_aux_free_selection_biases(tmp_path_factory, tmp_path):
-    """The biases live in the gate's state (checkpointed with the module) and are nudged only at optimizer
-    steps, so a kill and resume ends bit-identical to an uninterrupted aux_free run."""
-    ref_tmp = tmp_path_factory.mktemp("aux_free")
-    run_deepspeed(ref_tmp, "--run_name", "ref", *AUX_FREE)
-    ref = ref_tmp / "runs" / "ref"
-    run = _kill_then_resume(tmp_path, ref, AUX_FREE)
+    """Also the aux_free selection biases (module state, nudged only at optimizer steps) and the routing
+    history (the epoch's loads and the last validation's routes are in the checkpoint) end bit-identical."""
+    run = _kill_then_resume(tmp_path, reference[1], RUN)
     _, state = final_weights(run)
     biases = [v for k, v in state.items() if k.endswith("gate.selection_bias")]
     assert biases and all(b.abs().max() > 0 for b in biases)
+    assert "stability" in results(run)["history"][1]["routing"]["text.0"]["sentiment"]
 
 
 # micro batch 8 x 2 accumulated on 2 ranks: 10 optimizer steps per epoch, a checkpoint every 2 of them
@@ -163,6 +156,17 @@ def test_export_then_predict_matches_the_trainers_test_predictions(reference, tm
     for sid, row in trainer.items():
         for col in ("sentiment_pred", "happy_prob", "fear_prob"):
             assert float(exported[sid][col]) == pytest.approx(float(row[col]), abs=1e-4), (sid, col)
+    # the emotion thresholds chosen on valid for the selected checkpoint travel with it into the export, and
+    # predict's decisions are the trainer's
+    decisions = json.loads((ref / "results.json").read_text())["emotion_decisions"]
+    assert decisions["chosen_on"] == "valid" and set(decisions["thresholds"]) == {"happy", "sad", "anger",
+                                                                                   "surprise", "disgust", "fear"}
+    assert torch.load(model, weights_only=False)["emotion_thresholds"] == decisions["thresholds"]
+    for rows in (trainer, exported):   # (their probabilities agree to 1e-4, so compare each with its own)
+        for row in rows.values():
+            for e, t in decisions["thresholds"].items():
+                assert int(row[f"{e}_pred"]) == int(float(row[f"{e}_prob"]) > t)
+    assert {"majority", "prevalence", "best_constant"} <= set(decisions["baselines"])
 
 
 def test_a_nan_loss_stops_the_run_naming_step_and_samples(tmp_path):
