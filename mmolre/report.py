@@ -92,9 +92,9 @@ def flatten(prefix: str, d: dict) -> dict[str, float]:
 REPORT_METRICS = (("test", "sentiment", "mae"), ("test", "sentiment", "non0_acc2"), ("test", "sentiment", "has0_acc2"),
                   ("test", "sentiment", "acc7"), ("test", "sentiment", "corr"), ("test", "emotion", "micro_f1"),
                   ("test", "emotion", "mean_wacc"))
-# the routing study (`mmolre report --study`): accuracy, balance, specialisation (validation split of the
-# selected epoch), speed
-STUDY_METRICS = (("test", "sentiment", "mae"), ("test", "emotion", "micro_f1"), ("test", "emotion", "mean_wacc"),
+# the routing study (`mmolre report --study`): the selection loss on valid (what a default may be chosen by),
+# test accuracy, balance, specialisation (validation split of the selected epoch), speed
+STUDY_METRICS = (("valid", "loss"), ("test", "sentiment", "mae"), ("test", "emotion", "micro_f1"), ("test", "emotion", "mean_wacc"),
                  ("routing", "summary", "load_max_over_mean"), ("routing", "summary", "dead_experts"),
                  ("routing", "summary", "task_divergence"), ("routing", "summary", "task_divergence_excess"),
                  ("routing", "summary", "sentiment_label_mi"), ("routing", "summary", "sentiment_label_mi_excess"),
