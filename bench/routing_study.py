@@ -82,9 +82,10 @@ def main(argv=None) -> None:
     runs = load_runs(dirs)
     table = markdown_report(runs, STUDY_METRICS)
     figures = []
-    for m in ("test.sentiment.mae", "test.emotion.micro_f1", "routing.summary.load_max_over_mean",
-              "routing.summary.task_divergence", "routing.summary.sentiment_label_mi"):
-        figures += plot_sweep(runs, f"{args.out}_{m.split('.')[-1]}", tuple(m.split(".")))
+    for m in ("valid.loss", "test.sentiment.mae", "test.emotion.micro_f1", "routing.summary.load_max_over_mean",
+              "routing.summary.dead_experts", "routing.summary.task_divergence_excess",
+              "routing.summary.sentiment_label_mi_excess"):
+        figures += plot_sweep(runs, f"{args.out}_{'_'.join(m.split('.')[-2:])}", tuple(m.split(".")))
     header = (f"MOSEI text only (encoder {encoder_label(args.encoder)}), {args.processes} processes, expert "
               f"parallelism {args.processes}; seeds {args.seeds}; extra flags {' '.join(extra) or 'none'}; "
               f"{len(runs)} runs, {(time.time() - started) / 60:.0f} min.\n\n")
