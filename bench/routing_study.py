@@ -88,7 +88,8 @@ def main(argv=None) -> None:
         figures += plot_sweep(runs, f"{args.out}_{'_'.join(m.split('.')[-2:])}", tuple(m.split(".")))
     header = (f"MOSEI text only (encoder {encoder_label(args.encoder)}), {args.processes} processes, expert "
               f"parallelism {args.processes}; seeds {args.seeds}; extra flags {' '.join(extra) or 'none'}; "
-              f"{len(runs)} runs, {(time.time() - started) / 60:.0f} min.\n\n")
+              f"{len(runs)} runs, {sum(r['train']['seconds'] for r in runs) / 60:.0f} min of training steps in "
+              f"total (launches, evaluation and start-up not counted).\n\n")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".md", "w") as f:
         f.write(header + table + "\n")
