@@ -178,7 +178,9 @@ def main(argv=None) -> dict:
         runs = load_runs([train_mmolre(name, path, s, os.path.join(args.work, "runs"), args.processes, extra)
                           for s in seeds])
         per_seed = {str(r["seed"]): r["test"] for r in runs}
+        decisions = {str(r["seed"]): r.get("emotion_decisions") for r in runs}
         entry = {"feature_file": os.path.basename(path), "ridge": baseline, "mmolre_test_per_seed": per_seed,
+                 "mmolre_emotion_decisions_per_seed": decisions,
                  "samples": runs[0]["data"][name]["splits"], "seconds": time.time() - t0}
         report["datasets"][name] = entry
         head = ["", *SENTIMENT] + ([f"emotion {m}" for m in EMOTION] if "emotion" in baseline else [])

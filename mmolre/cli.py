@@ -59,7 +59,8 @@ def _predict(args) -> int:
     thresholds = load_exported(args.model)[1].get("emotion_thresholds")
     write_predictions(args.out, preds, thresholds)
     how = ("emotion decisions <emotion>_pred at the thresholds chosen on the validation split" if thresholds else
-           "no emotion thresholds in this export (a checkpoint other than the selected one): probabilities only")
+           "no emotion thresholds in this export (not the selected checkpoint of a finished run with emotion "
+           "labels, or an export of an earlier version): emotion probabilities only")
     print(f"wrote {args.out}: {len(preds['ids'])} predictions for split {args.split!r} of {args.data}; {how}")
     return 0
 

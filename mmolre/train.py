@@ -175,6 +175,7 @@ class Trainer:
         self.aux_weight = t.aux_loss_weight if m.balance == "aux" else 0.0
         # a dataset without emotion labels has no emotion loss to show (its BCE term is an exact -0.0)
         self.has_emotions = bool(np.asarray(self.data.splits["train"].hf["has_emotion"], bool).any())
+        check_tasks(t, self.data)
         self.pos_weight = self._emotion_pos_weight() if t.emotion_pos_weight == "prevalence" else None
         self.biased_gates = [b.moe.deepspeed_moe.gate for _, b in self.model.moe_blocks()
                              if b.moe is not None and m.balance == "aux_free"]
@@ -292,6 +293,9 @@ class Trainer:
                 os.replace(aside, original)
             raise
         if self.info.is_main:
+            kept = os.path.join(aside, checkpoint.THRESHOLDS)   # the emotion decisions chosen for this checkpoint
+            if os.path.isfile(kept):
+                shutil.copy2(kept, os.path.join(original, checkpoint.THRESHOLDS))
             shutil.rmtree(aside)
         log(self.info, f"resharded {original} for world size {self.info.world_size} / expert parallel "
                        f"{self.ep_size}: resume with that topology to continue with DeepSpeed's own full load")
@@ -544,7 +548,8 @@ class Trainer:
         info, state, m = self.info, self.state, self.cfg.model
         checkpoint.load(self.engine, self.ckpt_dir, state.best_tag, info.rank, weights_only=True)
         # the emotion thresholds are chosen on the validation split's predictions of the selected checkpoint
-        decide = self.has_emotions and self.cfg.train.tasks != "sentiment"
+        decide = (self.has_emotions and self.cfg.train.tasks != "sentiment"
+                  and bool(np.asarray(self.data.splits["valid"].hf["has_emotion"], bool).any()))
         valid = evaluate(self.engine, self.data, "valid", self.cfg, info, self.device, self.dtype) if decide else None
         test = evaluate(self.engine, self.data, "test", self.cfg, info, self.device, self.dtype)
         self.monitor.scalars(flatten("test", test.metrics), state.global_step)
@@ -584,6 +589,19 @@ class Trainer:
         print(format_table(results), flush=True)
         print(f"\nwrote {self.run_dir}/results.json, predictions_test.csv, tensorboard/, checkpoints/", flush=True)
         return results
+
+
+def check_tasks(t, data) -> None:
+    """What the emotion task needs from the data: labels in train and valid (selection and thresholds use
+    valid); --emotion_pos_weight needs them in train."""
+    have = {s: bool(np.asarray(data.splits[s].hf["has_emotion"], bool).any()) for s in ("train", "valid")}
+    if t.tasks == "emotion" and not all(have.values()):
+        missing = [s for s, h in have.items() if not h]
+        raise ConfigError(f"--tasks emotion: the {' and '.join(missing)} split(s) of {', '.join(data.names)} have no "
+                          f"emotion labels (MOSEI's come from --emotion_labels); there would be nothing to train or "
+                          f"select on")
+    if t.emotion_pos_weight != "none" and not have["train"]:
+        raise ConfigError(f"--emotion_pos_weight {t.emotion_pos_weight}: the train split has no emotion labels")
 
 
 def train(cfg: RunConfig) -> dict | None:

@@ -76,3 +76,23 @@ def test_prevalence_weighted_bce_is_the_hand_computation():
     torch.testing.assert_close(loss.emotion, by_hand)
     assert loss.emotion > compute_loss(Out(), Batch(), 0.0, 1.0).emotion
     assert F.binary_cross_entropy_with_logits(Out.emotion_logits, y) == compute_loss(Out(), Batch(), 0.0, 1.0).emotion
+
+
+def test_the_emotion_task_needs_emotion_labels_in_train_and_valid():
+    """--tasks emotion on MOSI (no emotions) would train nothing and select epoch 1 on a constant loss."""
+    from types import SimpleNamespace
+
+    from mmolre.config import ConfigError, TrainConfig
+    from mmolre.train import check_tasks
+
+    def data(train, valid):
+        split = lambda has: SimpleNamespace(hf={"has_emotion": [has, False]})   # noqa: E731
+        return SimpleNamespace(splits={"train": split(train), "valid": split(valid)}, names=["mosi"])
+    with pytest.raises(ConfigError, match=r"--tasks emotion: the train and valid split\(s\) of mosi have no emotion"):
+        check_tasks(TrainConfig(tasks="emotion"), data(False, False))
+    with pytest.raises(ConfigError, match="the valid split"):
+        check_tasks(TrainConfig(tasks="emotion"), data(True, False))
+    with pytest.raises(ConfigError, match="--emotion_pos_weight prevalence: the train split has no emotion"):
+        check_tasks(TrainConfig(emotion_pos_weight="prevalence"), data(False, False))
+    check_tasks(TrainConfig(tasks="both"), data(False, False))          # MOSI multi-task: sentiment only
+    check_tasks(TrainConfig(tasks="emotion"), data(True, True))

@@ -268,11 +268,14 @@ def test_reshard_of_a_mid_epoch_checkpoint_keeps_the_epochs_loads(reference, tmp
         return torch.load(run / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)
     before = client(mid)["train_state"]["epoch_load"]
     assert before is not None and before.sum() > 0
+    from mmolre.checkpoint import THRESHOLDS   # emotion decisions beside a checkpoint survive its reshard
+    (run / "checkpoints" / mid / THRESHOLDS).write_text('{"thresholds": {"happy": 0.3}}')
     proc = subprocess.run([sys.executable, "-m", "mmolre.cli", "reshard", str(run), "--world_size", "2",
                            "--ep_size", "1"], cwd=ROOT, env=environment(tmp_path), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert torch.equal(client(mid)["train_state"]["epoch_load"], before)
+    assert json.loads((run / "checkpoints" / mid / THRESHOLDS).read_text()) == {"thresholds": {"happy": 0.3}}
     assert json.loads((run / "checkpoints" / mid / "mmolre_complete.json").read_text())["ep_size"] == 1
 
 

@@ -18,7 +18,7 @@ def _biases(state: dict) -> dict:
 def test_1024_experts_with_expert_parallelism_2_train_under_two_processes(tmp_path):
     proc = run_deepspeed(tmp_path, "--run_name", "wide", "--num_experts", "1024", "--ep_size", "2", "--top_k", "2",
                          "--epochs", "1", "--max_steps", "4", "--log_every", "1", "--balance", "aux_free",
-                         "--router_z_loss", "0.001", "--router_lr_scale", "3")
+                         "--router_z_loss", "0.001", "--router_lr_scale", "3", "--emotion_pos_weight", "prevalence")
     run = tmp_path / "runs" / "wide"
     r = results(run)
     assert r["num_experts"] == 1024 and r["ep_size"] == 2 and r["global_step"] == 4
@@ -29,6 +29,7 @@ def test_1024_experts_with_expert_parallelism_2_train_under_two_processes(tmp_pa
     dead = r["history"][0]["dead_experts"]
     assert all(n >= 1024 - 4 * 16 * 2 * 2 for n in dead.values()), dead
     assert "shared experts that received no row" in proc.stdout and "text.0" in proc.stdout
+    assert "emotion BCE: present cases weighted by (1 - prevalence) / prevalence: happy" in proc.stdout
     summary, valid = r["routing"]["summary"], r["routing"]["valid"]
     assert set(valid) == set(dead)
     assert summary["task_divergence"] == pytest.approx(np.mean([v["task_divergence"] for v in valid.values()]))

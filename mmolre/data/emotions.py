@@ -17,6 +17,7 @@ avoids it; the join also compares the label file's sentiment with the pickle's, 
 from __future__ import annotations
 
 import csv
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -200,7 +201,8 @@ def check_join(source: str, labels: str, mismatches: int, compared: int, disagre
                         f"({mismatches / compared:.1%}) have a different sentiment in the label file, more than "
                         f"the tolerated {tolerance:.1%}: {why}. Disagreeing (pickle vs label file): "
                         f"{', '.join(disagreeing[:10])}{' ...' if mismatches > 10 else ''}. If the difference is "
-                        f"known and harmless, accept it with --emotion_join_tolerance {mismatches / compared:.3f}")
+                        f"known and harmless, accept it with --emotion_join_tolerance "
+                        f"{math.ceil(mismatches / compared * 1000) / 1000:.3f}")
 
 
 def _key(sample_id: str) -> tuple[str, str]:

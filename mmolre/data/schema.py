@@ -159,10 +159,19 @@ def _lengths_from_text_mask(path: str, split: str, data: dict, modalities: list[
                         f"samples)")
     data["text_lengths"] = lengths
     report.lengths_from["text"] = "text_bert[:, 1] (attention mask)"
+    past = np.arange(steps)[None, :] >= lengths[:, None]          # [N, T] steps after each text's tokens
     for m in ("audio", "vision"):
-        if m in modalities and LENGTH_KEYS[m] not in data and np.asarray(data[m]).shape[1] == steps:
+        if m not in modalities or LENGTH_KEYS[m] in data:
+            continue
+        arr = np.asarray(data[m])
+        if arr.shape[1] != steps:
+            report.lengths_from[m] = "none: every step counts (no lengths, not aligned to the text)"
+        elif np.any(arr[past] != 0):   # an aligned file pads with zeros; anything else is not that layout
+            report.lengths_from[m] = ("none: every step counts (same steps as the text, but features past the "
+                                      "text's tokens are not zero padding)")
+        else:
             data[LENGTH_KEYS[m]] = lengths
-            report.lengths_from[m] = "text_bert[:, 1] (aligned to the text tokens)"
+            report.lengths_from[m] = "text_bert[:, 1] (aligned to the text tokens, zero-padded past them)"
 
 
 def check_dataset(path: str, data: dict, modalities: list[str]) -> dict[str, SplitReport]:
