@@ -60,11 +60,17 @@ def format_table(results: dict) -> str:
              f"| baseline | | | {base['majority_non0_acc2']:.4f} (majority) | | | | {base['mean_mae']:.4f} "
              f"(train mean) | |"]
     if "emotion" in test:
-        e = test["emotion"]
+        def row(name, e):
+            return (f"| {name} | {e['micro_f1']:.4f} | {e['jaccard_acc']:.4f} | {e['mean_wacc']:.4f} | "
+                    f"{e['mean_wf1']:.4f} |")
         lines += ["", "| emotions | micro-F1 | Jaccard acc | mean WA | mean wF1 |", "|---|---|---|---|---|",
-                  f"| MMoLRE | {e['micro_f1']:.4f} | {e['jaccard_acc']:.4f} | {e['mean_wacc']:.4f} | "
-                  f"{e['mean_wf1']:.4f} |"]
-        if "majority_emotion_micro_f1" in base:
+                  row("MMoLRE", test["emotion"])]
+        decisions = results.get("emotion_decisions")
+        if decisions:   # the decision rules chosen on valid, and the strongest trivial predictor
+            lines += [row("MMoLRE, one threshold (valid)", decisions["test_single_threshold"]),
+                      row("MMoLRE, per-emotion thresholds (valid)", decisions["test_per_emotion_thresholds"]),
+                      row("best constant (valid)", decisions["baselines"]["best_constant"])]
+        elif "majority_emotion_micro_f1" in base:
             lines.append(f"| majority | {base['majority_emotion_micro_f1']:.4f} | "
                          f"{base['majority_emotion_jaccard_acc']:.4f} | | |")
     for name, part in test.get("per_dataset", {}).items():

@@ -46,6 +46,8 @@ def test_results_json_has_every_documented_key(first_run):
     assert {"mean_mae", "majority_non0_acc2"} <= set(r["baselines"])
     assert r["config"]["model"]["num_experts"] == 8
     assert "SYNTHETIC DATA" in proc.stdout and "| MMoLRE |" in proc.stdout
+    assert "| MMoLRE, per-emotion thresholds (valid) |" in proc.stdout and "| best constant (valid) |" in proc.stdout
+    assert set(r["emotion_decisions"]["thresholds"]) == set(r["test"]["emotion"]["per_emotion"])
 
 
 def test_predictions_cover_the_test_split_once(first_run):
