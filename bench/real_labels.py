@@ -103,14 +103,16 @@ def ridge_baseline(path: str) -> dict:
     return out
 
 
-def train_mmolre(name: str, path: str, seed: int, runs: str, processes: int, extra: list[str]) -> str:
-    run = os.path.join(runs, f"{name}_s{seed}")
+def train_mmolre(dataset: str, path: str, runs: str, run_name: str, flags: list[str], processes: int) -> str:
+    """One text-only run through DeepSpeed's launcher (expert parallelism = processes), unless `runs/run_name`
+    already finished; returns its directory. Shared by the routing study."""
+    run = os.path.join(runs, run_name)
     if not os.path.isfile(os.path.join(run, "results.json")):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port",
-               str(free_port()), "launch.py", "--ds_config", "ds_configs/zero2.json", "--dataset", name,
-               "--data_path", path, "--modalities", "text", "--ep_size", str(processes), "--seed", str(seed),
-               "--output_dir", runs, "--run_name", os.path.basename(run), *extra]
+               str(free_port()), "launch.py", "--ds_config", "ds_configs/zero2.json", "--dataset", dataset,
+               "--data_path", path, "--modalities", "text", "--ep_size", str(processes), "--output_dir", runs,
+               "--run_name", run_name, *flags]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{run} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -175,8 +177,8 @@ def main(argv=None) -> dict:
         t0 = time.time()
         path = featurize(name, args.encoder, args.work, args.real_dir)
         baseline = ridge_baseline(path)
-        runs = load_runs([train_mmolre(name, path, s, os.path.join(args.work, "runs"), args.processes, extra)
-                          for s in seeds])
+        runs = load_runs([train_mmolre(name, path, os.path.join(args.work, "runs"), f"{name}_s{s}",
+                                       ["--seed", str(s), *extra], args.processes) for s in seeds])
         per_seed = {str(r["seed"]): r["test"] for r in runs}
         decisions = {str(r["seed"]): r.get("emotion_decisions") for r in runs}
         entry = {"feature_file": os.path.basename(path), "ridge": baseline, "mmolre_test_per_seed": per_seed,

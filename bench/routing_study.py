@@ -22,32 +22,14 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.real_labels import REAL, default_encoder, encoder_label, featurize  # noqa: E402
-from mmolre.distributed import free_port  # noqa: E402
+from bench.real_labels import REAL, default_encoder, encoder_label, featurize, train_mmolre  # noqa: E402
 from mmolre.report import STUDY_METRICS, load_runs, markdown_report, metric, plot_sweep  # noqa: E402
-
-
-def train(path: str, runs: str, name: str, flags: list[str], processes: int) -> tuple[str, float]:
-    run = os.path.join(runs, name)
-    if os.path.isfile(os.path.join(run, "results.json")):
-        return run, 0.0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port",
-           str(free_port()), "launch.py", "--ds_config", "ds_configs/zero2.json", "--dataset", "mosei",
-           "--data_path", path, "--modalities", "text", "--ep_size", str(processes), "--output_dir", runs,
-           "--run_name", name, *flags]
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{run} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return run, time.time() - t0
 
 
 def main(argv=None) -> None:
@@ -73,9 +55,10 @@ def main(argv=None) -> None:
     # finished runs are reused by name, so the name carries the extra flags too
     suffix = "_x" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8] if extra else ""
     for i, (e, k, b, s) in enumerate(grid, 1):
-        run, seconds = train(path, os.path.join(args.work, "runs"), f"e{e}_k{k}_{b}_s{s}{suffix}",
-                             ["--num_experts", e, "--top_k", k, "--balance", b, "--seed", s, *extra],
-                             args.processes)
+        t0 = time.time()
+        run = train_mmolre("mosei", path, os.path.join(args.work, "runs"), f"e{e}_k{k}_{b}_s{s}{suffix}",
+                           ["--num_experts", e, "--top_k", k, "--balance", b, "--seed", s, *extra], args.processes)
+        seconds = time.time() - t0
         dirs.append(run)
         print(f"[{i}/{len(grid)}] {os.path.basename(run)}: {seconds:.0f} s "
               f"({(time.time() - started) / 60:.1f} min so far)", flush=True)
