@@ -54,9 +54,8 @@ def _predict(args) -> int:
     from .config import default_cache_dir
     from .export import predict
     from .report import write_predictions
-    from .export import load_exported
-    preds = predict(args.model, args.data, args.split, args.cache_dir or default_cache_dir())
-    thresholds = load_exported(args.model)[1].get("emotion_thresholds")
+    preds, payload = predict(args.model, args.data, args.split, args.cache_dir or default_cache_dir())
+    thresholds = payload.get("emotion_thresholds")
     write_predictions(args.out, preds, thresholds)
     how = ("emotion decisions <emotion>_pred at the thresholds chosen on the validation split" if thresholds else
            "no emotion thresholds in this export (not the selected checkpoint of a finished run with emotion "

@@ -106,8 +106,9 @@ def load_exported(path: str) -> tuple[MMoLRE, dict]:
 
 
 @torch.no_grad()
-def predict(model_path: str, data_path: str, split: str, cache_dir: str, batch_size: int = 64) -> dict:
-    """Predictions for one split of an MMSA-schema pickle: ids, sentiment, emotion probabilities, labels."""
+def predict(model_path: str, data_path: str, split: str, cache_dir: str, batch_size: int = 64) -> tuple[dict, dict]:
+    """Predictions for one split of an MMSA-schema pickle (ids, sentiment, emotion probabilities, labels), and
+    the export's payload (its emotion thresholds decide `<emotion>_pred`)."""
     model, payload = load_exported(model_path)
     hf, meta = load_cache(build_cache(data_path, cache_dir))
     modalities = list(payload["shapes"])
@@ -116,4 +117,5 @@ def predict(model_path: str, data_path: str, split: str, cache_dir: str, batch_s
             raise ValueError(f"{data_path}: modality {m!r} has shape {meta['shapes'].get(m)}, the model expects "
                              f"{payload['shapes'][m]}")
     ds = SplitDataset(hf[split], modalities, payload["normalisation"])
-    return predict_batches(lambda batch: model(batch.features, batch.masks), eval_batches(ds, batch_size, 0, 1))
+    preds = predict_batches(lambda batch: model(batch.features, batch.masks), eval_batches(ds, batch_size, 0, 1))
+    return preds, payload
