@@ -282,6 +282,7 @@ class Trainer:
         reshard: `checkpoint.recover_aside`), so a failure leaves the checkpoint as it was."""
         tag = checkpoint.tag_for(self.state.global_step)
         original, aside = os.path.join(self.ckpt_dir, tag), os.path.join(self.ckpt_dir, tag + checkpoint.ASIDE)
+        distributed.barrier(self.info)   # every rank has finished reading the tag (resume) before it moves
         if self.info.is_main:
             os.replace(original, aside)
         distributed.barrier(self.info)
