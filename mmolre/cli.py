@@ -120,11 +120,13 @@ def _featurize(args) -> int:
     from .data.featurize import FeaturizeOptions, featurize
     opts = FeaturizeOptions(text_encoder=args.text_encoder, max_length=args.max_length, batch_size=args.batch_size,
                             skip_missing_text=args.skip_missing_text, train_from=args.train_from,
-                            dev_fraction=args.dev_fraction, split_seed=args.split_seed, device=args.device)
+                            dev_fraction=args.dev_fraction, split_seed=args.split_seed, device=args.device,
+                            transcripts_only=args.transcripts_only)
     report = featurize(args.table, args.out, opts)
     sizes = " / ".join(str(report["samples"][s]) for s in ("train", "valid", "test"))
-    print(f"wrote {args.out}: text [*, {report['max_length']}, {report['hidden_size']}] from {args.text_encoder}, "
-          f"{sizes} train/valid/test")
+    what = ("transcripts (raw_text) and labels, no features" if args.transcripts_only else
+            f"text [*, {report['max_length']}, {report['hidden_size']}] from {args.text_encoder}")
+    print(f"wrote {args.out}: {what}, {sizes} train/valid/test")
     for reason, left in report["left_out"].items():
         ids = left["ids"]
         print(f"  left out, {reason}: {left['count']} rows ({', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''})")
@@ -201,6 +203,9 @@ def main(argv=None) -> int:
     feat.add_argument("--dev_fraction", type=float, default=0.2, help="with --train_from valid: share of videos "
                                                                       "kept for validation")
     feat.add_argument("--split_seed", type=int, default=0)
+    feat.add_argument("--transcripts_only", action="store_true",
+                      help="write ids, transcripts and labels without running an encoder: the input of "
+                           "launch.py --text_encoder DIR --finetune_text, which tokenizes them into its cache")
     feat.set_defaults(func=_featurize)
     data = sub.add_parser("data", help="look at a dataset file").add_subparsers(dest="data_command", required=True)
     ins = data.add_parser("inspect", help="splits, sizes, shapes, dtypes, labels, NaN/inf counts of a pickle")

@@ -43,6 +43,8 @@ class DataConfig:
     cache_dir: str = _help("where generated data and Arrow caches live (env MMOLRE_CACHE)",
                            default_factory=default_cache_dir)
     synthetic_scale: float = _help("fraction of MOSEI's split sizes the synthetic dataset has", default=0.5)
+    text_max_length: int = _help("--finetune_text: transcripts are tokenized to at most this many tokens "
+                                 "(longer ones are cut; the log says how many)", default=50)
 
     @property
     def modality_list(self) -> list[str]:
@@ -77,6 +79,11 @@ class ModelConfig:
                                       "top-k choice (< 1: sharper combine weights)", default=1.0)
     grouped_experts: bool = _help("compute all local experts in one batched call on occupied slots only "
                                   "(false: DeepSpeed's per-expert loop)", default=True)
+    text_encoder: Optional[str] = _help("with --finetune_text: a Hugging Face text encoder (a local directory "
+                                        "offline, or a hub name) run inside the model on the tokenized transcripts "
+                                        "(`raw_text`) in place of precomputed text features", default=None)
+    finetune_text: bool = _help("train --text_encoder end to end with the rest of the model (its own --text_lr "
+                                "and warm-up); the frozen path is `mmolre featurize`", default=False)
     # Ablations and baselines (README "Reproducing the paper's experiments").
     model: str = _help("'mmolre'; or a baseline: 'hard_sharing' (one shared encoder, two heads) or 'mmoe' "
                        "(dense shared experts mixed by per-task softmax gates, no task experts)",
@@ -144,6 +151,9 @@ class TrainConfig:
     router_z_loss: float = _help("weight of the router z-loss (ST-MoE: mean logsumexp(logits)^2 per task and "
                                  "layer; 0: off)", default=0.0)
     router_lr_scale: float = _help("the routers' learning rate is --lr times this", default=1.0)
+    text_lr: float = _help("--finetune_text: peak learning rate of the text encoder", default=5e-5)
+    text_warmup_ratio: float = _help("--finetune_text: the text encoder's warm-up, as a fraction of the training "
+                                     "samples (then the same cosine decay)", default=0.1)
     ep_size: int = _help("expert-parallel group size (0: automatic, the largest that divides the world "
                          "size and --num_experts within one node)", default=0)
     tasks: str = _help("train 'both' tasks, or a single task: 'sentiment' or 'emotion' (the other head gets no "
@@ -270,6 +280,13 @@ def validate(cfg: RunConfig) -> None:
     if m.balance_bias_rate <= 0 or m.router_temperature <= 0 or t.router_lr_scale <= 0 or t.router_z_loss < 0:
         raise ConfigError("--balance_bias_rate, --router_temperature and --router_lr_scale must be > 0, "
                           "--router_z_loss >= 0")
+    if m.finetune_text != bool(m.text_encoder):
+        raise ConfigError("--finetune_text and --text_encoder go together: the encoder trains inside the model on "
+                          "the transcripts. For frozen features, run `mmolre featurize` and train on its output")
+    if m.finetune_text and d.modality_list and "text" not in d.modality_list:
+        raise ConfigError(f"--finetune_text: --modalities {d.modalities!r} leaves out the text")
+    if d.text_max_length < 2 or t.text_lr <= 0 or not 0 <= t.text_warmup_ratio <= 1:
+        raise ConfigError("--text_max_length must be >= 2, --text_lr > 0 and --text_warmup_ratio in [0, 1]")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"--on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
     if m.router_noise and m.capacity_factor > 0:

@@ -12,6 +12,7 @@ from deepspeed.utils import groups
 
 from . import distributed
 from .config import ConfigError, TrainConfig
+from .model.text_encoder import is_text_encoder_param
 from .schedule import Flags, WarmupCosineBySamples
 
 
@@ -109,26 +110,31 @@ def is_router(name: str) -> bool:
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
-                     router_lr_scale: float = 1.0) -> list[dict]:
-    """Decay / no-decay groups, each split by DeepSpeed into dense and expert (per expert group) parts. With
-    router_lr_scale != 1 the routers' parameters form two more groups whose LR is lr times that (the schedule
-    scales each group's own base LR)."""
-    separate = router_lr_scale != 1.0
-    if separate and lr is None:
-        raise ValueError("router_lr_scale needs the base lr")
-    groups = {"decay": [], "no_decay": [], "router_decay": [], "router_no_decay": []}
+                     router_lr_scale: float = 1.0, text_lr: float | None = None) -> list[dict]:
+    """Decay / no-decay groups, each split by DeepSpeed into dense and expert (per expert group) parts.
+    Parameters with a learning rate of their own form two more groups each (the schedule scales each group's
+    own base LR): the routers with router_lr_scale != 1 (lr times that), and a pretrained text encoder
+    (text_lr; the schedule gives the groups named text_* their own warm-up)."""
+    own_lr = {}   # group prefix -> (which parameters, their LR)
+    if router_lr_scale != 1.0:
+        if lr is None:
+            raise ValueError("router_lr_scale needs the base lr")
+        own_lr["router_"] = (is_router, lr * router_lr_scale)
+    if text_lr is not None:
+        own_lr["text_"] = (is_text_encoder_param, text_lr)
+    groups = {f"{prefix}{kind}": [] for prefix in ("", *own_lr) for kind in ("decay", "no_decay")}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            key = ("router_" if separate and is_router(name) else "") + \
-                  ("no_decay" if no_weight_decay(name, p) else "decay")
-            groups[key].append(p)
+            prefix = next((pre for pre, (belongs, _) in own_lr.items() if belongs(name)), "")
+            groups[prefix + ("no_decay" if no_weight_decay(name, p) else "decay")].append(p)
     out = []
     for key, params in groups.items():
-        if key.startswith("router_") and not params:
+        prefix = next((pre for pre in own_lr if key.startswith(pre)), "")
+        if prefix and not params:
             continue
         group = {"name": key, "params": params, "weight_decay": 0.0 if key.endswith("no_decay") else weight_decay}
-        if key.startswith("router_"):
-            group["lr"] = lr * router_lr_scale
+        if prefix:
+            group["lr"] = own_lr[prefix][1]
         out.append(group)
     return split_params_into_different_moe_groups_for_optimizer(out)
 
@@ -138,8 +144,11 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, sample
     """The DeepSpeed engine with AdamW over MoE-aware groups and the sample-based warm-up/cosine schedule
     (planned for --epochs epochs of samples_per_epoch, or --max_steps steps of samples_per_step if fewer)."""
     import deepspeed
-    flags = Flags(cfg.epochs, cfg.max_steps, cfg.warmup_ratio, samples_per_epoch, samples_per_step)
-    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay, cfg.lr, cfg.router_lr_scale), lr=cfg.lr)
+    text_lr = cfg.text_lr if getattr(model, "text_backbone", None) is not None else None
+    flags = Flags(cfg.epochs, cfg.max_steps, cfg.warmup_ratio, samples_per_epoch, samples_per_step,
+                  text_warmup_ratio=cfg.text_warmup_ratio if text_lr is not None else None)
+    optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay, cfg.lr, cfg.router_lr_scale, text_lr),
+                                  lr=cfg.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            lr_scheduler=lambda opt: WarmupCosineBySamples(opt, flags))
     return clip_by_the_model_norm(engine, info)

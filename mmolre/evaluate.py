@@ -24,7 +24,7 @@ class EvalResult:
 
 def to_device(batch: Batch, device, dtype) -> Batch:
     batch = batch.to(device)
-    batch.features = {m: x.to(dtype) for m, x in batch.features.items()}
+    batch.features = {m: x.to(dtype) if x.is_floating_point() else x for m, x in batch.features.items()}  # not ids
     return batch
 
 

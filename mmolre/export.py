@@ -6,7 +6,8 @@ per global expert id, so the export does not depend on how many ranks trained it
 file with the model configuration, the feature shapes and the train-split normalisation. A bf16 run's
 model files hold bf16 copies; every checkpoint also holds the fp32 weights (the optimizer's masters) in its
 topology-free state (`elastic.py`), and those are what the export takes. `predict` builds the model with expert
-parallelism 1 and runs it on CPU.
+parallelism 1 and runs it on CPU. A model trained with `--finetune_text` holds its text encoder's weights;
+`predict` needs the encoder's directory (its tokenizer and architecture) where the run's config names it.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from . import checkpoint, elastic
 from .config import ModelConfig
 from .data.cache import build_cache, load_cache
 from .data.loader import SplitDataset, eval_batches
+from .data.tokens import TextTokens
 from .evaluate import predict_batches
 from .model import MMoLRE
 
@@ -110,12 +112,16 @@ def predict(model_path: str, data_path: str, split: str, cache_dir: str, batch_s
     """Predictions for one split of an MMSA-schema pickle (ids, sentiment, emotion probabilities, labels), and
     the export's payload (its emotion thresholds decide `<emotion>_pred`)."""
     model, payload = load_exported(model_path)
-    hf, meta = load_cache(build_cache(data_path, cache_dir))
+    cfg = model.cfg
+    # a model with its own text encoder reads the transcripts, tokenized as in training
+    tokens = TextTokens(cfg.text_encoder, payload["shapes"]["text"][0]) if cfg.finetune_text else None
+    hf, meta = load_cache(build_cache(data_path, cache_dir, text_tokens=tokens))
     modalities = list(payload["shapes"])
     for m in modalities:
         if m not in meta["shapes"] or meta["shapes"][m] != list(payload["shapes"][m]):
             raise ValueError(f"{data_path}: modality {m!r} has shape {meta['shapes'].get(m)}, the model expects "
                              f"{payload['shapes'][m]}")
-    ds = SplitDataset(hf[split], modalities, payload["normalisation"])
+    ds = SplitDataset(hf[split], modalities, payload["normalisation"],
+                      text_hidden=payload["shapes"]["text"][1] if tokens else None)
     preds = predict_batches(lambda batch: model(batch.features, batch.masks), eval_batches(ds, batch_size, 0, 1))
     return preds, payload

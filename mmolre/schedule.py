@@ -41,6 +41,7 @@ class Flags:
     warmup_ratio: float
     samples_per_epoch: int
     samples_per_step: int
+    text_warmup_ratio: float | None = None   # the pretrained text encoder's groups (text_*): their own warm-up
 
 
 class WarmupCosineBySamples(LRScheduler):
@@ -58,11 +59,17 @@ class WarmupCosineBySamples(LRScheduler):
         self.total_samples = max(1, min(f.epochs * f.samples_per_epoch, self.max_samples or 10**18))
         self.warmup_samples = max(f.samples_per_step, int(self.total_samples * f.warmup_ratio))
 
-    def factor(self) -> float:
-        return warmup_cosine_factor(self.samples, self.samples_per_step, self.total_samples, self.warmup_samples)
+    def factor(self, warmup_ratio: float | None = None) -> float:
+        """The LR factor now; with warmup_ratio, for a group warmed up over that fraction of the samples
+        instead (same total, same cosine)."""
+        warmup = self.warmup_samples if warmup_ratio is None else \
+            max(self.samples_per_step, int(self.total_samples * warmup_ratio))
+        return warmup_cosine_factor(self.samples, self.samples_per_step, self.total_samples, warmup)
 
     def get_lr(self) -> list[float]:
-        return [base * self.factor() for base in self.base_lrs]
+        text = self.flags.text_warmup_ratio
+        return [base * self.factor(text if str(group.get("name", "")).startswith("text_") else None)
+                for base, group in zip(self.base_lrs, self.optimizer.param_groups)]
 
     def step(self, epoch=None) -> None:
         """Called by DeepSpeed after each applied optimizer step (and once by LRScheduler's constructor)."""
@@ -96,6 +103,7 @@ class WarmupCosineBySamples(LRScheduler):
         elif self.flags.max_steps:   # a new step budget: its remaining steps at today's batch size
             self.max_samples = self.samples + max(0, self.flags.max_steps - self.last_epoch) * self.samples_per_step
         same = all(saved.get(k) == getattr(self.flags, k) for k in ("epochs", "max_steps", "warmup_ratio"))
+        # (the text groups' warm-up is a fraction of the kept total, so a changed --text_warmup_ratio applies)
         if same and "total_samples" in plan:
             self.total_samples, self.warmup_samples = plan["total_samples"], plan["warmup_samples"]
         else:

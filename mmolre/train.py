@@ -28,6 +28,7 @@ from tqdm import tqdm
 from . import checkpoint, distributed, elastic
 from .config import EMOTIONS, ConfigError, RunConfig
 from .data import describe_source, prepare, train_loader
+from .data.tokens import TextTokens
 from .engine import compute_dtype, initialize, load_ds_config, point_tensorboard
 from .evaluate import evaluate, inputs, to_device
 from .losses import compute_loss, zero_loss
@@ -138,7 +139,9 @@ class Trainer:
         self.ckpt_dir = checkpoint.checkpoint_dir(self.run_dir)
         point_tensorboard(ds_config, tensorboard_dir(self.run_dir))
 
-        self.data = prepare(cfg.data, builds=info.local_rank == 0, barrier=lambda: distributed.barrier(info))
+        text_tokens = TextTokens(m.text_encoder, cfg.data.text_max_length) if m.finetune_text else None
+        self.data = prepare(cfg.data, builds=info.local_rank == 0, barrier=lambda: distributed.barrier(info),
+                            text_tokens=text_tokens)
         if self.data.synthetic:
             log(info, SYNTHETIC_NOTICE)
         for name, meta in self.data.sources.items():
@@ -220,7 +223,8 @@ class Trainer:
 
     def _layout(self) -> dict:
         """Settings that change what a checkpoint holds (the gates' bias buffers, the optimizer's groups)."""
-        return {"balance": self.cfg.model.balance, "router_groups": self.cfg.train.router_lr_scale != 1.0}
+        return {"balance": self.cfg.model.balance, "router_groups": self.cfg.train.router_lr_scale != 1.0,
+                "text_encoder": self.cfg.model.text_encoder}
 
     def resume(self) -> None:
         if self.info.is_main:
@@ -233,7 +237,15 @@ class Trainer:
         if marker.get("format", 1) > checkpoint.FORMAT:
             raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was written by a newer version of the trainer "
                               f"(checkpoint format {marker['format']}, this one reads {checkpoint.FORMAT})")
-        saved = {k: marker.get(k, default) for k, default in (("balance", "aux"), ("router_groups", False))}
+        saved = {k: marker.get(k, default) for k, default in (("balance", "aux"), ("router_groups", False),
+                                                              ("text_encoder", None))}
+        if bool(saved["text_encoder"]) != self.cfg.model.finetune_text:
+            raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was saved "
+                              + (f"with --text_encoder {saved['text_encoder']} --finetune_text" if saved["text_encoder"]
+                                 else "without --finetune_text")
+                              + "; this run " + ("has it" if self.cfg.model.finetune_text else "has not")
+                              + ". The text encoder is part of the model and has optimizer groups of its own, so "
+                                "switching it on or off needs a new run")
         if (saved["balance"] == "aux_free") != (self.cfg.model.balance == "aux_free") or \
                 saved["router_groups"] != self._layout()["router_groups"]:
             raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was saved with --balance {saved['balance']} and "

@@ -16,6 +16,7 @@ from mmolre.data import prepare
 from mmolre.data.cache import build_cache
 from mmolre.data.emotions import read_emotion_labels
 from mmolre.data.schema import DataError, check_dataset
+from tests.tiny_encoder import WORDS, save_tiny_encoder
 
 SIZES = {"train": 12, "valid": 4, "test": 6}
 # MOSI's feature sizes (audio 5, vision 20; unaligned 375/500 steps scaled down); text kept small.
@@ -366,21 +367,9 @@ def test_data_inspect_and_verify(tmp_path, capsys, monkeypatch):
 
 # ---- the featurizer, with a tiny randomly initialised encoder (no download) -------------------------
 
-WORDS = ["good", "bad", "movie", "really", "not", "the", "was", "i", "liked", "it"]
-
-
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory):
-    import transformers   # a test dependency: missing, the featurizer tests fail rather than skip
-    path = tmp_path_factory.mktemp("tiny_bert")
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
-    tokenizer.save_pretrained(str(path))
-    cfg = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=12, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=16, max_position_embeddings=64)
-    transformers.set_seed(0)
-    transformers.BertModel(cfg).save_pretrained(str(path))
-    return str(path)
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def mosi_table(path, missing_text=False):

@@ -11,6 +11,7 @@ from ..config import MODALITIES, DataConfig
 from .cache import build_cache, cache_path_for, load_cache
 from .loader import Batch, SplitDataset, eval_batches, train_loader
 from .schema import SPLITS, DataError
+from .tokens import TextTokens
 from .sources import Source, resolve_sources
 
 
@@ -31,30 +32,36 @@ class PreparedData:
         return list(self.sources)
 
 
-def prepare(cfg: DataConfig, builds: bool, barrier: Callable[[], None]) -> PreparedData:
-    """The rank with `builds` (local rank 0) generates/converts; every rank then memory-maps the caches."""
+def prepare(cfg: DataConfig, builds: bool, barrier: Callable[[], None],
+            text_tokens: TextTokens | None = None) -> PreparedData:
+    """The rank with `builds` (local rank 0) generates/converts; every rank then memory-maps the caches.
+    With `text_tokens` the text is the tokenized transcripts, for an encoder trained inside the model."""
     error = None
     if builds:
         try:
             for src in resolve_sources(cfg):
                 build_cache(src.path, cfg.cache_dir, {"synthetic": src.name == "synthetic"}, src.emotion_labels,
-                            cfg.emotion_join_tolerance)
+                            cfg.emotion_join_tolerance, text_tokens)
         except Exception as e:  # let the other ranks leave the barrier before failing
             error = e
     barrier()
     if error is not None:
         raise error
-    loaded = [(src, *load_cache(cache_path_for(src.path, cfg.cache_dir, src.emotion_labels)))
+    loaded = [(src, *load_cache(cache_path_for(src.path, cfg.cache_dir, src.emotion_labels, text_tokens)))
               for src in resolve_sources(cfg)]
     modalities = choose_modalities(cfg, loaded)
-    columns = ["id", "sentiment", "emotions", "has_emotion", *modalities, *(f"{m}_length" for m in modalities)]
-    normalisation = pooled_normalisation(loaded, modalities)
+    token_text = text_tokens is not None and "text" in modalities
+    columns = ["id", "sentiment", "emotions", "has_emotion",
+               *(("text_ids" if m == "text" and token_text else m) for m in modalities),
+               *(("text_length" if m == "text" and token_text else f"{m}_length") for m in modalities)]
+    normalisation = pooled_normalisation(loaded, [m for m in modalities if not (m == "text" and token_text)])
+    hidden = loaded[0][2]["text_tokens"]["hidden_size"] if token_text else None
     splits = {}
     for s in SPLITS:
         parts = [hf[s].select_columns(columns) for _, hf, _ in loaded]
         joined = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         splits[s] = SplitDataset(joined, modalities, normalisation,
-                                 [(src.name, len(p)) for (src, _, _), p in zip(loaded, parts)])
+                                 [(src.name, len(p)) for (src, _, _), p in zip(loaded, parts)], hidden)
     return PreparedData(splits, {src.name: meta for src, _, meta in loaded}, modalities, normalisation,
                         any(meta.get("synthetic") for _, _, meta in loaded))
 
@@ -65,6 +72,11 @@ def describe_source(name: str, meta: dict, used: list[str]) -> str:
     lines = [f"data: {name}: {meta['source']} ({sizes} train/valid/test); modalities "
              + ", ".join(f"{m} {tuple(meta['shapes'][m])}" + ("" if m in used else " (unused)")
                          for m in meta["modalities"])]
+    tok = meta.get("text_tokens")
+    if tok:
+        cut = ", ".join(f"{s} {tok['truncated'][s]}" for s in SPLITS)
+        lines.append(f"data: {name}: text: transcripts tokenized for {tok['encoder']} (at most {tok['max_length']} "
+                     f"tokens; transcripts cut to that length: {cut})")
     for split in SPLITS:
         rep = meta["splits"][split]
         derived = {m: how for m, how in rep.get("lengths_from", {}).items() if how.startswith("text_bert")}

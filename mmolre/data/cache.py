@@ -22,6 +22,7 @@ from datasets.arrow_writer import ArrowWriter
 from ..config import EMOTIONS, MODALITIES
 from .emotions import JOIN_TOLERANCE, check_join, join_emotions, read_emotion_labels
 from .schema import EMOTION_KEY, LENGTH_KEYS, SPLITS, DataError, check_dataset, decode_id
+from .tokens import TextTokens, tokenize, transcripts
 
 CACHE_FORMAT = 4   # 4: lengths from MMSA's text_bert attention mask (a format-3 cache counted padding as valid)
 WRITE_ROWS = 512   # rows per Arrow record batch: conversion holds the pickle plus one batch, not a 2nd copy
@@ -57,10 +58,13 @@ def known_sha256(path: str, cache_dir: str) -> str:
     return digest
 
 
-def cache_path_for(source: str, cache_dir: str, emotion_labels: str | None = None) -> str:
+def cache_path_for(source: str, cache_dir: str, emotion_labels: str | None = None,
+                   text_tokens: TextTokens | None = None) -> str:
     key = known_sha256(source, cache_dir)[:24]
     if emotion_labels:
         key += "-emo" + known_sha256(emotion_labels, cache_dir)[:12]
+    if text_tokens:
+        key += "-tok" + text_tokens.key()
     return os.path.join(cache_dir, "arrow", f"{key}-f{CACHE_FORMAT}")
 
 
@@ -72,13 +76,16 @@ def load_pickle(path: str) -> dict:
         raise DataError(f"{path}: not a readable MMSA pickle ({type(e).__name__}: {e})") from e
 
 
-def _features(shapes: dict[str, tuple[int, int]]) -> datasets.Features:
+def _features(shapes: dict[str, tuple[int, int]], token_steps: int | None) -> datasets.Features:
     spec = {"id": datasets.Value("string"), "sentiment": datasets.Value("float32"),
             "emotions": datasets.Sequence(datasets.Value("float32"), length=len(EMOTIONS)),
             "has_emotion": datasets.Value("bool")}
     for m, shape in shapes.items():
         spec[m] = datasets.Array2D(shape=shape, dtype="float32")
         spec[f"{m}_length"] = datasets.Value("int32")
+    if token_steps:   # the text as token ids for an encoder inside the model, instead of features
+        spec["text_ids"] = datasets.Sequence(datasets.Value("int32"), length=token_steps)
+        spec["text_length"] = datasets.Value("int32")
     return datasets.Features(spec)
 
 
@@ -122,11 +129,13 @@ def _normalisation(train: dict, modalities: list[str]) -> dict:
 
 
 def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
-                emotion_labels: str | None = None, join_tolerance: float = JOIN_TOLERANCE) -> str:
+                emotion_labels: str | None = None, join_tolerance: float = JOIN_TOLERANCE,
+                text_tokens: TextTokens | None = None) -> str:
     """Convert `source` (an MMSA-schema pickle) unless its cache exists; returns the cache directory.
     With `emotion_labels` (an SDK .csd or a CSV table), the six intensities are joined by (video, clip), and
-    refused if more than `join_tolerance` of the joined clips disagree on the sentiment."""
-    target = cache_path_for(source, cache_dir, emotion_labels)
+    refused if more than `join_tolerance` of the joined clips disagree on the sentiment. With `text_tokens`,
+    the text is the transcripts (`raw_text`) tokenized for that encoder, and no text features are stored."""
+    target = cache_path_for(source, cache_dir, emotion_labels, text_tokens)
     if os.path.exists(os.path.join(target, "meta.json")):
         with open(os.path.join(target, "meta.json")) as f:
             join = json.load(f).get("emotion_labels")
@@ -138,7 +147,7 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
     if not isinstance(raw, dict):
         raise DataError(f"{source}: expected a dict with splits {SPLITS}, got {type(raw).__name__}")
     modalities = [m for m in MODALITIES if isinstance(raw.get("train"), dict) and m in raw["train"]]
-    if not modalities:
+    if not modalities and not text_tokens:
         raise DataError(f"{source} [split 'train']: none of the modality keys {MODALITIES} is present")
     reports = check_dataset(source, raw, modalities)   # first: the join relies on valid ids and splits
     join = None
@@ -146,10 +155,24 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
         join = join_emotions(source, raw, read_emotion_labels(emotion_labels), join_tolerance)
         for split, matched in join.matched.items():
             reports[split].with_emotions = matched
+    tokens = None
+    if text_tokens:   # the transcripts replace the text features (checked above, not stored)
+        tokenizer = text_tokens.tokenizer()
+        tokens = {s: tokenize(transcripts(source, s, raw[s]), tokenizer, text_tokens.max_length) for s in SPLITS}
+        modalities = [m for m in modalities if m != "text"]
+        for s in SPLITS:
+            reports[s].lengths_from["text"] = f"the attention mask of {text_tokens.encoder}'s tokenizer"
     columns = {s: _split_columns(raw[s], modalities) for s in SPLITS}
     del raw
     shapes = {m: tuple(columns["train"][m].shape[1:]) for m in modalities}
-    features = _features(shapes)
+    token_meta = None
+    if tokens:
+        for s, (ids, lengths, _) in tokens.items():
+            columns[s]["text_ids"], columns[s]["text_length"] = ids, lengths
+        token_meta = {"encoder": text_tokens.encoder, "max_length": text_tokens.max_length,
+                      "hidden_size": text_tokens.hidden_size(),
+                      "truncated": {s: int(t[2]) for s, t in tokens.items()}}
+    features = _features(shapes, text_tokens.max_length if text_tokens else None)
     tmp = f"{target}.tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     for s in SPLITS:  # streamed in record batches straight into the files every rank will memory-map
@@ -158,8 +181,12 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
         for start in range(0, n, WRITE_ROWS):
             writer.write_batch({k: v[start:start + WRITE_ROWS] for k, v in columns[s].items()})
         writer.finalize()
+    all_shapes = {m: list(v) for m, v in shapes.items()}
+    if token_meta:   # what the model sees: the encoder's hidden states at each token
+        all_shapes = {"text": [token_meta["max_length"], token_meta["hidden_size"]], **all_shapes}
     meta = {"source": os.path.abspath(source), "sha256": known_sha256(source, cache_dir), "format": CACHE_FORMAT,
-            "modalities": modalities, "shapes": {m: list(v) for m, v in shapes.items()},
+            "modalities": [m for m in MODALITIES if m in all_shapes], "shapes": all_shapes,
+            "text_tokens": token_meta,
             "emotion_labels": None if join is None else {
                 "file": os.path.abspath(emotion_labels), "matched": join.matched,
                 "unmatched": join.unmatched, "sentiment_mismatches": join.sentiment_mismatches,

@@ -4,7 +4,8 @@ Reads MMSA's raw `label.csv` (`video_id, clip_id, text, label, annotation, mode`
 (`video_id, clip_index, sentiment, happy..fear, mode, text`), runs a Hugging Face text encoder over the
 transcripts and writes token-level features (`text` [N, max_length, hidden], `text_lengths`), the labels
 and the ids `video$_$clip`, split by the table's `mode`. The encoder is frozen; this is feature
-extraction, as MMSA's precomputed BERT features are.
+extraction, as MMSA's precomputed BERT features are. With `--transcripts_only` no encoder runs: the output
+holds the transcripts (`raw_text`), labels and ids, which a `--finetune_text` run tokenizes into its cache.
 
 Nothing is dropped silently: rows outside the standard folds (`mode` none), rows without a transcript
 (only with --skip_missing_text) and rows of a split that --train_from leaves unused are counted, named
@@ -53,6 +54,7 @@ class FeaturizeOptions:
     dev_fraction: float = 0.2
     split_seed: int = 0
     device: str = "cpu"
+    transcripts_only: bool = False   # ids, transcripts and labels only: for runs that train the encoder
 
 
 @dataclass
@@ -182,24 +184,27 @@ def featurize(table: str, out: str, opts: FeaturizeOptions) -> dict:
         raise DataError("--max_length must be >= 2, --batch_size >= 1 and --dev_fraction in (0, 1)")
     rows = read_label_table(table)
     selection = select_rows(rows, opts, table)
-    tokenizer, model = load_encoder(opts.text_encoder, opts.device)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and opts.max_length > positions:
-        raise DataError(f"--max_length {opts.max_length} is longer than {opts.text_encoder!r} can encode "
-                        f"({positions} positions)")
+    model = None
+    if not opts.transcripts_only:
+        tokenizer, model = load_encoder(opts.text_encoder, opts.device)
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions and opts.max_length > positions:
+            raise DataError(f"--max_length {opts.max_length} is longer than {opts.text_encoder!r} can encode "
+                            f"({positions} positions)")
     data: dict = {}
     for split in SPLITS:
         part = selection.splits[split]
-        feats, lengths = encode([r.text for r in part], tokenizer, model, opts, f"featurize {split}")
         d = {"id": np.array([r.id for r in part]), "raw_text": np.array([r.text for r in part]),
-             "text": feats, "text_lengths": lengths,
              "regression_labels": np.array([r.sentiment for r in part], np.float32),
              "annotations": np.array([_annotation(r.sentiment) for r in part])}
+        if model is not None:
+            d["text"], d["text_lengths"] = encode([r.text for r in part], tokenizer, model, opts, f"featurize {split}")
         if any(r.emotions is not None for r in part):
             d[EMOTION_KEY] = np.stack([r.emotions for r in part])
         data[split] = d
-    report = {"table": os.path.abspath(table), "text_encoder": opts.text_encoder, "max_length": opts.max_length,
-              "hidden_size": int(model.config.hidden_size), "train_from": opts.train_from,
+    report = {"table": os.path.abspath(table), "text_encoder": None if model is None else opts.text_encoder,
+              "max_length": None if model is None else opts.max_length,
+              "hidden_size": None if model is None else int(model.config.hidden_size), "train_from": opts.train_from,
               "dev_fraction": opts.dev_fraction if opts.train_from == "valid" else None,
               "split_seed": opts.split_seed, "samples": {s: len(selection.splits[s]) for s in SPLITS},
               "left_out": {reason: {"count": len(ids), "ids": ids} for reason, ids in selection.left_out.items()}}

@@ -20,7 +20,7 @@ DUMMY = -1
 @dataclass
 class Batch:
     ids: list[str]                      # "" for dummy padding samples
-    features: dict[str, torch.Tensor]   # modality -> [B, T, F], normalised
+    features: dict[str, torch.Tensor]   # modality -> [B, T, F], normalised (token text: [B, T] ids)
     masks: dict[str, torch.Tensor]      # modality -> [B, T] bool
     sentiment: torch.Tensor             # [B]
     emotions: torch.Tensor              # [B, 6] intensities
@@ -41,15 +41,20 @@ class SplitDataset(Dataset):
     """
 
     def __init__(self, hf_split, modalities: list[str], normalisation: dict,
-                 parts: list[tuple[str, int]] | None = None):
+                 parts: list[tuple[str, int]] | None = None, text_hidden: int | None = None):
+        """text_hidden: the text is token ids (`text_ids`) for an encoder of this width inside the model."""
         self.hf = hf_split.with_format("numpy")
         parts = parts or [("", len(self.hf))]
         self.prefixes = [f"{name}/" if len(parts) > 1 else "" for name, _ in parts]
         self.ends = np.cumsum([n for _, n in parts])   # row -> part: searchsorted on the part ends
         self.modalities = list(modalities)
-        self.shapes = {m: tuple(self.hf.features[m].shape) for m in self.modalities}
-        self.mean = {m: np.asarray(normalisation[m]["mean"], np.float32) for m in self.modalities}
-        self.std = {m: np.asarray(normalisation[m]["std"], np.float32) for m in self.modalities}
+        self.token_text = "text" in self.modalities and text_hidden is not None
+        self.features_of = [m for m in self.modalities if not (m == "text" and self.token_text)]
+        self.shapes = {m: tuple(self.hf.features[m].shape) for m in self.features_of}
+        if self.token_text:
+            self.shapes["text"] = (self.hf.features["text_ids"].length, text_hidden)
+        self.mean = {m: np.asarray(normalisation[m]["mean"], np.float32) for m in self.features_of}
+        self.std = {m: np.asarray(normalisation[m]["std"], np.float32) for m in self.features_of}
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -72,11 +77,16 @@ class SplitDataset(Dataset):
         features, masks = {}, {}
         for m in self.modalities:
             t, _ = self.shapes[m]
-            x = column(m, self.shapes[m], np.float32)
-            x = (x - self.mean[m]) / self.std[m]
-            x[~real] = 0.0
+            if m in self.features_of:
+                x = column(m, self.shapes[m], np.float32)
+                x = (x - self.mean[m]) / self.std[m]
+                x[~real] = 0.0
+                length_key = f"{m}_length"
+            else:   # token ids (int64, as embeddings take them); a dummy sample is all padding id 0
+                x = column("text_ids", (t,), np.int64)
+                length_key = "text_length"
             # Dummy samples get a full mask so pooling stays finite; `valid` keeps them out of everything.
-            lengths = column(f"{m}_length", (), np.int64, fill=t)
+            lengths = column(length_key, (), np.int64, fill=t)
             masks[m] = torch.from_numpy(np.arange(t)[None, :] < lengths[:, None])
             features[m] = torch.from_numpy(x)
         ids = [""] * b

@@ -9,6 +9,7 @@ from torch import nn
 from ..config import EMOTIONS, TASKS, ModelConfig
 from .experts import LowRankExpert
 from .fusion import ConcatFusion, TaskAdaptiveFusion
+from .text_encoder import PretrainedTextEncoder
 from .unitse import BlockStats, UniTSE
 
 
@@ -49,6 +50,11 @@ class MMoLRE(nn.Module):
         self.cfg, self.shapes, self.ep_size = cfg, dict(shapes), ep_size
         self.modalities = list(shapes)
         d = cfg.d_model
+        # --finetune_text: the text "features" are token ids, encoded here by a pretrained encoder
+        self.text_backbone = PretrainedTextEncoder(cfg.text_encoder) if cfg.finetune_text else None
+        if self.text_backbone is not None and shapes["text"][1] != self.text_backbone.hidden_size:
+            raise ValueError(f"--text_encoder {cfg.text_encoder!r} has width {self.text_backbone.hidden_size}, the "
+                             f"data was tokenized for width {shapes['text'][1]}")
         self.encoders = nn.ModuleDict(
             {m: ModalityEncoder(f, t, d, cfg.dropout) for m, (t, f) in shapes.items()})
         # hard_sharing: one stream shared by both tasks; otherwise one stream per task
@@ -94,7 +100,10 @@ class MMoLRE(nn.Module):
         streams: dict[str, list[torch.Tensor]] = {}
         stats: list[BlockStats] = []
         for m in self.modalities:
-            x = self.encoders[m](features[m])
+            x = features[m]
+            if m == "text" and self.text_backbone is not None:
+                x = self.text_backbone(x, masks[m])
+            x = self.encoders[m](x)
             streams[m], s = self.unitse[m](x, masks[m])
             stats.extend(s)
         fused, weights = [], []
