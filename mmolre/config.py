@@ -285,6 +285,11 @@ def validate(cfg: RunConfig) -> None:
                           "the transcripts. For frozen features, run `mmolre featurize` and train on its output")
     if m.finetune_text and d.modality_list and "text" not in d.modality_list:
         raise ConfigError(f"--finetune_text: --modalities {d.modalities!r} leaves out the text")
+    if m.finetune_text and "synthetic" in d.dataset.split("+"):
+        raise ConfigError("--finetune_text: the synthetic dataset has no transcripts to tokenize; train it on an MMSA "
+                          "pickle with raw_text or on `mmolre featurize TABLE OUT.pkl --transcripts_only`")
+    if m.text_encoder and os.path.isdir(m.text_encoder):   # recorded so export/predict find it from anywhere
+        m.text_encoder = os.path.abspath(m.text_encoder)
     if d.text_max_length < 2 or t.text_lr <= 0 or not 0 <= t.text_warmup_ratio <= 1:
         raise ConfigError("--text_max_length must be >= 2, --text_lr > 0 and --text_warmup_ratio in [0, 1]")
     if t.on_nonfinite not in ("stop", "skip"):

@@ -7,7 +7,8 @@ file with the model configuration, the feature shapes and the train-split normal
 model files hold bf16 copies; every checkpoint also holds the fp32 weights (the optimizer's masters) in its
 topology-free state (`elastic.py`), and those are what the export takes. `predict` builds the model with expert
 parallelism 1 and runs it on CPU. A model trained with `--finetune_text` holds its text encoder's weights;
-`predict` needs the encoder's directory (its tokenizer and architecture) where the run's config names it.
+`export` and `predict` need the encoder's directory (its architecture and tokenizer) where the run's config
+names it (an absolute path).
 """
 from __future__ import annotations
 
@@ -118,7 +119,8 @@ def predict(model_path: str, data_path: str, split: str, cache_dir: str, batch_s
     hf, meta = load_cache(build_cache(data_path, cache_dir, text_tokens=tokens))
     modalities = list(payload["shapes"])
     for m in modalities:
-        if m not in meta["shapes"] or meta["shapes"][m] != list(payload["shapes"][m]):
+        expected = list(payload["shapes"][m])[:1] if tokens and m == "text" else list(payload["shapes"][m])  # ids
+        if m not in meta["shapes"] or meta["shapes"][m] != expected:
             raise ValueError(f"{data_path}: modality {m!r} has shape {meta['shapes'].get(m)}, the model expects "
                              f"{payload['shapes'][m]}")
     ds = SplitDataset(hf[split], modalities, payload["normalisation"],

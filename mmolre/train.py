@@ -139,13 +139,13 @@ class Trainer:
         self.ckpt_dir = checkpoint.checkpoint_dir(self.run_dir)
         point_tensorboard(ds_config, tensorboard_dir(self.run_dir))
 
-        text_tokens = TextTokens(m.text_encoder, cfg.data.text_max_length) if m.finetune_text else None
+        self.text_tokens = TextTokens(m.text_encoder, cfg.data.text_max_length) if m.finetune_text else None
         self.data = prepare(cfg.data, builds=info.local_rank == 0, barrier=lambda: distributed.barrier(info),
-                            text_tokens=text_tokens)
+                            text_tokens=self.text_tokens)
         if self.data.synthetic:
             log(info, SYNTHETIC_NOTICE)
         for name, meta in self.data.sources.items():
-            log(info, describe_source(name, meta, self.data.modalities))
+            log(info, describe_source(name, meta, self.data.modalities, m.text_encoder))
         if info.is_main and not t.reshard_only:   # a reshard keeps the run's own record
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
@@ -224,7 +224,8 @@ class Trainer:
     def _layout(self) -> dict:
         """Settings that change what a checkpoint holds (the gates' bias buffers, the optimizer's groups)."""
         return {"balance": self.cfg.model.balance, "router_groups": self.cfg.train.router_lr_scale != 1.0,
-                "text_encoder": self.cfg.model.text_encoder}
+                "text_encoder": self.cfg.model.text_encoder,
+                "text_tokens": self.text_tokens.key() if self.text_tokens else None}
 
     def resume(self) -> None:
         if self.info.is_main:
@@ -238,7 +239,12 @@ class Trainer:
             raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was written by a newer version of the trainer "
                               f"(checkpoint format {marker['format']}, this one reads {checkpoint.FORMAT})")
         saved = {k: marker.get(k, default) for k, default in (("balance", "aux"), ("router_groups", False),
-                                                              ("text_encoder", None))}
+                                                              ("text_encoder", None), ("text_tokens", None))}
+        if saved["text_tokens"] and self.text_tokens and saved["text_tokens"] != self.text_tokens.key():
+            raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was trained on transcripts tokenized by "
+                              f"--text_encoder {saved['text_encoder']} with another tokenizer or --text_max_length "
+                              f"than this run's ({self.cfg.model.text_encoder}, {self.cfg.data.text_max_length}); the "
+                              f"model's inputs would change, so resume with the same ones or start a new run")
         if bool(saved["text_encoder"]) != self.cfg.model.finetune_text:
             raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was saved "
                               + (f"with --text_encoder {saved['text_encoder']} --finetune_text" if saved["text_encoder"]
@@ -355,7 +361,7 @@ class Trainer:
         aux, entropy, dropped, weights, load = _routing_summary(out, info)
         self.monitor.scalars({"loss/total": losses[0], "loss/sentiment": losses[1],
                               **({"loss/emotion": losses[2]} if self.has_emotions else {}),
-                              "loss/aux": losses[3], "loss/router_z": losses[4], "train/lr": lr,
+                              "loss/aux": losses[3], "loss/router_z": losses[4], **lr,
                               "train/samples": state.train_samples,
                               "train/samples_per_s": self.samples_per_step * steps / max(seconds, 1e-9),
                               "train/epoch": state.epoch}, state.global_step)
@@ -366,6 +372,15 @@ class Trainer:
         self.monitor.fusion(self.model.modalities, weights, state.global_step)
         bar.set_postfix(loss=f"{losses[0]:.3f}", mae=f"{losses[1]:.3f}",
                         **({"bce": f"{losses[2]:.3f}"} if self.has_emotions else {}))
+
+    def _learning_rates(self) -> dict[str, float]:
+        """The model's LR and, with --finetune_text, the text encoder's (its own groups, warm-up and peak)."""
+        groups = self.engine.lr_scheduler.optimizer.param_groups
+        out = {"train/lr": groups[0]["lr"]}
+        text = [g["lr"] for g in groups if str(g.get("name", "")).startswith("text_")]
+        if text:
+            out["train/lr_text"] = text[0]
+        return out
 
     def _nudge_selection_biases(self, stepped: bool) -> None:
         """--balance aux_free: after an applied optimizer step, every gate's bias moves against its tasks' load
@@ -437,7 +452,7 @@ class Trainer:
                 if nonfinite:
                     self._nonfinite(loss.total, batch)
                 boundary = self.engine.is_gradient_accumulation_boundary()   # asked before step() moves it
-                lr = self.engine.get_lr()[0]   # the LR this step applies (the scheduler moves on in step())
+                lr = self._learning_rates()   # the LRs this step applies (the scheduler moves on in step())
                 self._backward(loss.total, nonfinite)
                 state.epoch_samples += self.samples_per_micro
                 parts = torch.stack([loss.total, loss.sentiment, loss.emotion, loss.aux, loss.z]).detach().float()

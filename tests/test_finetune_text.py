@@ -69,13 +69,19 @@ def test_transcripts_only_then_the_cache_holds_the_tokenizers_ids(tmp_path, tiny
     assert "text_ids" in test.hf.column_names and "text" not in test.hf.column_names
 
 
-def test_the_tokenizer_is_part_of_the_cache_key(tmp_path, tiny_encoder):
+def test_the_tokenizer_is_part_of_the_cache_key_and_the_width_is_the_encoders(tmp_path, tiny_encoder):
     source = transcripts_pickle(tmp_path)
+    (tmp_path / "wider").mkdir()
+    wider = save_tiny_encoder(tmp_path / "wider", hidden_size=16)   # the same tokenizer, another width
     cfg = DataConfig(dataset="mosi", data_path=source, cache_dir=str(tmp_path / "cache"))
     a = prepare(cfg, builds=True, barrier=lambda: None, text_tokens=TextTokens(tiny_encoder, MAX_LENGTH))
     b = prepare(cfg, builds=True, barrier=lambda: None, text_tokens=TextTokens(tiny_encoder, MAX_LENGTH + 4))
+    c = prepare(cfg, builds=True, barrier=lambda: None, text_tokens=TextTokens(wider, MAX_LENGTH))
     assert a.shapes["text"] == (MAX_LENGTH, 12) and b.shapes["text"] == (MAX_LENGTH + 4, 12)
-    assert len(glob.glob(str(tmp_path / "cache" / "arrow" / "*-tok*"))) == 2
+    assert c.shapes["text"] == (MAX_LENGTH, 16)
+    assert len(glob.glob(str(tmp_path / "cache" / "arrow" / "*-tok*"))) == 2   # a and c share their token ids
+    with pytest.raises(DataError, match="--text_max_length 100 is longer than .* can encode \\(64 positions\\)"):
+        prepare(cfg, builds=True, barrier=lambda: None, text_tokens=TextTokens(tiny_encoder, 100))
 
 
 def test_a_missing_or_empty_transcript_is_refused_naming_file_split_key_and_sample(tmp_path, tiny_encoder):
@@ -106,6 +112,8 @@ def test_the_flags_go_together():
         parse_args(["--finetune_text"])
     with pytest.raises(ConfigError, match="leaves out the text"):
         parse_args(["--text_encoder", "x", "--finetune_text", "--modalities", "audio"])
+    with pytest.raises(ConfigError, match="synthetic dataset has no transcripts"):
+        parse_args(["--text_encoder", "x", "--finetune_text"])
 
 
 def test_the_text_encoder_has_its_own_groups_learning_rate_and_warm_up():
@@ -138,7 +146,8 @@ def test_the_text_encoder_has_its_own_groups_learning_rate_and_warm_up():
 def finetune_args(data: str, encoder: str) -> list[str]:
     return ["--dataset", "mosi", "--data_path", data, "--text_encoder", encoder, "--finetune_text",
             "--text_max_length", str(MAX_LENGTH), "--ep_size", "2", "--batch_size", "4", "--epochs", "2",
-            "--save_every", "2", "--keep_checkpoints", "10", "--text_lr", "1e-3", "--log_every", "1"]
+            "--save_every", "2", "--keep_checkpoints", "10", "--text_lr", "1e-3", "--text_warmup_ratio", "0.5",
+            "--log_every", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +162,16 @@ def finetuned(tmp_path_factory, tiny_encoder):
 def test_two_processes_train_the_encoder_end_to_end(finetuned, tiny_encoder):
     import transformers
     from tests.launcher import final_weights, results
+    from tests.test_configurations import scalars
     _, _, run, proc = finetuned
     assert f"transcripts tokenized for {tiny_encoder} (at most {MAX_LENGTH} tokens" in proc.stdout
     r = results(run)
     assert r["world_size"] == 2 and r["ep_size"] == 2 and r["global_step"] == 2 * 4   # 32 / (4 x 2) per epoch
+    # the text encoder's own peak LR and warm-up, as the engine applied them: 64 samples in steps of 8, its
+    # warm-up half of them (4 steps), the model's 5 % (one step)
+    lr, lr_text = dict(scalars(run, "train/lr")), dict(scalars(run, "train/lr_text"))
+    assert lr[1] == lr[2] == pytest.approx(2e-3) and lr[3] < 2e-3
+    assert [lr_text[s] for s in (1, 2, 3, 4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3]) and lr_text[6] < lr_text[5]
     _, state = final_weights(run)
     pretrained = transformers.AutoModel.from_pretrained(tiny_encoder).state_dict()
     ours = {k[len("text_backbone.model."):]: v for k, v in state.items() if k.startswith("text_backbone.model.")}
@@ -172,12 +187,12 @@ def test_a_finetune_run_resumes_from_a_mid_run_checkpoint_bit_identically(finetu
     run = tmp / "runs" / "resumed"
     shutil.copytree(ref, run)
     tags = complete_tags(run)
-    assert tags[0] == "step00000002" and len(tags) >= 4
-    for tag in tags[1:]:   # back to step 2, mid first epoch, as if the run had died there
+    assert "step00000006" in tags
+    for tag in tags[tags.index("step00000006") + 1:]:   # back to step 6, mid 2nd epoch, as if it had died there
         shutil.rmtree(run / "checkpoints" / tag)
     (run / "results.json").unlink()
     proc = run_deepspeed(tmp, "--run_name", "resumed", *finetune_args(data, tiny_encoder), "--resume")
-    assert "resumed from" in proc.stdout and "step 2" in proc.stdout
+    assert "resumed from" in proc.stdout and "step 6" in proc.stdout
     assert results(run)["test"] == results(ref)["test"] and results(run)["history"] == results(ref)["history"]
     (tag_a, a), (tag_b, b) = final_weights(ref), final_weights(run)
     assert tag_a == tag_b and a.keys() == b.keys()

@@ -2,12 +2,12 @@
 WORDS = ["good", "bad", "movie", "really", "not", "the", "was", "i", "liked", "it"]
 
 
-def save_tiny_encoder(path) -> str:
+def save_tiny_encoder(path, hidden_size: int = 12) -> str:
     import transformers   # a test dependency: missing, the tests that need it fail rather than skip
     (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     tokenizer = transformers.BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
     tokenizer.save_pretrained(str(path))
-    cfg = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=12, num_hidden_layers=1,
+    cfg = transformers.BertConfig(vocab_size=len(WORDS) + 5, hidden_size=hidden_size, num_hidden_layers=1,
                                   num_attention_heads=2, intermediate_size=16, max_position_embeddings=64)
     transformers.set_seed(0)
     transformers.BertModel(cfg).save_pretrained(str(path))

@@ -55,7 +55,9 @@ def prepare(cfg: DataConfig, builds: bool, barrier: Callable[[], None],
                *(("text_ids" if m == "text" and token_text else m) for m in modalities),
                *(("text_length" if m == "text" and token_text else f"{m}_length") for m in modalities)]
     normalisation = pooled_normalisation(loaded, [m for m in modalities if not (m == "text" and token_text)])
-    hidden = loaded[0][2]["text_tokens"]["hidden_size"] if token_text else None
+    if token_text:
+        text_tokens.check()
+    hidden = text_tokens.hidden_size() if token_text else None
     splits = {}
     for s in SPLITS:
         parts = [hf[s].select_columns(columns) for _, hf, _ in loaded]
@@ -66,7 +68,7 @@ def prepare(cfg: DataConfig, builds: bool, barrier: Callable[[], None],
                         any(meta.get("synthetic") for _, _, meta in loaded))
 
 
-def describe_source(name: str, meta: dict, used: list[str]) -> str:
+def describe_source(name: str, meta: dict, used: list[str], text_encoder: str | None = None) -> str:
     """One log paragraph per dataset: what was read, what is used, and everything validation changed."""
     sizes = " / ".join(str(meta["splits"][s]["samples"]) for s in SPLITS)
     lines = [f"data: {name}: {meta['source']} ({sizes} train/valid/test); modalities "
@@ -75,7 +77,7 @@ def describe_source(name: str, meta: dict, used: list[str]) -> str:
     tok = meta.get("text_tokens")
     if tok:
         cut = ", ".join(f"{s} {tok['truncated'][s]}" for s in SPLITS)
-        lines.append(f"data: {name}: text: transcripts tokenized for {tok['encoder']} (at most {tok['max_length']} "
+        lines.append(f"data: {name}: text: transcripts tokenized for {text_encoder} (at most {tok['max_length']} "
                      f"tokens; transcripts cut to that length: {cut})")
     for split in SPLITS:
         rep = meta["splits"][split]

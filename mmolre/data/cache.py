@@ -157,6 +157,7 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
             reports[split].with_emotions = matched
     tokens = None
     if text_tokens:   # the transcripts replace the text features (checked above, not stored)
+        text_tokens.check()
         tokenizer = text_tokens.tokenizer()
         tokens = {s: tokenize(transcripts(source, s, raw[s]), tokenizer, text_tokens.max_length) for s in SPLITS}
         modalities = [m for m in modalities if m != "text"]
@@ -169,9 +170,7 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
     if tokens:
         for s, (ids, lengths, _) in tokens.items():
             columns[s]["text_ids"], columns[s]["text_length"] = ids, lengths
-        token_meta = {"encoder": text_tokens.encoder, "max_length": text_tokens.max_length,
-                      "hidden_size": text_tokens.hidden_size(),
-                      "truncated": {s: int(t[2]) for s, t in tokens.items()}}
+        token_meta = {"max_length": text_tokens.max_length, "truncated": {s: int(t[2]) for s, t in tokens.items()}}
     features = _features(shapes, text_tokens.max_length if text_tokens else None)
     tmp = f"{target}.tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
@@ -182,8 +181,8 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
             writer.write_batch({k: v[start:start + WRITE_ROWS] for k, v in columns[s].items()})
         writer.finalize()
     all_shapes = {m: list(v) for m, v in shapes.items()}
-    if token_meta:   # what the model sees: the encoder's hidden states at each token
-        all_shapes = {"text": [token_meta["max_length"], token_meta["hidden_size"]], **all_shapes}
+    if token_meta:   # token ids; their width is the encoder's, which the cache does not fix (module docstring)
+        all_shapes = {"text": [token_meta["max_length"]], **all_shapes}
     meta = {"source": os.path.abspath(source), "sha256": known_sha256(source, cache_dir), "format": CACHE_FORMAT,
             "modalities": [m for m in MODALITIES if m in all_shapes], "shapes": all_shapes,
             "text_tokens": token_meta,

@@ -2,7 +2,7 @@
 
 The cache stores the ids (`text_ids`, [T] int32, padded) and the number of real tokens (`text_length`; the
 tokenizer's attention mask is always a prefix) instead of precomputed text features. The tokenizer is part
-of the cache key, so another encoder or `--text_max_length` gets its own cache.
+of the cache key, so another tokenizer or `--text_max_length` gets its own cache.
 """
 from __future__ import annotations
 
@@ -28,13 +28,31 @@ class TextTokens:
         return load_tokenizer(self.encoder)
 
     def key(self) -> str:
-        """Identifies the token ids: the tokenizer's vocabulary and the length, not where it was read from."""
-        vocab = json.dumps(sorted(self.tokenizer().get_vocab().items()))
-        return hashlib.sha256(f"{vocab}|{self.max_length}".encode()).hexdigest()[:12]
+        """Identifies the token ids: the tokenizer (vocabulary, normalisation, special-token template) and the
+        length, not where it was read from. Encoders that share a tokenizer share the cache; the width is the
+        encoder's (`hidden_size`), never read from the cache."""
+        tok = self.tokenizer()
+        backend = getattr(tok, "backend_tokenizer", None)
+        spec = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
+        return hashlib.sha256(f"{type(tok).__name__}|{spec}|{self.max_length}".encode()).hexdigest()[:12]
 
     def hidden_size(self) -> int:
-        from transformers import AutoConfig
-        return int(AutoConfig.from_pretrained(self.encoder, local_files_only=os.path.isdir(self.encoder)).hidden_size)
+        return int(encoder_config(self.encoder).hidden_size)
+
+    def check(self) -> None:
+        positions = getattr(encoder_config(self.encoder), "max_position_embeddings", None)
+        if positions and self.max_length > positions:
+            raise DataError(f"--text_max_length {self.max_length} is longer than --text_encoder {self.encoder!r} can "
+                            f"encode ({positions} positions)")
+
+
+@functools.lru_cache(maxsize=4)
+def encoder_config(name: str):
+    from transformers import AutoConfig
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=os.path.isdir(name))
+    except (OSError, ValueError) as e:
+        raise DataError(f"--text_encoder {name!r}: could not load its config ({e}){_offline_hint(name)}") from e
 
 
 def _offline_hint(name: str) -> str:
@@ -49,9 +67,14 @@ def load_tokenizer(name: str):
     except ImportError:
         raise DataError("--text_encoder needs transformers: pip install 'mmolre[featurize]'") from None
     try:
-        return AutoTokenizer.from_pretrained(name, local_files_only=os.path.isdir(name))
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=os.path.isdir(name))
     except (OSError, ValueError) as e:
         raise DataError(f"--text_encoder {name!r}: could not load its tokenizer ({e}){_offline_hint(name)}") from e
+    if tokenizer.pad_token is None:
+        raise DataError(f"--text_encoder {name!r}: its tokenizer has no padding token; token ids are stored padded "
+                        f"to --text_max_length")
+    tokenizer.padding_side = "right"   # the masks are prefixes: the valid tokens first, as the lengths say
+    return tokenizer
 
 
 def transcripts(path: str, split: str, data: dict) -> list[str]:
@@ -60,10 +83,15 @@ def transcripts(path: str, split: str, data: dict) -> list[str]:
         raise DataError(f"{where(path, split, TEXT_KEY)}: missing; --finetune_text tokenizes the transcripts, and "
                         f"this file has none (keys: {sorted(data)}). MMSA's pickles carry them; for a label table "
                         f"run `mmolre featurize TABLE OUT.pkl --transcripts_only`")
-    texts = [decode_id(t) for t in np.asarray(data[TEXT_KEY]).reshape(-1)]
+    raw = np.asarray(data[TEXT_KEY]).reshape(-1)
     ids = [decode_id(x) for x in np.asarray(data["id"]).reshape(-1)]
-    if len(texts) != len(ids):
-        raise DataError(f"{where(path, split, TEXT_KEY)}: {len(texts)} transcripts but 'id' has {len(ids)}")
+    if len(raw) != len(ids):
+        raise DataError(f"{where(path, split, TEXT_KEY)}: {len(raw)} transcripts but 'id' has {len(ids)}")
+    odd = [i for i, t in enumerate(raw) if not isinstance(t, (str, bytes, np.str_, np.bytes_))]
+    if odd:
+        raise DataError(f"{where(path, split, TEXT_KEY, ids[odd[0]])}: {raw[odd[0]]!r} is not a transcript "
+                        f"({len(odd)} such samples)")
+    texts = [decode_id(t) for t in raw]
     empty = [i for i, t in enumerate(texts) if not t.strip()]
     if empty:
         raise DataError(f"{where(path, split, TEXT_KEY, ids[empty[0]])}: empty transcript ({len(empty)} such "

@@ -4,6 +4,7 @@ It is an ordinary dense module of the MMoLRE model, so the DeepSpeed engine trai
 else: its gradients are all-reduced over the data-parallel ranks, ZeRO partitions its optimizer state, and
 its weights are in every checkpoint. Its parameters get their own learning rate and warm-up
 (engine.optimizer_groups). Every rank loads the same pretrained weights, and DeepSpeed broadcasts rank 0's.
+Its dropout is its own configuration's (hidden and attention dropout), not --dropout.
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ class PretrainedTextEncoder(nn.Module):
         except (OSError, ValueError) as e:
             hint = "" if local else "; offline, pass a local model directory"
             raise ValueError(f"--text_encoder {name_or_dir!r}: could not load the model ({e}){hint}") from e
+        # fp32 like the rest of the model, whatever dtype it was saved in (the engine casts it for bf16), and in
+        # training mode: from_pretrained returns it in eval mode, which would switch its dropout off until the
+        # first evaluation puts the engine back in training mode
+        self.model.float().train()
         self.hidden_size = int(self.model.config.hidden_size)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
