@@ -116,8 +116,11 @@ def train_mmolre(dataset: str, path: str, runs: str, run_name: str, flags: list[
                "--data_path", path, "--modalities", "text", "--ep_size", str(processes), "--output_dir", runs,
                "--run_name", run_name, *flags]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        with open(f"{run}.log", "w") as f:   # the whole output, beside the run
+            f.write(proc.stdout + proc.stderr)
         if proc.returncode:
-            raise RuntimeError(f"{run} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"{run} failed (whole output in {run}.log):\n{proc.stdout[-3000:]}\n"
+                               f"{proc.stderr[-3000:]}")
     return run
 
 
