@@ -1,7 +1,7 @@
 """`mmolre`: the commands around training (training itself is `deepspeed launch.py ...`).
 
     mmolre show RUN_DIR                 print a finished run's test table from its results.json
-    mmolre synthetic OUT.pkl [--scale]  write the embedded synthetic dataset as an MMSA-schema pickle
+    mmolre synthetic OUT.pkl [--like NAME] [--scale]  synthetic data as an MMSA-schema pickle
     mmolre export RUN_DIR OUT.pt        one consolidated fp32 model file (all experts, config, normalisation)
     mmolre predict MODEL.pt DATA.pkl    run an exported model on CPU, no DeepSpeed engine or launcher
     mmolre report RUN_DIR...            group runs (experts, top-k, ... ), mean ± std over seeds, figures
@@ -34,10 +34,18 @@ def _show(args) -> int:
 
 
 def _synthetic(args) -> int:
-    from .data.synthetic import generate, split_sizes
+    from .data.synthetic import generate, generate_like
+    if args.like:
+        data = generate_like(args.like, 1.0 if args.scale is None else args.scale, args.seed)
+        what = f"synthetic data shaped like MMSA's {args.like} file"
+    else:
+        scale = 0.5 if args.scale is None else args.scale
+        data, what = generate(scale, args.seed), "synthetic MOSEI-like data (the embedded default)"
     with open(args.out, "wb") as f:
-        pickle.dump(generate(args.scale, args.seed), f, protocol=4)
-    print(f"wrote {args.out}: synthetic MOSEI-like data, splits {split_sizes(args.scale)}")
+        pickle.dump(data, f, protocol=4)
+    shapes = ", ".join(f"{m} {tuple(data['train'][m].shape[1:])}" for m in ("text", "audio", "vision"))
+    sizes = " / ".join(str(len(data[s]["id"])) for s in ("train", "valid", "test"))
+    print(f"wrote {args.out}: {what}; {sizes} train/valid/test; {shapes}")
     return 0
 
 
@@ -158,7 +166,11 @@ def main(argv=None) -> int:
     show.set_defaults(func=_show)
     syn = sub.add_parser("synthetic", help="write the synthetic dataset as an MMSA-schema pickle")
     syn.add_argument("out")
-    syn.add_argument("--scale", type=float, default=0.5, help="fraction of MOSEI's split sizes")
+    syn.add_argument("--like", choices=["mosi-aligned", "mosi-unaligned", "mosei-aligned", "mosei-unaligned"],
+                     help="MMSA's shapes, lengths, -inf and split sizes for that file (BERT text 50x768 with "
+                          "text_bert; unaligned audio/vision 375-500 steps with lengths) instead of the default")
+    syn.add_argument("--scale", type=float, default=None,
+                     help="fraction of the split sizes (default 0.5 of MOSEI's; with --like, 1.0)")
     syn.add_argument("--seed", type=int, default=0)
     syn.set_defaults(func=_synthetic)
     exp = sub.add_parser("export", help="write one consolidated fp32 model file from a run's checkpoint")

@@ -55,6 +55,9 @@ class DataConfig:
 class ModelConfig:
     d_model: int = _help("hidden width d of every modality", default=64)
     blocks: int = _help("UniTSE blocks L per modality", default=2)
+    temporal_steps: int = _help("a modality longer than this is first pooled to this many steps (means over "
+                                "equal parts of each utterance's valid steps; padding never counts); 0: never",
+                                default=50)
     num_experts: int = _help("shared low-rank experts N per MoE layer (global, across ranks)", default=8)
     top_k: int = _help("shared experts each (utterance, task) row is routed to", default=2)
     expert_rank: int = _help("rank r of each shared expert's bottleneck", default=16)
@@ -246,6 +249,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--top_k {m.top_k} must be between 1 and --num_experts {m.num_experts}")
     if t.ep_size < 0 or (t.ep_size and m.num_experts % t.ep_size):
         raise ConfigError(f"--num_experts {m.num_experts} is not divisible by --ep_size {t.ep_size}")
+    if m.temporal_steps < 0:
+        raise ConfigError(f"--temporal_steps must be >= 0 (0: no pooling), got {m.temporal_steps}")
     for name in ("d_model", "blocks", "expert_rank"):
         if getattr(m, name) < 1:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(m, name)}")

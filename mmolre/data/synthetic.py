@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -47,8 +48,16 @@ def _third_grid(x: np.ndarray) -> np.ndarray:
     return np.round(x * 3.0) / 3.0
 
 
-def _generate_split(rng: np.random.Generator, n: int, split: str, video_offset: int,
-                    projections: dict[str, np.ndarray]) -> dict:
+@dataclass
+class Labels:
+    video_of: np.ndarray     # [n] video index of each clip (sorted)
+    n_videos: int
+    sentiment: np.ndarray    # [n] rated, on the 1/3 grid
+    emotions: np.ndarray     # [n, 6] rated intensities
+    latents: np.ndarray      # [n, 7] what the features carry: the sentiment and emotion latents
+
+
+def _labels(rng: np.random.Generator, n: int) -> Labels:
     n_videos = -(-n // CLIPS_PER_VIDEO)
     video_of = np.sort(rng.integers(0, n_videos, size=n))
     video_mood = rng.normal(0.0, 0.8, size=n_videos)
@@ -61,8 +70,29 @@ def _generate_split(rng: np.random.Generator, n: int, split: str, video_offset: 
     thresholds = np.array([EMOTION_THRESHOLD[e] for e in EMOTIONS])
     rated_emotions = emotion_latent + rng.normal(0.0, RATER_NOISE, size=emotion_latent.shape)
     emotions = np.clip(_third_grid(np.maximum(rated_emotions - thresholds, 0.0)), 0, 3)
+    return Labels(video_of, n_videos, sentiment, emotions,
+                  np.concatenate([sentiment_latent[:, None], emotion_latent], 1))
 
-    latents = np.concatenate([sentiment_latent[:, None], emotion_latent], 1)  # [n, 7]
+
+def _ids_and_labels(labels: Labels, split: str, video_offset: int) -> dict:
+    """The MMSA keys besides the features: ids (video$_$clip), transcripts, labels."""
+    clip_of = np.zeros(len(labels.video_of), dtype=int)
+    for v in np.unique(labels.video_of):
+        idx = np.flatnonzero(labels.video_of == v)
+        clip_of[idx] = np.arange(len(idx))
+    ids = np.array([f"synth{split[:2]}{video_offset + v:05d}{ID_SEPARATOR}{c}"
+                    for v, c in zip(labels.video_of, clip_of)], dtype=object)
+    s = labels.sentiment
+    return {"id": ids, "raw_text": np.array([f"synthetic utterance {i}" for i in ids], dtype=object),
+            "regression_labels": s.astype(np.float32),
+            "annotations": np.where(s > 0, "Positive", np.where(s < 0, "Negative", "Neutral")),
+            "classification_labels": (np.sign(s) + 1).astype(np.float32)}
+
+
+def _generate_split(rng: np.random.Generator, n: int, split: str, video_offset: int,
+                    projections: dict[str, np.ndarray]) -> dict:
+    labels = _labels(rng, n)
+    video_of, n_videos, latents = labels.video_of, labels.n_videos, labels.latents
     data = {}
     for m, dim in FEATURE_DIMS.items():
         carries = rng.random((n, SEQ_LEN)) < SIGNAL_STEP_FRACTION
@@ -73,20 +103,8 @@ def _generate_split(rng: np.random.Generator, n: int, split: str, video_offset: 
     data["audio"][:, :, :5] *= 100.0
     data["audio"][rng.random(data["audio"].shape) < 0.002] = -np.inf
 
-    clip_of = np.zeros(n, dtype=int)
-    for v in np.unique(video_of):
-        idx = np.flatnonzero(video_of == v)
-        clip_of[idx] = np.arange(len(idx))
-    ids = np.array([f"synth{split[:2]}{video_offset + v:05d}{ID_SEPARATOR}{c}"
-                    for v, c in zip(video_of, clip_of)], dtype=object)
-    data.update({
-        "id": ids,
-        "raw_text": np.array([f"synthetic utterance {i}" for i in ids], dtype=object),
-        "regression_labels": sentiment.astype(np.float32),
-        "annotations": np.where(sentiment > 0, "Positive", np.where(sentiment < 0, "Negative", "Neutral")),
-        "classification_labels": (np.sign(sentiment) + 1).astype(np.float32),
-        "emotion_labels": emotions.astype(np.float32),
-    })
+    data.update(_ids_and_labels(labels, split, video_offset))
+    data["emotion_labels"] = labels.emotions.astype(np.float32)
     return data
 
 
@@ -113,3 +131,78 @@ def ensure_synthetic(cache_dir: str, scale: float) -> str:
             pickle.dump(generate(scale), f, protocol=4)
         os.replace(tmp, path)
     return path
+
+
+# ---- synthetic data shaped like MMSA's real files (`mmolre synthetic --like NAME`) ---------------------
+
+@dataclass(frozen=True)
+class Like:
+    """The shapes of one of MMSA's files (field-data-formats reference, section 1a)."""
+    splits: dict
+    steps: dict            # modality -> time steps T
+    dims: dict             # modality -> feature size F
+    aligned: bool          # audio/vision on the text's tokens (zero past them); else own lengths
+
+
+_MOSI, _MOSEI = {"train": 1284, "valid": 229, "test": 686}, {"train": 16326, "valid": 1871, "test": 4659}
+LIKE = {
+    "mosi-aligned": Like(_MOSI, {"text": 50, "audio": 50, "vision": 50}, {"text": 768, "audio": 5, "vision": 20}, True),
+    "mosi-unaligned": Like(_MOSI, {"text": 50, "audio": 375, "vision": 500}, {"text": 768, "audio": 5, "vision": 20},
+                           False),
+    "mosei-aligned": Like(_MOSEI, {"text": 50, "audio": 50, "vision": 50}, {"text": 768, "audio": 74, "vision": 35},
+                          True),
+    "mosei-unaligned": Like(_MOSEI, {"text": 50, "audio": 500, "vision": 500},
+                            {"text": 768, "audio": 74, "vision": 35}, False),
+}
+TOKENS_MEAN, TOKENS_STD = 18.0, 8.0   # BERT tokens per MOSI/MOSEI utterance (with [CLS]/[SEP]), roughly
+
+
+def _valid_steps(rng: np.random.Generator, n: int, t: int, mean: float, std: float, low: int) -> np.ndarray:
+    return np.clip(np.round(rng.normal(mean, std, n)), low, t).astype(np.int64)
+
+
+def generate_like(name: str, scale: float = 1.0, seed: int = 0) -> dict:
+    """A dataset with the keys, shapes, dtypes, split sizes (times `scale`), lengths and quirks of one of
+    MMSA's files: `text` [N, 50, 768] with `text_bert` [N, 3, 50] (ids, attention mask, segments), audio
+    with `-inf`, unaligned files with `audio_lengths`/`vision_lengths` and zero padding past them, aligned
+    ones with audio/vision zero past the text's tokens. No emotion labels (MMSA's files have none). The
+    planted signal is the default dataset's, at a random ~third of each utterance's valid steps."""
+    if name not in LIKE:
+        raise ValueError(f"--like {name!r}: choose from {', '.join(LIKE)}")
+    like = LIKE[name]
+    rng = np.random.default_rng(seed)
+    projections = {m: rng.normal(0.0, 1.0, size=(1 + len(EMOTIONS), dim)).astype(np.float32) / np.sqrt(1 + len(EMOTIONS))
+                   for m, dim in like.dims.items()}
+    out = {"config": {"synthetic": True, "like": name, "version": VERSION, "scale": scale, "seed": seed}}
+    offset = 0
+    for split, size in like.splits.items():
+        n = max(16, int(round(size * scale)))
+        labels = _labels(rng, n)
+        tokens = _valid_steps(rng, n, like.steps["text"], TOKENS_MEAN, TOKENS_STD, 3)
+        data = _ids_and_labels(labels, split, offset)
+        bert = np.zeros((n, 3, like.steps["text"]), np.int64)
+        valid_text = np.arange(like.steps["text"])[None, :] < tokens[:, None]
+        bert[:, 0] = np.where(valid_text, rng.integers(1000, 30000, valid_text.shape), 0)
+        bert[:, 0, 0], bert[np.arange(n), 0, tokens - 1] = 101, 102      # [CLS] ... [SEP]
+        bert[:, 1] = valid_text
+        data["text_bert"] = bert
+        for m, t in like.steps.items():
+            if m == "text" or like.aligned:
+                lengths = tokens
+            else:   # MMSA-FET pads each modality to mean + 3 std of its lengths: most steps are padding
+                lengths = _valid_steps(rng, n, t, t / 2.5, t / 7.5, 4)
+                data[f"{m}_lengths"] = lengths
+            valid = np.arange(t)[None, :] < lengths[:, None]
+            carries = (rng.random((n, t)) < SIGNAL_STEP_FRACTION) & valid
+            x = rng.standard_normal((n, t, like.dims[m]), dtype=np.float32)
+            x += rng.normal(0.0, 0.5, size=(labels.n_videos, like.dims[m])).astype(np.float32)[labels.video_of][:, None]
+            x += (labels.latents.astype(np.float32) @ projections[m])[:, None, :] * carries[..., None] * SIGNAL[m]
+            if m != "text":   # zero padding past the valid steps (BERT's states of [PAD] tokens are not zero)
+                x *= valid[..., None]
+            data[m] = x
+        data["audio"][..., :min(2, like.dims["audio"])] *= 100.0
+        data["audio"][(rng.random(data["audio"].shape) < 0.002) & (data["audio"] != 0)] = -np.inf
+        data["audio"][0, 0, 0] = -np.inf   # at least one, however small the file
+        out[split] = data
+        offset += n
+    return out

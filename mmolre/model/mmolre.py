@@ -8,6 +8,7 @@ from torch import nn
 
 from ..config import EMOTIONS, TASKS, ModelConfig
 from .experts import LowRankExpert
+from .frontend import build_frontend, output_steps
 from .fusion import ConcatFusion, TaskAdaptiveFusion
 from .text_encoder import PretrainedTextEncoder
 from .unitse import BlockStats, UniTSE
@@ -55,8 +56,12 @@ class MMoLRE(nn.Module):
         if self.text_backbone is not None and shapes["text"][1] != self.text_backbone.hidden_size:
             raise ValueError(f"--text_encoder {cfg.text_encoder!r} has width {self.text_backbone.hidden_size}, the "
                              f"data was tokenized for width {shapes['text'][1]}")
+        # Long sequences are first pooled to --temporal_steps; everything after sees the shorter length.
+        self.frontends = nn.ModuleDict({m: f for m, (t, _) in shapes.items()
+                                        if (f := build_frontend(t, cfg.temporal_steps)) is not None})
+        steps = {m: output_steps(t, cfg.temporal_steps) for m, (t, _) in shapes.items()}
         self.encoders = nn.ModuleDict(
-            {m: ModalityEncoder(f, t, d, cfg.dropout) for m, (t, f) in shapes.items()})
+            {m: ModalityEncoder(f, steps[m], d, cfg.dropout) for m, (t, f) in shapes.items()})
         # hard_sharing: one stream shared by both tasks; otherwise one stream per task
         self.num_streams = 1 if cfg.model == "hard_sharing" else len(TASKS)
         self.unitse = nn.ModuleDict({
@@ -69,7 +74,7 @@ class MMoLRE(nn.Module):
                       use_task=cfg.task_experts and cfg.model != "mmoe",
                       uniform_gate=not cfg.routers, balance=cfg.balance, bias_rate=cfg.balance_bias_rate,
                       router_temperature=cfg.router_temperature)
-            for m, (t, _) in shapes.items()})
+            for m, t in steps.items()})
         fusion = TaskAdaptiveFusion if cfg.fusion == "adaptive" else ConcatFusion
         self.fusion = nn.ModuleList(fusion(d, self.modalities) for _ in range(self.num_streams))
         self.sentiment_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, 1))
@@ -97,12 +102,15 @@ class MMoLRE(nn.Module):
                     local_id, torch.Generator().manual_seed(seed * 1_000_003 + layer_idx * 10_007 + global_id))
 
     def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> ModelOutput:
+        masks = dict(masks)   # the front ends replace some (the caller's stay as they were)
         streams: dict[str, list[torch.Tensor]] = {}
         stats: list[BlockStats] = []
         for m in self.modalities:
             x = features[m]
             if m == "text" and self.text_backbone is not None:
                 x = self.text_backbone(x, masks[m])
+            if m in self.frontends:
+                x, masks[m] = self.frontends[m](x, masks[m])
             x = self.encoders[m](x)
             streams[m], s = self.unitse[m](x, masks[m])
             stats.extend(s)

@@ -1,0 +1,234 @@
+"""Time to accuracy against MMSA 2.2.1 (the field's toolkit), side by side on one MMSA-format file.
+
+Each system runs alone, one after the other, on the same cores with the same thread budget, on the same
+pickle: MMSA's TFN, LMF and MulT (and MFN on aligned files) through `MMSA_run` with their default
+configuration, then this trainer through the deepspeed launcher with 2 processes (expert parallelism 2)
+and with 1. The table has the wall time of each process (start-up and data loading included), the seconds
+per epoch, the epochs, the test metrics of the checkpoint each system selected on validation, and the time
+until its validation MAE first reached a target (default: the best validation MAE TFN reached).
+
+    pip install -e ".[peers]"                                   # MMSA 2.2.1 and what its modules import
+    python bench/vs_mmsa.py --like mosi-unaligned               # synthetic, MMSA's shapes (no real file needed)
+    python bench/vs_mmsa.py --data MOSI/Processed/unaligned_50.pkl --dataset mosi
+
+MMSA runs unmodified with two runtime shims for CPU and today's torch: `torch.cuda.set_device` (called
+unconditionally) becomes a no-op, and `ReduceLROnPlateau` drops the `verbose=` argument torch removed.
+Its data comes from `custom_feature` (the file given here), so no `dataset_root_dir` is needed. MulT is
+capped in time (`--mult_cap`); a capped run is reported as not finished, with the epochs it completed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MMSA_METRICS = {"mae": "MAE", "corr": "Corr", "non0_acc2": "Non0_acc_2", "has0_acc2": "Has0_acc_2"}
+
+
+# ---- one MMSA model, in its own process -----------------------------------------------------------------
+
+def _shim_mmsa_for_cpu() -> None:
+    import torch
+    import torch.optim.lr_scheduler as sched
+    torch.cuda.set_device = lambda *a, **k: None        # MMSA calls it whatever the device
+    plateau = sched.ReduceLROnPlateau
+
+    class ReduceLROnPlateau(plateau):                   # torch removed `verbose`; MulT's trainer passes it
+        def __init__(self, *args, verbose=None, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    sched.ReduceLROnPlateau = ReduceLROnPlateau
+    import MMSA.trains.singleTask.MULT as mult          # it imported the name before the shim
+    mult.ReduceLROnPlateau = ReduceLROnPlateau
+
+
+class EpochLog(logging.Handler):
+    """MMSA logs one VAL line per epoch and one TEST line at the end: keep (seconds, MAE) of each."""
+
+    def __init__(self, start: float, out: str):
+        super().__init__()
+        self.start, self.out = start, out
+        self.record_ = {"valid": [], "test": None, "finished": False}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        values = {k: float(v) for k, v in re.findall(r"(\w+): (-?[\d.]+|nan)", msg)}
+        if msg.startswith("VAL-"):
+            self.record_["valid"].append({"seconds": time.perf_counter() - self.start, "mae": values.get("MAE")})
+        elif msg.startswith("TEST-"):
+            self.record_["test"] = values
+        else:
+            return
+        with open(self.out, "w") as f:     # after every epoch: a capped run keeps what it did
+            json.dump(self.record_, f)
+
+
+def mmsa_worker(model: str, dataset: str, data: str, aligned: bool, threads: int, seed: int, work: str,
+                out: str) -> None:
+    import torch
+    torch.set_num_threads(threads)
+    _shim_mmsa_for_cpu()
+    from MMSA import MMSA_run
+    handler = EpochLog(time.perf_counter(), out)
+    logging.getLogger("MMSA").addHandler(handler)
+    # MMSA reads unaligned files with their own lengths; on an aligned file every model uses the text's steps
+    config = {"need_data_aligned": True} if aligned else None
+    MMSA_run(model, dataset, config=config, seeds=[seed], custom_feature=data, gpu_ids=[], num_workers=0,
+             verbose_level=0, model_save_dir=work, res_save_dir=work, log_dir=work)
+    handler.record_["finished"] = True
+    with open(out, "w") as f:
+        json.dump(handler.record_, f)
+
+
+def run_mmsa(model: str, args, work: str, cap: float | None) -> dict:
+    out = os.path.join(work, f"mmsa_{model}.json")
+    if os.path.exists(out):
+        os.remove(out)
+    cmd = [sys.executable, os.path.abspath(__file__), "--_mmsa_worker", model, "--dataset", args.dataset,
+           "--data", args.data, "--threads", str(args.threads), "--seed", str(args.seed), "--work", work,
+           *(["--aligned"] if args.aligned else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "CUDA_VISIBLE_DEVICES": ""}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=cap)
+        capped = False
+    except subprocess.TimeoutExpired:
+        proc, capped = None, True
+    wall = time.perf_counter() - start
+    if proc is not None and proc.returncode:
+        raise RuntimeError(f"MMSA {model} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    record = json.load(open(out)) if os.path.exists(out) else {"valid": [], "test": None}
+    test = record.get("test") or {}
+    return {"system": f"MMSA 2.2.1 {model.upper()} ({args.threads} threads, its defaults)", "wall_s": wall,
+            "epochs": len(record["valid"]), "valid": record["valid"], "capped": capped,
+            "test": {k: test.get(v) for k, v in MMSA_METRICS.items()} if test else None}
+
+
+# ---- this trainer ---------------------------------------------------------------------------------------
+
+def valid_curve(run: str, start_wall: float) -> list[dict]:
+    """(seconds since the launch, valid MAE) per epoch, from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(os.path.join(run, "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tag = next(t for t in acc.Tags()["scalars"] if t.startswith("valid/") and t.endswith("sentiment/mae"))
+    return [{"seconds": e.wall_time - start_wall, "mae": e.value} for e in acc.Scalars(tag)]
+
+
+def run_mmolre(processes: int, args, work: str, flags: list[str]) -> dict:
+    name = f"mmolre_{processes}p"
+    run = os.path.join(work, "runs", name)
+    subprocess.run(["rm", "-rf", run])
+    threads = max(1, args.threads // processes)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port",
+           str(_free_port()), "launch.py", "--ds_config", "ds_configs/zero2.json", "--dataset", args.dataset,
+           "--data_path", args.data, "--ep_size", str(processes), "--output_dir", os.path.join(work, "runs"),
+           "--run_name", name, "--seed", str(args.seed), *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+           "MMOLRE_CACHE": os.path.join(work, "cache")}
+    start_wall, start = time.time(), time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    with open(f"{run}.log", "w") as f:
+        f.write(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed (whole output in {run}.log):\n{proc.stderr[-3000:]}")
+    results = json.load(open(os.path.join(run, "results.json")))
+    sentiment = results["test"]["sentiment"]
+    return {"system": f"this trainer, {processes} process{'es' if processes > 1 else ''} "
+                      f"(expert parallel {processes}, {threads} thread{'s' if threads > 1 else ''} each)",
+            "wall_s": wall, "epochs": results["train"]["epochs"], "valid": valid_curve(run, start_wall),
+            "capped": False, "train_s": results["train"]["seconds"],
+            "test": {k: sentiment.get(k) for k in MMSA_METRICS}}
+
+
+def _free_port() -> int:
+    from mmolre.distributed import free_port
+    return free_port()
+
+
+# ---- the table ------------------------------------------------------------------------------------------
+
+def time_to(curve: list[dict], target: float) -> float | None:
+    return next((p["seconds"] for p in curve if p["mae"] is not None and p["mae"] <= target), None)
+
+
+def table(rows: list[dict], target: float, what: str) -> str:
+    lines = [f"| {what} | wall time | s / epoch | epochs | test MAE | Non0 Acc-2 | Corr | time to valid MAE "
+             f"<= {target:.4f} |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per_epoch = r["valid"][-1]["seconds"] / len(r["valid"]) if r["valid"] else float("nan")
+        t = r["test"] or {}
+        reach = time_to(r["valid"], target)
+        cell = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {r['system']}{' (capped: did not finish)' if r['capped'] else ''} | {r['wall_s']:.0f} s | "
+                     f"{per_epoch:.1f} | {r['epochs']} | {cell(t.get('mae'))} | {cell(t.get('non0_acc2'))} | "
+                     f"{cell(t.get('corr'))} | {'not reached' if reach is None else f'{reach:.0f} s'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="an MMSA-format pickle (default: one made with --like)")
+    p.add_argument("--like", default="mosi-unaligned", help="mmolre synthetic --like NAME, when --data is not given")
+    p.add_argument("--dataset", default=None, help="mosi or mosei: MMSA's configuration to use (default: from --like)")
+    p.add_argument("--aligned", action="store_true", help="the file is aligned (default: from --like)")
+    p.add_argument("--peers", default=None, help="MMSA models, comma-separated (default: tfn,lmf,mult; "
+                                                 "aligned: tfn,lmf,mfn,mult)")
+    p.add_argument("--mult_cap", type=float, default=600.0, help="seconds MulT may run")
+    p.add_argument("--processes", default="2,1", help="this trainer's runs: process counts")
+    p.add_argument("--threads", type=int, default=2, help="threads for every system (split across processes)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--target_mae", type=float, default=None,
+                   help="validation MAE for the time-to-accuracy column (default: TFN's best)")
+    p.add_argument("--work", default=os.path.join(ROOT, "runs", "vs_mmsa"))
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "vs_mmsa"), help="OUT.json, OUT.md")
+    p.add_argument("--_mmsa_worker", help=argparse.SUPPRESS)
+    args, flags = p.parse_known_args(argv)
+    work = os.path.abspath(args.work)
+    os.makedirs(work, exist_ok=True)
+    if args._mmsa_worker:
+        return mmsa_worker(args._mmsa_worker, args.dataset, args.data, args.aligned, args.threads, args.seed, work,
+                           os.path.join(work, f"mmsa_{args._mmsa_worker}.json"))
+    if not args.data:
+        args.data = os.path.join(work, f"synthetic_{args.like}.pkl")
+        if not os.path.exists(args.data):
+            subprocess.run([sys.executable, "-m", "mmolre.cli", "synthetic", args.data, "--like", args.like],
+                           cwd=ROOT, check=True)
+        args.dataset = args.dataset or args.like.split("-")[0]
+        args.aligned = args.aligned or args.like.endswith("-aligned")
+    args.data, args.dataset = os.path.abspath(args.data), args.dataset or "mosi"
+    peers = (args.peers or ("tfn,lmf,mfn,mult" if args.aligned else "tfn,lmf,mult")).split(",")
+    rows = []
+    for model in peers:
+        rows.append(run_mmsa(model, args, work, args.mult_cap if model == "mult" else None))
+        print(f"{rows[-1]['system']}: {rows[-1]['wall_s']:.0f} s, test {rows[-1]['test']}", flush=True)
+    for n in (int(x) for x in args.processes.split(",")):
+        rows.append(run_mmolre(n, args, work, flags))
+        print(f"{rows[-1]['system']}: {rows[-1]['wall_s']:.0f} s, test {rows[-1]['test']}", flush=True)
+    reference = next((r for r in rows if "TFN" in r["system"] and r["valid"]), None)
+    target = args.target_mae if args.target_mae is not None else min(v["mae"] for v in reference["valid"])
+    what = os.path.basename(args.data) + (f" (mmolre synthetic --like {args.like})" if "synthetic_" in args.data else "")
+    md = table(rows, target, what)
+    print(md)
+    report = {"data": what, "dataset": args.dataset, "aligned": args.aligned, "threads": args.threads,
+              "launch_flags": flags, "target_valid_mae": target, "rows": rows,
+              "command": "python bench/vs_mmsa.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(f"`{report['command']}`\n\n{md}\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

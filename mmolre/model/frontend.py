@@ -1,0 +1,45 @@
+"""Temporal front ends: a modality's [B, T, F] sequence -> a shorter one, before its encoder and experts.
+
+The shared experts see each (utterance, task) row as a whole sequence of width T*d, so their cost grows
+with T; MMSA's unaligned files have 375-500 audio/vision steps, mostly padding. `LengthAwarePool` averages
+each utterance's valid steps in `steps` equal parts, so its output has `steps` steps whatever T was, and
+padding never enters a mean. A new front end is one class here with the same forward signature.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LengthAwarePool(nn.Module):
+    """[B, T, F] + mask [B, T] (valid steps first) -> [B, steps, F] + mask [B, steps].
+
+    An utterance with L > steps valid steps is cut into `steps` contiguous parts of L/steps steps (rounded
+    down at each boundary), each averaged: all output steps are valid. One with L <= steps keeps its steps
+    as they are, followed by masked padding. No parameters."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps = steps
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = x.shape[1]
+        lengths = mask.sum(1, keepdim=True)                                  # [B, 1]
+        pos = torch.arange(t, device=x.device).unsqueeze(0)                  # [1, T]
+        long = lengths > self.steps
+        part = torch.where(long, torch.div(pos * self.steps, lengths.clamp_min(1), rounding_mode="floor"), pos)
+        part = part.masked_fill(~mask, self.steps)                           # padding -> a part that is dropped
+        weights = nn.functional.one_hot(part, self.steps + 1)[..., :self.steps].to(x.dtype)   # [B, T, steps]
+        counts = weights.sum(1)                                               # [B, steps]
+        pooled = torch.einsum("bts,btf->bsf", weights, x) / counts.clamp_min(1).unsqueeze(-1)
+        return pooled, counts > 0
+
+
+def output_steps(seq_len: int, steps: int) -> int:
+    """The sequence length after the front end (`steps` = 0: no front end)."""
+    return min(seq_len, steps) if steps else seq_len
+
+
+def build_frontend(seq_len: int, steps: int) -> nn.Module | None:
+    """The front end of a modality with seq_len steps, or None where it is already short enough."""
+    return LengthAwarePool(steps) if steps and seq_len > steps else None
