@@ -4,7 +4,7 @@ Each system runs alone, one after the other, on the same cores with the same thr
 pickle: MMSA's TFN, LMF and MulT (and MFN on aligned files) through `MMSA_run` with their default
 configuration, then this trainer through the deepspeed launcher with 2 processes (expert parallelism 2)
 and with 1. The table has the wall time of each process (start-up and data loading included), the seconds
-per epoch, the epochs, the test metrics of the checkpoint each system selected on validation, and the time
+per epoch (between the first and the last validation, so start-up is not counted), the epochs, the test metrics of the checkpoint each system selected on validation, and the time
 until its validation MAE first reached a target (default: the best validation MAE TFN reached).
 
     pip install -e ".[peers]"                                   # MMSA 2.2.1 and what its modules import
@@ -123,7 +123,7 @@ def valid_curve(run: str, start_wall: float) -> list[dict]:
     return [{"seconds": e.wall_time - start_wall, "mae": e.value} for e in acc.Scalars(tag)]
 
 
-def run_mmolre(processes: int, args, work: str, flags: list[str]) -> dict:
+def run_mmolre(processes: int, args, work: str, flags: list[str], cache: str | None = None) -> dict:
     name = f"mmolre_{processes}p"
     run = os.path.join(work, "runs", name)
     subprocess.run(["rm", "-rf", run])
@@ -133,7 +133,7 @@ def run_mmolre(processes: int, args, work: str, flags: list[str]) -> dict:
            "--data_path", args.data, "--ep_size", str(processes), "--output_dir", os.path.join(work, "runs"),
            "--run_name", name, "--seed", str(args.seed), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-           "MMOLRE_CACHE": os.path.join(work, "cache")}
+           "MMOLRE_CACHE": cache or os.path.join(work, "cache")}
     start_wall, start = time.time(), time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -165,7 +165,9 @@ def table(rows: list[dict], target: float, what: str) -> str:
     lines = [f"| {what} | wall time | s / epoch | epochs | test MAE | Non0 Acc-2 | Corr | time to valid MAE "
              f"<= {target:.4f} |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        per_epoch = r["valid"][-1]["seconds"] / len(r["valid"]) if r["valid"] else float("nan")
+        v = r["valid"]   # steady state: between the first and the last validation (start-up not counted)
+        per_epoch = ((v[-1]["seconds"] - v[0]["seconds"]) / (len(v) - 1) if len(v) > 1 else
+                     v[0]["seconds"] if v else float("nan"))
         t = r["test"] or {}
         reach = time_to(r["valid"], target)
         cell = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731

@@ -23,7 +23,10 @@ class PretrainedTextEncoder(nn.Module):
             from transformers import AutoModel
         except ImportError:
             raise ImportError("--text_encoder needs transformers: pip install 'mmolre[featurize]'") from None
+        from transformers.utils import logging as hf_logging
         local = os.path.isdir(name_or_dir)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()   # not a load report per rank listing the pooler weights left out
         try:
             try:   # BERT-style encoders: without the pooler, which no output here uses (it would only decay)
                 self.model = AutoModel.from_pretrained(name_or_dir, local_files_only=local, add_pooling_layer=False)
@@ -32,6 +35,8 @@ class PretrainedTextEncoder(nn.Module):
         except (OSError, ValueError) as e:
             hint = "" if local else "; offline, pass a local model directory"
             raise ValueError(f"--text_encoder {name_or_dir!r}: could not load the model ({e}){hint}") from e
+        finally:
+            hf_logging.set_verbosity(verbosity)
         # fp32 like the rest of the model, whatever dtype it was saved in (the engine casts it for bf16), and in
         # training mode: from_pretrained returns it in eval mode, which would switch its dropout off until the
         # first evaluation puts the engine back in training mode
