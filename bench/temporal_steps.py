@@ -38,6 +38,8 @@ def main(argv=None) -> dict:
         subprocess.run([sys.executable, "-m", "mmolre.cli", "synthetic", args.data, "--like", args.like], cwd=ROOT,
                        check=True)
     args.dataset = args.like.split("-")[0]
+    from mmolre.data.cache import build_cache
+    build_cache(args.data, os.path.join(work, "cache"))   # once, before the timed runs
     rows = {}
     for steps in (int(s) for s in args.steps.split(",")):
         r = run_mmolre(args.processes, args, os.path.join(work, f"steps{steps}"),

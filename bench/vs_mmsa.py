@@ -68,8 +68,7 @@ class EpochLog(logging.Handler):
             self.record_["test"] = values
         else:
             return
-        with open(self.out, "w") as f:     # after every epoch: a capped run keeps what it did
-            json.dump(self.record_, f)
+        _write_json(self.out, self.record_)   # after every epoch: a capped run keeps what it did
 
 
 def mmsa_worker(model: str, dataset: str, data: str, aligned: bool, threads: int, seed: int, work: str,
@@ -80,13 +79,20 @@ def mmsa_worker(model: str, dataset: str, data: str, aligned: bool, threads: int
     from MMSA import MMSA_run
     handler = EpochLog(launched, out)   # seconds from the launch, imports included, as for this trainer
     logging.getLogger("MMSA").addHandler(handler)
-    # MMSA reads unaligned files with their own lengths; on an aligned file every model uses the text's steps
+    # An aligned file has no audio/vision lengths, which MMSA reads unless the model is marked as needing
+    # aligned data; that is all the flag changes for TFN, LMF and MulT (each still reads every step)
     config = {"need_data_aligned": True} if aligned else None
     MMSA_run(model, dataset, config=config, seeds=[seed], custom_feature=data, gpu_ids=[], num_workers=0,
              verbose_level=0, model_save_dir=work, res_save_dir=work, log_dir=work)
     handler.record_["finished"] = True
-    with open(out, "w") as f:
-        json.dump(handler.record_, f)
+    _write_json(out, handler.record_)
+
+
+def _write_json(path: str, content) -> None:
+    """Whole or not at all: the cap's kill may come in the middle of a write."""
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(content, f)
+    os.replace(f"{path}.tmp", path)
 
 
 def run_mmsa(model: str, args, work: str, cap: float | None) -> dict:
@@ -145,6 +151,7 @@ def run_mmolre(processes: int, args, work: str, flags: list[str], cache: str | N
         raise RuntimeError(f"{name} failed (whole output in {run}.log):\n{proc.stderr[-3000:]}")
     results = json.load(open(os.path.join(run, "results.json")))
     sentiment = results["test"]["sentiment"]
+    args.constant_mae = results["baselines"]["mean_mae"]   # the train mean, predicted for every test sample
     return {"system": f"this trainer, {processes} process{'es' if processes > 1 else ''} "
                       f"(expert parallel {processes}, {threads} thread{'s' if threads > 1 else ''} each)",
             "wall_s": wall, "epochs": results["train"]["epochs"], "valid": valid_curve(run, start_wall),
@@ -190,9 +197,10 @@ def ratios(rows: list[dict], target: float) -> str:
         cells = []
         for r in peers:
             reach_o, reach_r = time_to(o["valid"], target), time_to(r["valid"], target)
-            sooner = f"{reach_r / reach_o:.1f}x" if reach_o and reach_r else "—"
-            cells.append(f"{r['wall_s'] / o['wall_s']:.2f}x faster to finish, test MAE {o['test']['mae']:.3f} vs "
-                         f"{r['test']['mae']:.3f}; {sooner} sooner to valid MAE {target:.3f}")
+            sooner = f"{reach_r / reach_o:.2f}" if reach_o and reach_r else "—"
+            cells.append(f"wall {r['wall_s'] / o['wall_s']:.2f} (peer / ours; {r['epochs']} vs {o['epochs']} epochs), "
+                         f"test MAE {o['test']['mae']:.3f} vs {r['test']['mae']:.3f}; time to valid MAE "
+                         f"{target:.3f}: {sooner} (peer / ours)")
         lines.append(f"| {o['system'].split(' (')[0]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -228,7 +236,13 @@ def main(argv=None) -> dict:
                            cwd=ROOT, check=True)
         args.dataset = args.dataset or args.like.split("-")[0]
         args.aligned = args.aligned or args.like.endswith("-aligned")
-    args.data, args.dataset = os.path.abspath(args.data), args.dataset or "mosi"
+    elif not args.dataset:
+        p.error("--data: say which of MMSA's configurations to use, --dataset mosi or --dataset mosei")
+    else:   # aligned files carry no audio/vision lengths (MMSA would fail reading them)
+        import pickle
+        with open(args.data, "rb") as f:
+            args.aligned = args.aligned or "audio_lengths" not in pickle.load(f)["train"]
+    args.data = os.path.abspath(args.data)
     peers = (args.peers or ("tfn,lmf,mfn,mult" if args.aligned else "tfn,lmf,mult")).split(",")
     # The Arrow cache is built once, before the timed runs, as any later run of the same file finds it
     # (MMSA unpickles the file in every run; this trainer memory-maps its cache).
@@ -243,9 +257,12 @@ def main(argv=None) -> dict:
         rows.append(run_mmolre(n, args, work, flags, cache=cache))
         print(f"{rows[-1]['system']}: {rows[-1]['wall_s']:.0f} s, test {rows[-1]['test']}", flush=True)
     reference = next((r for r in rows if "TFN" in r["system"] and r["valid"]), None)
+    if args.target_mae is None and reference is None:
+        p.error("no TFN run to take the target validation MAE from: pass --target_mae")
     target = args.target_mae if args.target_mae is not None else min(v["mae"] for v in reference["valid"])
     what = os.path.basename(args.data) + (f" (mmolre synthetic --like {args.like})" if "synthetic_" in args.data else "")
-    md = table(rows, target, what) + "\n\n" + ratios(rows, target)
+    md = (table(rows, target, what) + f"\n| constant: the train mean for every sample | | | | "
+          f"{args.constant_mae:.3f} | | | |\n\n" + ratios(rows, target))
     print(md)
     report = {"data": what, "dataset": args.dataset, "aligned": args.aligned, "threads": args.threads,
               "launch_flags": flags, "target_valid_mae": target, "rows": rows,

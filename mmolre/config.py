@@ -182,7 +182,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        return cls(DataConfig(**d["data"]), ModelConfig(**d["model"]), TrainConfig(**d["train"]))
+        return cls(DataConfig(**d["data"]), saved_model_config(d["model"]), TrainConfig(**d["train"]))
+
+
+def saved_model_config(saved: dict) -> ModelConfig:
+    """A run's recorded model configuration; runs from before --temporal_steps existed pooled nothing."""
+    return ModelConfig(**{"temporal_steps": 0, **saved})
 
 
 class ConfigError(ValueError):

@@ -20,7 +20,7 @@ import warnings
 import torch
 
 from . import checkpoint, elastic
-from .config import ModelConfig
+from .config import saved_model_config
 from .data.cache import build_cache, load_cache
 from .data.loader import SplitDataset, eval_batches
 from .data.tokens import TextTokens
@@ -28,11 +28,6 @@ from .evaluate import predict_batches
 from .model import MMoLRE
 
 FORMAT = "mmolre-export-1"
-
-
-def model_config(saved: dict) -> ModelConfig:
-    """A run's model configuration; runs from before --temporal_steps existed pooled nothing."""
-    return ModelConfig(**{"temporal_steps": 0, **saved})
 
 
 def _tag(run_dir: str, tag: str) -> str:
@@ -65,7 +60,7 @@ def export(run_dir: str, out_path: str, tag: str = "best") -> dict:
                             weights_only=False)["module"])
     for path in glob.glob(os.path.join(tag_dir, "layer_*_expert_*_mp_rank_00_model_states.pt")):
         state.update(torch.load(path, map_location="cpu", weights_only=False))
-    model_cfg = model_config(cfg["model"])
+    model_cfg = saved_model_config(cfg["model"])
     shapes = {m: tuple(v) for m, v in data_meta["shapes"].items()}
     model = MMoLRE(model_cfg, shapes, ep_size=1)
     model.load_state_dict(state, strict=True)   # global expert ids are the local ids at ep_size 1
@@ -107,7 +102,7 @@ def load_exported(path: str) -> tuple[MMoLRE, dict]:
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if payload.get("format") != FORMAT:
         raise ValueError(f"{path}: not an mmolre export (format {payload.get('format')!r})")
-    cfg = model_config(payload["model_config"])
+    cfg = saved_model_config(payload["model_config"])
     model = MMoLRE(cfg, {m: tuple(v) for m, v in payload["shapes"].items()}, ep_size=1)
     model.load_state_dict(payload["state_dict"])
     return model.eval(), payload

@@ -34,6 +34,7 @@ from .evaluate import evaluate, inputs, to_device
 from .losses import compute_loss, zero_loss
 from .metrics import baselines, choose_single_threshold, choose_thresholds, emotion_baselines, emotion_metrics
 from .model import MMoLRE, count_parameters
+from .model.frontend import output_steps
 from .monitor import Monitor, tensorboard_dir
 from .preemption import StopRequest
 from .routing_stats import dead_experts, headline
@@ -146,15 +147,13 @@ class Trainer:
             log(info, SYNTHETIC_NOTICE)
         for name, meta in self.data.sources.items():
             log(info, describe_source(name, meta, self.data.modalities, m.text_encoder))
-        if info.is_main and not t.reshard_only:   # a reshard keeps the run's own record
-            os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                json.dump({**cfg.to_dict(), "ds_config": ds_config}, f, indent=1)
-            with open(os.path.join(self.run_dir, "data_meta.json"), "w") as f:  # what export/predict need
-                json.dump({"shapes": {k: list(v) for k, v in self.data.shapes.items()},
-                           "normalisation": self.data.normalisation,
-                           "sources": {n: meta["source"] for n, meta in self.data.sources.items()},
-                           "synthetic": self.data.synthetic}, f)
+        self.record = {"config.json": {**cfg.to_dict(), "ds_config": ds_config},
+                       "data_meta.json": {"shapes": {k: list(v) for k, v in self.data.shapes.items()},  # for export
+                                          "normalisation": self.data.normalisation,
+                                          "sources": {n: meta["source"] for n, meta in self.data.sources.items()},
+                                          "synthetic": self.data.synthetic}}
+        if info.is_main and not t.resume:
+            self._write_record()
 
         torch.manual_seed(t.seed)
         self.model = MMoLRE(m, self.data.shapes, ep_size=self.ep_size)
@@ -225,7 +224,8 @@ class Trainer:
         """Settings that change what a checkpoint holds (the gates' bias buffers, the optimizer's groups)."""
         return {"balance": self.cfg.model.balance, "router_groups": self.cfg.train.router_lr_scale != 1.0,
                 "text_encoder": self.cfg.model.text_encoder,
-                "text_tokens": self.text_tokens.key() if self.text_tokens else None}
+                "text_tokens": self.text_tokens.key() if self.text_tokens else None,
+                "steps": {m: output_steps(t, self.cfg.model.temporal_steps) for m, (t, _) in self.data.shapes.items()}}
 
     def resume(self) -> None:
         if self.info.is_main:
@@ -240,6 +240,12 @@ class Trainer:
                               f"(checkpoint format {marker['format']}, this one reads {checkpoint.FORMAT})")
         saved = {k: marker.get(k, default) for k, default in (("balance", "aux"), ("router_groups", False),
                                                               ("text_encoder", None), ("text_tokens", None))}
+        steps = self._layout()["steps"]   # checkpoints from before the front end kept every step
+        saved_steps = marker.get("steps") or {m: t for m, (t, _) in self.data.shapes.items()}
+        if saved_steps != steps:
+            raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was trained on {saved_steps} time steps per modality, "
+                              f"this run's --temporal_steps {self.cfg.model.temporal_steps} gives {steps}; resume with "
+                              f"the --temporal_steps it was trained with (0 for runs from before the flag)")
         if saved["text_tokens"] and self.text_tokens and saved["text_tokens"] != self.text_tokens.key():
             raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was trained on transcripts tokenized by "
                               f"--text_encoder {saved['text_encoder']} with another tokenizer or --text_max_length "
@@ -413,10 +419,19 @@ class Trainer:
         distributed.shutdown(self.info)
         return result
 
+    def _write_record(self) -> None:
+        """The run's config.json and data_meta.json (what export and predict read)."""
+        os.makedirs(self.run_dir, exist_ok=True)
+        for name, content in self.record.items():
+            with open(os.path.join(self.run_dir, name), "w") as f:
+                json.dump(content, f, indent=1)
+
     def _run(self) -> dict | None:
         t, info = self.cfg.train, self.info
         if t.resume:
-            self.resume()
+            self.resume()   # a resume that is refused leaves the run's record as it was
+            if info.is_main and not t.reshard_only:   # a reshard keeps the run's own record
+                self._write_record()
         if t.reshard_only:
             self.reshard()
             return None

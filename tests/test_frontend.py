@@ -81,3 +81,24 @@ def test_synthetic_like_has_mmsas_keys_shapes_lengths_and_quirks(tmp_path, like,
     assert batch.masks["text"].sum(1).tolist() == text_len[:4].tolist()
     expected = train["vision_lengths"][:4] if like == "mosi-unaligned" else text_len[:4]
     assert batch.masks["vision"].sum(1).tolist() == expected.tolist()
+
+
+def test_pooling_counts_valid_steps_in_order_whatever_the_mask_and_keeps_fp32_means_under_bf16():
+    x = torch.arange(12.0).view(1, 12, 1)
+    holes = torch.tensor([[True, False] * 6])                         # valid steps 0, 2, 4, 6, 8, 10
+    pooled, out_mask = LengthAwarePool(3)(x, holes)
+    assert pooled[0, :, 0].tolist() == [1.0, 5.0, 9.0] and out_mask.all()
+    g = torch.Generator().manual_seed(0)
+    x = 100 + torch.randn(2, 400, 4, generator=g)
+    mask = torch.ones(2, 400, dtype=torch.bool)
+    low, _ = LengthAwarePool(7)(x.bfloat16(), mask)
+    exact, _ = LengthAwarePool(7)(x.bfloat16().float(), mask)
+    assert low.dtype == torch.bfloat16
+    assert torch.equal(low, exact.bfloat16())   # the fp32 mean, rounded once (a bf16 sum of 57 steps is off by 0.5)
+
+
+def test_runs_recorded_before_the_front_end_pooled_nothing():
+    from mmolre.config import RunConfig
+    recorded = RunConfig().to_dict()
+    del recorded["model"]["temporal_steps"]
+    assert RunConfig.from_dict(recorded).model.temporal_steps == 0

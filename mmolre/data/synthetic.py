@@ -165,8 +165,10 @@ def generate_like(name: str, scale: float = 1.0, seed: int = 0) -> dict:
     """A dataset with the keys, shapes, dtypes, split sizes (times `scale`), lengths and quirks of one of
     MMSA's files: `text` [N, 50, 768] with `text_bert` [N, 3, 50] (ids, attention mask, segments), audio
     with `-inf`, unaligned files with `audio_lengths`/`vision_lengths` and zero padding past them, aligned
-    ones with audio/vision zero past the text's tokens. No emotion labels (MMSA's files have none). The
-    planted signal is the default dataset's, at a random ~third of each utterance's valid steps."""
+    ones with audio/vision zero past the text's tokens; the text past its tokens is the mean of its tokens'
+    states plus a little noise, as BERT's states at [PAD] tokens carry the sentence. No emotion labels (MMSA's
+    files have none). The planted signal is the default dataset's, at a random ~third of each utterance's valid
+    steps."""
     if name not in LIKE:
         raise ValueError(f"--like {name!r}: choose from {', '.join(LIKE)}")
     like = LIKE[name]
@@ -190,18 +192,21 @@ def generate_like(name: str, scale: float = 1.0, seed: int = 0) -> dict:
             if m == "text" or like.aligned:
                 lengths = tokens
             else:   # MMSA-FET pads each modality to mean + 3 std of its lengths: most steps are padding
-                lengths = _valid_steps(rng, n, t, t / 2.5, t / 7.5, 4)
+                lengths = _valid_steps(rng, n, t, t / 2.5, (t - t / 2.5) / 3, 4)   # mean + 3 std = T
                 data[f"{m}_lengths"] = lengths
             valid = np.arange(t)[None, :] < lengths[:, None]
-            carries = (rng.random((n, t)) < SIGNAL_STEP_FRACTION) & valid
+            carries = (rng.random((n, t), dtype=np.float32) < SIGNAL_STEP_FRACTION) & valid
             x = rng.standard_normal((n, t, like.dims[m]), dtype=np.float32)
             x += rng.normal(0.0, 0.5, size=(labels.n_videos, like.dims[m])).astype(np.float32)[labels.video_of][:, None]
             x += (labels.latents.astype(np.float32) @ projections[m])[:, None, :] * carries[..., None] * SIGNAL[m]
-            if m != "text":   # zero padding past the valid steps (BERT's states of [PAD] tokens are not zero)
+            if m == "text":   # BERT's states at [PAD] tokens attend to the sentence: its mean, plus a little noise
+                mean = (x * valid[..., None]).sum(1) / lengths[:, None]
+                x = np.where(valid[..., None], x, mean[:, None, :] + 0.1 * rng.standard_normal(x.shape, dtype=np.float32))
+            else:             # zero padding past the valid steps
                 x *= valid[..., None]
-            data[m] = x
+            data[m] = x.astype(np.float32)
         data["audio"][..., :min(2, like.dims["audio"])] *= 100.0
-        data["audio"][(rng.random(data["audio"].shape) < 0.002) & (data["audio"] != 0)] = -np.inf
+        data["audio"][(rng.random(data["audio"].shape, dtype=np.float32) < 0.002) & (data["audio"] != 0)] = -np.inf
         data["audio"][0, 0, 0] = -np.inf   # at least one, however small the file
         out[split] = data
         offset += n

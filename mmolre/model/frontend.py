@@ -12,7 +12,7 @@ from torch import nn
 
 
 class LengthAwarePool(nn.Module):
-    """[B, T, F] + mask [B, T] (valid steps first) -> [B, steps, F] + mask [B, steps].
+    """[B, T, F] + mask [B, T] -> [B, steps, F] + mask [B, steps] (valid steps first).
 
     An utterance with L > steps valid steps is cut into `steps` contiguous parts of L/steps steps (rounded
     down at each boundary), each averaged: all output steps are valid. One with L <= steps keeps its steps
@@ -23,16 +23,16 @@ class LengthAwarePool(nn.Module):
         self.steps = steps
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = x.shape[1]
         lengths = mask.sum(1, keepdim=True)                                  # [B, 1]
-        pos = torch.arange(t, device=x.device).unsqueeze(0)                  # [1, T]
+        rank = mask.long().cumsum(1) - 1                                     # [B, T]: which valid step this is
         long = lengths > self.steps
-        part = torch.where(long, torch.div(pos * self.steps, lengths.clamp_min(1), rounding_mode="floor"), pos)
+        part = torch.where(long, torch.div(rank * self.steps, lengths.clamp_min(1), rounding_mode="floor"), rank)
         part = part.masked_fill(~mask, self.steps)                           # padding -> a part that is dropped
-        weights = nn.functional.one_hot(part, self.steps + 1)[..., :self.steps].to(x.dtype)   # [B, T, steps]
+        weights = nn.functional.one_hot(part, self.steps + 1)[..., :self.steps].float()   # [B, T, steps]
         counts = weights.sum(1)                                               # [B, steps]
-        pooled = torch.einsum("bts,btf->bsf", weights, x) / counts.clamp_min(1).unsqueeze(-1)
-        return pooled, counts > 0
+        # in fp32 whatever the run's precision: a bf16 sum of hundreds of steps would lose the mean's digits
+        pooled = torch.einsum("bts,btf->bsf", weights, x.float()) / counts.clamp_min(1).unsqueeze(-1)
+        return pooled.to(x.dtype), counts > 0
 
 
 def output_steps(seq_len: int, steps: int) -> int:
