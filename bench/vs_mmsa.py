@@ -247,6 +247,9 @@ def main(argv=None) -> dict:
             args.aligned = args.aligned or "audio_lengths" not in pickle.load(f)["train"]
     args.data = os.path.abspath(args.data)
     peers = (args.peers or ("tfn,lmf,mfn,mult" if args.aligned else "tfn,lmf,mult")).split(",")
+    if args.target_mae is None and "tfn" not in peers:
+        p.error("the target validation MAE is TFN's best: include tfn in --peers or pass --target_mae")
+    args.constant_mae = None
     # The Arrow cache is built once, before the timed runs, as any later run of the same file finds it
     # (MMSA unpickles the file in every run; this trainer memory-maps its cache).
     from mmolre.data.cache import build_cache
@@ -264,8 +267,9 @@ def main(argv=None) -> dict:
         p.error("no TFN run to take the target validation MAE from: pass --target_mae")
     target = args.target_mae if args.target_mae is not None else min(v["mae"] for v in reference["valid"])
     what = os.path.basename(args.data) + (f" (mmolre synthetic --like {args.like})" if "synthetic_" in args.data else "")
-    md = (table(rows, target, what) + f"\n| constant: the train mean for every sample | | | | "
-          f"{args.constant_mae:.3f} | | | |\n\n" + ratios(rows, target))
+    constant = ("" if args.constant_mae is None else
+                f"\n| constant: the train mean for every sample | | | | {args.constant_mae:.3f} | | | |")
+    md = table(rows, target, what) + constant + "\n\n" + ratios(rows, target)
     print(md)
     report = {"data": what, "dataset": args.dataset, "aligned": args.aligned, "threads": args.threads,
               "launch_flags": flags, "target_valid_mae": target, "rows": rows,

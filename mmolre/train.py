@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, distributed, elastic
-from .config import EMOTIONS, ConfigError, RunConfig
+from .config import EMOTIONS, ConfigError, RunConfig, saved_model_config
 from .data import describe_source, prepare, train_loader
 from .data.tokens import TextTokens
 from .engine import compute_dtype, initialize, load_ds_config, point_tensorboard
@@ -240,12 +240,6 @@ class Trainer:
                               f"(checkpoint format {marker['format']}, this one reads {checkpoint.FORMAT})")
         saved = {k: marker.get(k, default) for k, default in (("balance", "aux"), ("router_groups", False),
                                                               ("text_encoder", None), ("text_tokens", None))}
-        steps = self._layout()["steps"]   # checkpoints from before the front end kept every step
-        saved_steps = marker.get("steps") or {m: t for m, (t, _) in self.data.shapes.items()}
-        if saved_steps != steps:
-            raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was trained on {saved_steps} time steps per modality, "
-                              f"this run's --temporal_steps {self.cfg.model.temporal_steps} gives {steps}; resume with "
-                              f"the --temporal_steps it was trained with (0 for runs from before the flag)")
         if saved["text_tokens"] and self.text_tokens and saved["text_tokens"] != self.text_tokens.key():
             raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was trained on transcripts tokenized by "
                               f"--text_encoder {saved['text_encoder']} with another tokenizer or --text_max_length "
@@ -266,6 +260,13 @@ class Trainer:
                               f"{self.cfg.train.router_lr_scale}. aux_free keeps selection biases in the model and a "
                               f"router LR scale gives the routers their own optimizer groups, so switching either "
                               f"on or off needs a new run")
+        steps = self._layout()["steps"]
+        saved_steps = marker.get("steps") or self._recorded_steps()
+        if saved_steps != steps:
+            raise ConfigError(f"--resume: {self.ckpt_dir}/{tag} was trained on {saved_steps} time steps per modality, "
+                              f"this run has {steps} (--modalities, --text_max_length and --temporal_steps decide "
+                              f"them); resume with the ones it was trained with (--temporal_steps 0 for runs from "
+                              f"before that flag)")
         current = marker.get("format") == checkpoint.FORMAT
         same = current and marker["world_size"] == self.info.world_size and marker["ep_size"] == self.ep_size
         client = checkpoint.load(self.engine, self.ckpt_dir, tag, self.info.rank, weights_only=not same)
@@ -418,6 +419,16 @@ class Trainer:
         # ends the others), not wait in a barrier its peers never reach.
         distributed.shutdown(self.info)
         return result
+
+    def _recorded_steps(self) -> dict:
+        """Steps per modality of a checkpoint whose marker does not say: from the run's recorded config (still
+        the one it was trained with: a resume rewrites it only after these checks)."""
+        try:
+            with open(os.path.join(self.run_dir, "config.json")) as f:
+                pooled = saved_model_config(json.load(f)["model"]).temporal_steps
+        except (OSError, ValueError, KeyError):
+            pooled = 0
+        return {m: output_steps(t, pooled) for m, (t, _) in self.data.shapes.items()}
 
     def _write_record(self) -> None:
         """The run's config.json and data_meta.json (what export and predict read)."""

@@ -84,6 +84,19 @@ def test_the_tokenizer_is_part_of_the_cache_key_and_the_width_is_the_encoders(tm
         prepare(cfg, builds=True, barrier=lambda: None, text_tokens=TextTokens(tiny_encoder, 100))
 
 
+def test_a_tokenizer_saved_with_truncation_builds_and_finds_its_cache_in_one_run(tmp_path):
+    """Tokenizing changes a tokenizer's truncation/padding state, which is part of its spec: the cache key
+    must not move between building the cache and loading it (a first run failed with FileNotFoundError)."""
+    source = transcripts_pickle(tmp_path)
+    (tmp_path / "saved").mkdir()
+    encoder = save_tiny_encoder(tmp_path / "saved", saved_truncation=True)
+    tokens = TextTokens(encoder, MAX_LENGTH)
+    key = tokens.key()
+    data = prepare(DataConfig(dataset="mosi", data_path=source, cache_dir=str(tmp_path / "cache")), builds=True,
+                   barrier=lambda: None, text_tokens=tokens)
+    assert data.shapes["text"] == (MAX_LENGTH, 12) and tokens.key() == key
+
+
 def test_a_missing_or_empty_transcript_is_refused_naming_file_split_key_and_sample(tmp_path, tiny_encoder):
     source = transcripts_pickle(tmp_path)
     with open(source, "rb") as f:

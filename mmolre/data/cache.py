@@ -9,6 +9,7 @@ emotion join's report, and what validation replaced.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -158,7 +159,8 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
     tokens = None
     if text_tokens:   # the transcripts replace the text features (checked above, not stored)
         text_tokens.check()
-        tokenizer = text_tokens.tokenizer()
+        # a copy: tokenizing changes a tokenizer's truncation/padding state, which is part of its key
+        tokenizer = copy.deepcopy(text_tokens.tokenizer())
         tokens = {s: tokenize(transcripts(source, s, raw[s]), tokenizer, text_tokens.max_length) for s in SPLITS}
         modalities = [m for m in modalities if m != "text"]
         for s in SPLITS:
