@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.vs_mmsa import run_mmolre  # noqa: E402
+from bench.vs_mmsa import prebuilt_cache, run_mmolre, synthetic_like  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -33,17 +32,12 @@ def main(argv=None) -> dict:
     args, flags = p.parse_known_args(argv)
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
-    args.data = os.path.join(work, f"synthetic_{args.like}.pkl")
-    if not os.path.exists(args.data):
-        subprocess.run([sys.executable, "-m", "mmolre.cli", "synthetic", args.data, "--like", args.like], cwd=ROOT,
-                       check=True)
-    args.dataset = args.like.split("-")[0]
-    from mmolre.data.cache import build_cache
-    build_cache(args.data, os.path.join(work, "cache"))   # once, before the timed runs
+    args.data, args.dataset = synthetic_like(args.like, work), args.like.split("-")[0]
+    cache = prebuilt_cache(args.data, work)
     rows = {}
     for steps in (int(s) for s in args.steps.split(",")):
         r = run_mmolre(args.processes, args, os.path.join(work, f"steps{steps}"),
-                       [*flags, "--temporal_steps", str(steps)], cache=os.path.join(work, "cache"))
+                       [*flags, "--temporal_steps", str(steps)], cache=cache)
         rows[steps] = {"seconds_per_epoch": r["train_s"] / r["epochs"], "wall_s": r["wall_s"],
                        "best_valid_mae": min(v["mae"] for v in r["valid"]), "epochs": r["epochs"]}
         print(steps, rows[steps], flush=True)

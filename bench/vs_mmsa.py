@@ -31,6 +31,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from mmolre.distributed import free_port  # noqa: E402
+
 MMSA_METRICS = {"mae": "MAE", "corr": "Corr", "non0_acc2": "Non0_acc_2", "has0_acc2": "Has0_acc_2"}
 
 
@@ -137,7 +139,7 @@ def run_mmolre(processes: int, args, work: str, flags: list[str], cache: str | N
     subprocess.run(["rm", "-rf", run])
     threads = max(1, args.threads // processes)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port",
-           str(_free_port()), "launch.py", "--ds_config", "ds_configs/zero2.json", "--dataset", args.dataset,
+           str(free_port()), "launch.py", "--ds_config", "ds_configs/zero2.json", "--dataset", args.dataset,
            "--data_path", args.data, "--ep_size", str(processes), "--output_dir", os.path.join(work, "runs"),
            "--run_name", name, "--seed", str(args.seed), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
@@ -159,9 +161,21 @@ def run_mmolre(processes: int, args, work: str, flags: list[str], cache: str | N
             "test": {k: sentiment.get(k) for k in MMSA_METRICS}}
 
 
-def _free_port() -> int:
-    from mmolre.distributed import free_port
-    return free_port()
+def synthetic_like(like: str, work: str) -> str:
+    """The file `mmolre synthetic --like LIKE` writes, made once under work."""
+    path = os.path.join(work, f"synthetic_{like}.pkl")
+    if not os.path.exists(path):
+        subprocess.run([sys.executable, "-m", "mmolre.cli", "synthetic", path, "--like", like], cwd=ROOT, check=True)
+    return path
+
+
+def prebuilt_cache(data: str, work: str) -> str:
+    """This trainer's Arrow cache of `data`, built once before the timed runs, as any later run of the same
+    file finds it (MMSA unpickles the file in every run; this trainer memory-maps its cache)."""
+    from mmolre.data.cache import build_cache
+    cache = os.path.join(work, "cache")
+    build_cache(data, cache)
+    return cache
 
 
 # ---- the table ------------------------------------------------------------------------------------------
@@ -233,10 +247,7 @@ def main(argv=None) -> dict:
         return mmsa_worker(args._mmsa_worker, args.dataset, args.data, args.aligned, args.threads, args.seed, work,
                            os.path.join(work, f"mmsa_{args._mmsa_worker}.json"), args._launched)
     if not args.data:
-        args.data = os.path.join(work, f"synthetic_{args.like}.pkl")
-        if not os.path.exists(args.data):
-            subprocess.run([sys.executable, "-m", "mmolre.cli", "synthetic", args.data, "--like", args.like],
-                           cwd=ROOT, check=True)
+        args.data = synthetic_like(args.like, work)
         args.dataset = args.dataset or args.like.split("-")[0]
         args.aligned = args.aligned or args.like.endswith("-aligned")
     elif not args.dataset:
@@ -250,11 +261,7 @@ def main(argv=None) -> dict:
     if args.target_mae is None and "tfn" not in peers:
         p.error("the target validation MAE is TFN's best: include tfn in --peers or pass --target_mae")
     args.constant_mae = None
-    # The Arrow cache is built once, before the timed runs, as any later run of the same file finds it
-    # (MMSA unpickles the file in every run; this trainer memory-maps its cache).
-    from mmolre.data.cache import build_cache
-    cache = os.path.join(work, "cache")
-    build_cache(args.data, cache)
+    cache = prebuilt_cache(args.data, work)
     rows = []
     for model in peers:
         rows.append(run_mmsa(model, args, work, args.mult_cap if model == "mult" else None))

@@ -34,7 +34,7 @@ from .evaluate import evaluate, inputs, to_device
 from .losses import compute_loss, zero_loss
 from .metrics import baselines, choose_single_threshold, choose_thresholds, emotion_baselines, emotion_metrics
 from .model import MMoLRE, count_parameters
-from .model.frontend import output_steps
+from .model.frontend import steps_per_modality
 from .monitor import Monitor, tensorboard_dir
 from .preemption import StopRequest
 from .routing_stats import dead_experts, headline
@@ -225,7 +225,7 @@ class Trainer:
         return {"balance": self.cfg.model.balance, "router_groups": self.cfg.train.router_lr_scale != 1.0,
                 "text_encoder": self.cfg.model.text_encoder,
                 "text_tokens": self.text_tokens.key() if self.text_tokens else None,
-                "steps": {m: output_steps(t, self.cfg.model.temporal_steps) for m, (t, _) in self.data.shapes.items()}}
+                "steps": steps_per_modality(self.data.shapes, self.cfg.model.temporal_steps)}
 
     def resume(self) -> None:
         if self.info.is_main:
@@ -428,7 +428,7 @@ class Trainer:
                 pooled = saved_model_config(json.load(f)["model"]).temporal_steps
         except (OSError, ValueError, KeyError):
             pooled = 0
-        return {m: output_steps(t, pooled) for m, (t, _) in self.data.shapes.items()}
+        return steps_per_modality(self.data.shapes, pooled)
 
     def _write_record(self) -> None:
         """The run's config.json and data_meta.json (what export and predict read)."""

@@ -40,6 +40,11 @@ def output_steps(seq_len: int, steps: int) -> int:
     return min(seq_len, steps) if steps else seq_len
 
 
+def steps_per_modality(shapes: dict[str, tuple[int, int]], steps: int) -> dict[str, int]:
+    """modality -> the time steps the model works on, from the data's (T, F) shapes and --temporal_steps."""
+    return {m: output_steps(t, steps) for m, (t, _) in shapes.items()}
+
+
 def build_frontend(seq_len: int, steps: int) -> nn.Module | None:
     """The front end of a modality with seq_len steps, or None where it is already short enough."""
     return LengthAwarePool(steps) if steps and seq_len > steps else None

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..config import EMOTIONS, TASKS, ModelConfig
 from .experts import LowRankExpert
-from .frontend import build_frontend, output_steps
+from .frontend import build_frontend, steps_per_modality
 from .fusion import ConcatFusion, TaskAdaptiveFusion
 from .text_encoder import PretrainedTextEncoder
 from .unitse import BlockStats, UniTSE
@@ -59,7 +59,7 @@ class MMoLRE(nn.Module):
         # Long sequences are first pooled to --temporal_steps; everything after sees the shorter length.
         self.frontends = nn.ModuleDict({m: f for m, (t, _) in shapes.items()
                                         if (f := build_frontend(t, cfg.temporal_steps)) is not None})
-        steps = {m: output_steps(t, cfg.temporal_steps) for m, (t, _) in shapes.items()}
+        steps = steps_per_modality(shapes, cfg.temporal_steps)
         self.encoders = nn.ModuleDict(
             {m: ModalityEncoder(f, steps[m], d, cfg.dropout) for m, (t, f) in shapes.items()})
         # hard_sharing: one stream shared by both tasks; otherwise one stream per task
