@@ -3,7 +3,7 @@
 Each system runs alone, one after the other, on the same cores with the same thread budget, on the same
 pickle: MMSA's TFN, LMF and MulT (and MFN on aligned files) through `MMSA_run` with their default
 configuration, then this trainer through the deepspeed launcher with 2 processes (expert parallelism 2)
-and with 1. The table has the wall time of each process (start-up and data loading included; this trainer's
+and with 1 (and, per `--variant FLAGS`, a row with those flags on top). The table has the wall time of each process (start-up and data loading included; this trainer's
 Arrow cache of the file is built once before the timed runs), the seconds
 per epoch (between the first and the last validation, so start-up is not counted), the epochs, the test metrics of the checkpoint each system selected on validation, and the time
 until its validation MAE first reached a target (default: the best validation MAE TFN reached).
@@ -20,10 +20,12 @@ capped in time (`--mult_cap`); a capped run is reported as not finished, with th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -133,15 +135,17 @@ def valid_curve(run: str, start_wall: float) -> list[dict]:
     return [{"seconds": e.wall_time - start_wall, "mae": e.value} for e in acc.Scalars(tag)]
 
 
-def run_mmolre(processes: int, args, work: str, flags: list[str], cache: str | None = None) -> dict:
-    name = f"mmolre_{processes}p"
+def run_mmolre(processes: int, args, work: str, flags: list[str], cache: str | None = None,
+               variant: str = "") -> dict:
+    """One run of this trainer; `variant`: launch.py flags on top of `flags`, named in its row."""
+    name = f"mmolre_{processes}p" + ("_" + hashlib.sha1(variant.encode()).hexdigest()[:8] if variant else "")
     run = os.path.join(work, "runs", name)
     subprocess.run(["rm", "-rf", run])
     threads = max(1, args.threads // processes)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port",
            str(free_port()), "launch.py", "--ds_config", "ds_configs/zero2.json", "--dataset", args.dataset,
            "--data_path", args.data, "--ep_size", str(processes), "--output_dir", os.path.join(work, "runs"),
-           "--run_name", name, "--seed", str(args.seed), *flags]
+           "--run_name", name, "--seed", str(args.seed), *flags, *shlex.split(variant)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
            "MMOLRE_CACHE": cache or os.path.join(work, "cache")}
     start_wall, start = time.time(), time.perf_counter()
@@ -154,7 +158,8 @@ def run_mmolre(processes: int, args, work: str, flags: list[str], cache: str | N
     results = json.load(open(os.path.join(run, "results.json")))
     sentiment = results["test"]["sentiment"]
     args.constant_mae = results["baselines"]["mean_mae"]   # the train mean, predicted for every test sample
-    return {"system": f"this trainer, {processes} process{'es' if processes > 1 else ''} "
+    return {"system": f"this trainer{f' `{variant}`' if variant else ''}, {processes} "
+                      f"process{'es' if processes > 1 else ''} "
                       f"(expert parallel {processes}, {threads} thread{'s' if threads > 1 else ''} each)",
             "wall_s": wall, "epochs": results["train"]["epochs"], "valid": valid_curve(run, start_wall),
             "capped": False, "train_s": results["train"]["seconds"],
@@ -234,6 +239,9 @@ def main(argv=None) -> dict:
     p.add_argument("--processes", default="2,1", help="this trainer's runs: process counts")
     p.add_argument("--threads", type=int, default=2, help="threads for every system (split across processes)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--variant", action="append", default=[], metavar="FLAGS",
+                   help="one more row of this trainer with these launch.py flags on top (with the first of "
+                        "--processes), e.g. --variant='--d_model 128'; repeatable")
     p.add_argument("--target_mae", type=float, default=None,
                    help="validation MAE for the time-to-accuracy column (default: TFN's best)")
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "vs_mmsa"))
@@ -266,8 +274,9 @@ def main(argv=None) -> dict:
     for model in peers:
         rows.append(run_mmsa(model, args, work, args.mult_cap if model == "mult" else None))
         print(f"{rows[-1]['system']}: {rows[-1]['wall_s']:.0f} s, test {rows[-1]['test']}", flush=True)
-    for n in (int(x) for x in args.processes.split(",")):
-        rows.append(run_mmolre(n, args, work, flags, cache=cache))
+    processes = [int(x) for x in args.processes.split(",")]
+    for n, variant in [(n, "") for n in processes] + [(processes[0], v) for v in args.variant]:
+        rows.append(run_mmolre(n, args, work, flags, cache=cache, variant=variant))
         print(f"{rows[-1]['system']}: {rows[-1]['wall_s']:.0f} s, test {rows[-1]['test']}", flush=True)
     reference = next((r for r in rows if "TFN" in r["system"] and r["valid"]), None)
     if args.target_mae is None and reference is None:
@@ -279,7 +288,7 @@ def main(argv=None) -> dict:
     md = table(rows, target, what) + constant + "\n\n" + ratios(rows, target)
     print(md)
     report = {"data": what, "dataset": args.dataset, "aligned": args.aligned, "threads": args.threads,
-              "launch_flags": flags, "target_valid_mae": target, "rows": rows,
+              "launch_flags": flags, "variants": args.variant, "target_valid_mae": target, "rows": rows,
               "command": "python bench/vs_mmsa.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
