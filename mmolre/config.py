@@ -230,13 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Optional[list[str]] = None) -> RunConfig:
+def parse_args(argv: Optional[list[str]] = None, check: bool = True) -> RunConfig:
+    """launch.py's flags -> RunConfig; `check=False` skips `validate` (which reads this process's world size),
+    for reading another run's flags."""
     ns = vars(build_parser().parse_args(argv))
     sections = {}
     for section, cls in _SECTIONS:
         sections[section] = cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)})
     cfg = RunConfig(**sections)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
