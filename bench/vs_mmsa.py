@@ -33,7 +33,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from mmolre.config import parse_args  # noqa: E402
 from mmolre.distributed import free_port  # noqa: E402
+
+# Every row of this trainer runs on the same file and seed, with its own run directory and expert parallelism.
+OWNED_BY_BENCHMARK = {"--run_name", "--output_dir", "--seed", "--ep_size", "--data_path", "--dataset"}
 
 MMSA_METRICS = {"mae": "MAE", "corr": "Corr", "non0_acc2": "Non0_acc_2", "has0_acc2": "Has0_acc_2"}
 
@@ -265,6 +269,11 @@ def main(argv=None) -> dict:
         with open(args.data, "rb") as f:
             args.aligned = args.aligned or "audio_lengths" not in pickle.load(f)["train"]
     args.data = os.path.abspath(args.data)
+    for extra in [flags, *(shlex.split(v) for v in args.variant)]:   # before the peers' minutes, not after
+        clash = sorted({a.split("=")[0] for a in extra} & OWNED_BY_BENCHMARK)
+        if clash:
+            p.error(f"{' '.join(extra)}: {', '.join(clash)} are set by this benchmark for every row")
+        parse_args(["--dataset", args.dataset, "--data_path", args.data, *extra], check=False)   # a typo fails now
     peers = (args.peers or ("tfn,lmf,mfn,mult" if args.aligned else "tfn,lmf,mult")).split(",")
     if args.target_mae is None and "tfn" not in peers:
         p.error("the target validation MAE is TFN's best: include tfn in --peers or pass --target_mae")
