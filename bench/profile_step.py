@@ -5,8 +5,8 @@ the given flags, and times forward + backward of each part on one micro batch of
 shapes: each modality's front end, encoder and UniTSE blocks, the fusion and heads, then the AdamW step
 (torch's, as a stand-in for the engine's) and the model's whole step. Not timed here: what the DeepSpeed
 engine adds (ZeRO-2 buckets, gradient clipping, the all-to-all and all-reduce across ranks), evaluation,
-checkpoints and start-up; the trainer's s/epoch in bench/vs_mmsa.py holds all of them. Median of --repeats after warm-up, all in one
-run, so the shares are comparable; the absolute times are this machine's.
+checkpoints and start-up; the trainer's s/epoch in bench/vs_mmsa.py holds all of them. Median of --repeats
+after warm-up, all in one run, so the shares are comparable; the absolute times are this machine's.
 
     python bench/profile_step.py --like mosi-unaligned --out bench/results/profile_step
     python bench/profile_step.py --like mosi-unaligned --d_model 128 --temporal_steps 10
@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
             timed(f"{m}: front end ({shapes[m][0]} -> {pooled[m].shape[1]} steps; forward only)",
                   forward_only(model.frontends[m], features[m], masks[m]))
         timed(f"{m}: encoder", fwd_bwd(model, model.encoders[m], pooled[m], input_grad=False))
-        timed(f"{m}: UniTSE ({cfg.blocks} blocks, MoE + task experts, aux loss)",
+        timed(f"{m}: UniTSE ({cfg.blocks} block{'s' if cfg.blocks > 1 else ''}, MoE + task experts, aux loss)",
               fwd_bwd(model, lambda x, mk=masks[m + "/after"], u=model.unitse[m]: unitse_outputs(u, x, mk),
                       encoded[m]))
 
@@ -151,12 +151,13 @@ def main(argv=None) -> dict:
     parts = sum(r["ms"] for r in rows[:-1])
     flags = " ".join(rest)
     lines = [f"`python bench/profile_step.py --like {args.like}{' ' + flags if flags else ''}` ({args.threads} "
-             f"threads, micro batch {args.batch_size}, d = {cfg.d_model}, --temporal_steps {cfg.temporal_steps}, "
-             f"{cfg.blocks} blocks, {cfg.num_experts} experts top-{cfg.top_k}; median of {args.repeats})", "",
+             f"thread{'s' if args.threads > 1 else ''}, micro batch {args.batch_size}, d = {cfg.d_model}, "
+             f"--temporal_steps {cfg.temporal_steps}, {cfg.blocks} block{'s' if cfg.blocks > 1 else ''}, "
+             f"{cfg.num_experts} experts top-{cfg.top_k}; median of {args.repeats})", "",
              "| part (forward + backward) | ms | share of the whole step |", "|---|---|---|"]
     lines += [f"| {r['part']} | {r['ms']:.1f} | {r['share']:.0%} |" for r in rows]
-    lines += ["", f"The parts add up to {parts:.0f} ms of the whole step's {total:.0f} ms (the rest: the loss, "
-              "autograd across the parts' boundaries, timing noise)."]
+    lines += ["", f"The parts add up to {parts:.0f} ms against the whole step's {total:.0f} ms: they are timed apart, "
+              "so the two differ by the loss, autograd across the parts' boundaries and timing noise."]
     md = "\n".join(lines)
     print(md)
     report = {"like": args.like, "flags": rest, "threads": args.threads, "batch_size": args.batch_size, "rows": rows}

@@ -298,7 +298,7 @@ def main(argv=None) -> dict:
     print(md)
     report = {"data": what, "dataset": args.dataset, "aligned": args.aligned, "threads": args.threads,
               "launch_flags": flags, "variants": args.variant, "target_valid_mae": target, "rows": rows,
-              "command": "python bench/vs_mmsa.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+              "command": "python bench/vs_mmsa.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=1)
