@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch.py",
         description="Train MMoLRE (multimodal mixture of low-rank experts) with DeepSpeed MoE.",
+        allow_abbrev=False,   # `--see 3` is a typo, not --seed: a run and its record must say what was asked
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for section, cls in _SECTIONS:
         group = parser.add_argument_group(section)
@@ -230,20 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Optional[list[str]] = None, check: bool = True) -> RunConfig:
-    """launch.py's flags -> RunConfig; `check=False` skips `validate` (which reads this process's world size),
-    for reading another run's flags."""
+def parse_args(argv: Optional[list[str]] = None, world_size: Optional[int] = None) -> RunConfig:
+    """launch.py's flags -> a validated RunConfig. `world_size`: the world the flags are meant for, when they
+    are read for another run (a benchmark's) than this process's; default: this process's WORLD_SIZE."""
     ns = vars(build_parser().parse_args(argv))
     sections = {}
     for section, cls in _SECTIONS:
         sections[section] = cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)})
     cfg = RunConfig(**sections)
-    if check:
-        validate(cfg)
+    validate(cfg, world_size)
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
+def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     """Checks that need no process group; world-size checks are in distributed.choose_ep_size."""
     m, t, d = cfg.model, cfg.train, cfg.data
     unknown = [x for x in d.modality_list if x not in MODALITIES]
@@ -317,7 +317,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("--reshard_only needs --resume (it converts the latest checkpoint of --run_name)")
     if t.save_every < 0 or t.keep_checkpoints < 1 or t.dist_timeout <= 0:
         raise ConfigError("--save_every must be >= 0, --keep_checkpoints >= 1 and --dist_timeout > 0")
-    world = int(os.environ.get("WORLD_SIZE") or 1)
+    world = world_size or int(os.environ.get("WORLD_SIZE") or 1)
     if t.ep_size and world % t.ep_size:
         raise ConfigError(f"--ep_size {t.ep_size} does not divide the world size {world}")
     if not os.path.isfile(t.ds_config):

@@ -25,6 +25,16 @@ def test_impossible_flags_fail_with_a_clear_message(argv, message, monkeypatch):
     assert message in str(e.value)
 
 
+def test_flags_are_read_for_another_world_size_and_never_abbreviated(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "1")   # a benchmark in one process checking flags for a 2-process run
+    assert parse_args(["--ep_size", "2"], world_size=2).train.ep_size == 2
+    with pytest.raises(ConfigError, match="does not divide the world size 2"):
+        parse_args(["--ep_size", "4"], world_size=2)
+    with pytest.raises(SystemExit):   # a prefix of --seed is a typo, not --seed
+        parse_args(["--see", "3"])
+    assert "unrecognized arguments: --see 3" in capsys.readouterr().err
+
+
 def test_flags_fill_the_dataclasses_and_round_trip():
     cfg = parse_args(["--num_experts", "16", "--top_k", "1", "--resume", "--modalities", "text", "--local_rank=1"])
     assert cfg.model.num_experts == 16 and cfg.model.top_k == 1 and cfg.train.resume is True
