@@ -5,6 +5,9 @@ study resumes where it stopped. A run made under other settings must not be coun
 other flags, defaults that changed since (such as --dropout), another world size, another resolved
 DeepSpeed config, or other data under the same file name. Such a run is refused, naming the run and what
 differs, and left as it is.
+
+Not compared: the code (a run made by an older commit with the same settings is reused; results.json
+records its `git_commit`), and the data's content where the run recorded no hash or the file is gone.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ def finished_run(run_dir: str, launch_args: list[str], world_size: int) -> bool:
         saved = json.load(f)
     with open(results_path) as f:
         results = json.load(f)
-    cfg = parse_args(launch_args, check=False)
+    cfg = parse_args(launch_args, world_size=world_size)
     differences = []
     for section, settings in cfg.to_dict().items():
         for key, value in settings.items():

@@ -222,9 +222,12 @@ def ratios(rows: list[dict], target: float) -> str:
         cells = []
         for r in peers:
             reach = time_to(o["valid"], r["test"]["mae"])
-            to_equal = (f"**{r['wall_s'] / reach:.2f}x** faster to the peer's test MAE {r['test']['mae']:.3f} "
-                        f"({reach:.0f} s vs {r['wall_s']:.0f} s)" if reach else
-                        f"did not reach the peer's test MAE {r['test']['mae']:.3f}")
+            ratio = r["wall_s"] / reach if reach else None
+            to_equal = (f"did not reach the peer's test MAE {r['test']['mae']:.3f}" if ratio is None else
+                        f"**{ratio:.2f}x** faster to the peer's test MAE {r['test']['mae']:.3f} ({reach:.0f} s vs "
+                        f"{r['wall_s']:.0f} s)" if ratio >= 1 else
+                        f"{ratio:.2f}x: reached the peer's test MAE {r['test']['mae']:.3f} after the peer's whole run "
+                        f"({reach:.0f} s vs {r['wall_s']:.0f} s)")
             cells.append(f"{to_equal}; whole runs: wall {r['wall_s'] / o['wall_s']:.2f} (peer / ours; {r['epochs']} "
                          f"vs {o['epochs']} epochs), test MAE {o['test']['mae']:.3f} vs {r['test']['mae']:.3f}")
         lines.append(f"| {o['system'].split(' (')[0]} | " + " | ".join(cells) + " |")
@@ -269,11 +272,13 @@ def main(argv=None) -> dict:
         with open(args.data, "rb") as f:
             args.aligned = args.aligned or "audio_lengths" not in pickle.load(f)["train"]
     args.data = os.path.abspath(args.data)
-    for extra in [flags, *(shlex.split(v) for v in args.variant)]:   # before the peers' minutes, not after
+    processes = [int(x) for x in args.processes.split(",")]
+    for extra in [flags, *([*flags, *shlex.split(v)] for v in args.variant)]:   # before the peers' minutes
         clash = sorted({a.split("=")[0] for a in extra} & OWNED_BY_BENCHMARK)
         if clash:
             p.error(f"{' '.join(extra)}: {', '.join(clash)} are set by this benchmark for every row")
-        parse_args(["--dataset", args.dataset, "--data_path", args.data, *extra], check=False)   # a typo fails now
+        for n in processes:   # a typo or an impossible setting fails now
+            parse_args(["--dataset", args.dataset, "--data_path", args.data, "--ep_size", str(n), *extra], world_size=n)
     peers = (args.peers or ("tfn,lmf,mfn,mult" if args.aligned else "tfn,lmf,mult")).split(",")
     if args.target_mae is None and "tfn" not in peers:
         p.error("the target validation MAE is TFN's best: include tfn in --peers or pass --target_mae")
@@ -283,7 +288,6 @@ def main(argv=None) -> dict:
     for model in peers:
         rows.append(run_mmsa(model, args, work, args.mult_cap if model == "mult" else None))
         print(f"{rows[-1]['system']}: {rows[-1]['wall_s']:.0f} s, test {rows[-1]['test']}", flush=True)
-    processes = [int(x) for x in args.processes.split(",")]
     for n, variant in [(n, "") for n in processes] + [(processes[0], v) for v in args.variant]:
         rows.append(run_mmolre(n, args, work, flags, cache=cache, variant=variant))
         print(f"{rows[-1]['system']}: {rows[-1]['wall_s']:.0f} s, test {rows[-1]['test']}", flush=True)
