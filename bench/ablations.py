@@ -9,7 +9,6 @@ variant, mean ± std over seeds.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.commands import passthrough_parser  # noqa: E402
 from bench.reuse import finished_run  # noqa: E402
 from mmolre.distributed import free_port  # noqa: E402
 
@@ -36,7 +36,7 @@ VARIANTS = {
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = passthrough_parser(__doc__)
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--output_dir", default="runs/ablations")

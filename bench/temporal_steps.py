@@ -9,7 +9,6 @@ validation MAE. Selection is on the validation split only; the test split is not
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,11 +16,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.commands import command_line, passthrough_parser  # noqa: E402
 from bench.vs_mmsa import prebuilt_cache, run_mmolre, synthetic_like  # noqa: E402
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = passthrough_parser(__doc__)
     p.add_argument("--like", default="mosi-unaligned")
     p.add_argument("--steps", default="0,25,50,100")
     p.add_argument("--processes", type=int, default=2)
@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
                        "best_valid_mae": min(v["mae"] for v in r["valid"]), "epochs": r["epochs"]}
         print(steps, rows[steps], flush=True)
     base = rows.get(0)
-    lines = [f"`python bench/temporal_steps.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
+    lines = [f"`{command_line(__file__, argv)}` "
              f"({args.processes} processes, {args.threads} threads in all, seed {args.seed}, "
              f"mmolre synthetic --like {args.like})", "",
              "| --temporal_steps | train s / epoch | speed-up vs no front end | best valid MAE | wall time |",

@@ -33,6 +33,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.commands import command_line, passthrough_parser, refuse_owned_flags  # noqa: E402
 from mmolre.config import parse_args  # noqa: E402
 from mmolre.distributed import free_port  # noqa: E402
 
@@ -235,7 +236,7 @@ def ratios(rows: list[dict], target: float) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = passthrough_parser(__doc__)
     p.add_argument("--data", help="an MMSA-format pickle (default: one made with --like)")
     p.add_argument("--like", default="mosi-unaligned", help="mmolre synthetic --like NAME, when --data is not given")
     p.add_argument("--dataset", default=None, help="mosi or mosei: MMSA's configuration to use (default: from --like)")
@@ -274,9 +275,7 @@ def main(argv=None) -> dict:
     args.data = os.path.abspath(args.data)
     processes = [int(x) for x in args.processes.split(",")]
     for extra in [flags, *([*flags, *shlex.split(v)] for v in args.variant)]:   # before the peers' minutes
-        clash = sorted({a.split("=")[0] for a in extra} & OWNED_BY_BENCHMARK)
-        if clash:
-            p.error(f"{' '.join(extra)}: {', '.join(clash)} are set by this benchmark for every row")
+        refuse_owned_flags(p, extra, OWNED_BY_BENCHMARK, "set by this benchmark for every row")
         for n in processes:   # a typo or an impossible setting fails now
             parse_args(["--dataset", args.dataset, "--data_path", args.data, "--ep_size", str(n), *extra], world_size=n)
     peers = (args.peers or ("tfn,lmf,mfn,mult" if args.aligned else "tfn,lmf,mult")).split(",")
@@ -302,7 +301,7 @@ def main(argv=None) -> dict:
     print(md)
     report = {"data": what, "dataset": args.dataset, "aligned": args.aligned, "threads": args.threads,
               "launch_flags": flags, "variants": args.variant, "target_valid_mae": target, "rows": rows,
-              "command": "python bench/vs_mmsa.py " + shlex.join(argv if argv is not None else sys.argv[1:])}
+              "command": command_line(__file__, argv)}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(report, f, indent=1)
