@@ -226,8 +226,8 @@ def main(argv=None) -> dict:
         print("\n".join(lines), flush=True)
     report["table"] = "\n".join(lines)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=1)
+    with open(args.out + ".json", "w") as f:   # the encoder by name, not this machine's directory of it
+        f.write(json.dumps(report, indent=1).replace(args.encoder, encoder_label(args.encoder)))
     with open(args.out + ".md", "w") as f:
         f.write(f"encoder {encoder_label(args.encoder)}; {args.processes} processes, expert parallelism "
                 f"{args.processes}\n\n"
