@@ -6,7 +6,7 @@ Only a tag with that marker counts: a save interrupted anywhere before it (a cra
 disk) leaves the previous checkpoints untouched, and resuming skips the half-written tag with a warning
 that names it. After each save the oldest complete tags beyond `keep` are removed, except the best.
 
-Each save also writes the topology-free copy of the training state (`elastic.py`: every parameter's fp32
+Each save also writes the topology-free copy of the training state (`topology_free_state.py`: every parameter's fp32
 weight and AdamW moments per global expert id), which `mmolre export` and a resume under another topology
 read.
 """
@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 import torch
 
-from . import distributed, elastic
+from . import distributed, topology_free_state
 from .config import ConfigError
 
 MARKER = "mmolre_complete.json"
@@ -93,9 +93,9 @@ def save(engine, ckpt_dir: str, tag: str, client_state: dict, info, ep_size: int
     distributed.barrier(info)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
     torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
-    state = elastic.gather(engine, info)   # a collective: every rank takes part
+    state = topology_free_state.gather(engine, info)   # a collective: every rank takes part
     if state is not None and rank < ep_size:   # ranks 0..ep-1 hold every expert once (DeepSpeed's layout)
-        torch.save(state, os.path.join(ckpt_dir, tag, f"{elastic.PREFIX}{rank}.pt"))
+        torch.save(state, os.path.join(ckpt_dir, tag, f"{topology_free_state.PREFIX}{rank}.pt"))
     distributed.barrier(info)
     check_shared(os.path.join(ckpt_dir, tag), info)
     if rank == 0:

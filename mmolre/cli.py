@@ -20,7 +20,7 @@ import sys
 
 
 def _show(args) -> int:
-    from .report import format_table
+    from .results import format_table
     path = os.path.join(args.run_dir, "results.json")
     if not os.path.isfile(path):
         print(f"error: {path} does not exist (has the run finished?)", file=sys.stderr)
@@ -61,7 +61,7 @@ def _predict(args) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from .config import default_cache_dir
     from .export import predict
-    from .report import write_predictions
+    from .results import write_predictions
     preds, payload = predict(args.model, args.data, args.split, args.cache_dir or default_cache_dir())
     thresholds = payload.get("emotion_thresholds")
     write_predictions(args.out, preds, thresholds)

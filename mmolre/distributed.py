@@ -144,6 +144,12 @@ def describe_expert_parallel_groups(world_size: int, ep_size: int, hosts: list[s
     return " | ".join(parts)
 
 
+def print_main(info: DistInfo, *parts) -> None:
+    """Print on rank 0 only (every rank runs the same code; one copy of each message is enough)."""
+    if info.is_main:
+        print(*parts, flush=True)
+
+
 def _live() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -13,7 +13,7 @@ from deepspeed.utils import groups
 from . import distributed
 from .config import ConfigError, TrainConfig
 from .model.text_encoder import is_text_encoder_param
-from .schedule import Flags, WarmupCosineBySamples
+from .lr_schedule import SchedulePlan, WarmupCosineBySamples
 
 
 # Top-level keys DeepSpeed reads that are not in deepspeed.runtime.constants (monitors, ZeRO, profilers, ...).
@@ -145,12 +145,12 @@ def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, sample
     (planned for --epochs epochs of samples_per_epoch, or --max_steps steps of samples_per_step if fewer)."""
     import deepspeed
     text_lr = cfg.text_lr if getattr(model, "text_backbone", None) is not None else None
-    flags = Flags(cfg.epochs, cfg.max_steps, cfg.warmup_ratio, samples_per_epoch, samples_per_step,
-                  text_warmup_ratio=cfg.text_warmup_ratio if text_lr is not None else None)
+    plan = SchedulePlan(cfg.epochs, cfg.max_steps, cfg.warmup_ratio, samples_per_epoch, samples_per_step,
+                        text_warmup_ratio=cfg.text_warmup_ratio if text_lr is not None else None)
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay, cfg.lr, cfg.router_lr_scale, text_lr),
                                   lr=cfg.lr)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           lr_scheduler=lambda opt: WarmupCosineBySamples(opt, flags))
+                                           lr_scheduler=lambda opt: WarmupCosineBySamples(opt, plan))
     return clip_by_the_model_norm(engine, info)
 
 

@@ -11,7 +11,7 @@ from . import distributed
 from .config import RunConfig
 from .data import Batch, PreparedData, eval_batches
 from .metrics import emotion_metrics, sentiment_metrics
-from .routing_stats import routing_summary
+from .routing_stats import specialisation_statistics
 
 
 @dataclass
@@ -19,7 +19,7 @@ class EvalResult:
     loss: float
     metrics: dict
     predictions: dict | None = None   # rank 0 only: arrays keyed by column
-    routing: dict | None = None       # rank 0 only: routing_stats.routing_summary of this split
+    routing: dict | None = None       # rank 0 only: routing_stats.specialisation_statistics of this split
 
 
 def to_device(batch: Batch, device, dtype) -> Batch:
@@ -83,7 +83,7 @@ def _routing(preds: dict, model, previous: dict | None) -> dict | None:
     if previous is not None and set(previous["ids"]) >= set(preds["ids"]):   # aligned by id: the order of the
         where = {i: n for n, i in enumerate(previous["ids"])}                 # gathered rows depends on the world
         before = previous["routes"][[where[i] for i in preds["ids"]]]
-    return routing_summary(preds["routes"], preds["combine"], model.moe_layer_names(), model.cfg.num_experts,
+    return specialisation_statistics(preds["routes"], preds["combine"], model.moe_layer_names(), model.cfg.num_experts,
                            preds["sentiment_true"], preds["emotion_true"], preds["has_emotion"], before)
 
 

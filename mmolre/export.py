@@ -5,7 +5,7 @@
 per global expert id, so the export does not depend on how many ranks trained it), and writes one fp32
 file with the model configuration, the feature shapes and the train-split normalisation. A bf16 run's
 model files hold bf16 copies; every checkpoint also holds the fp32 weights (the optimizer's masters) in its
-topology-free state (`elastic.py`), and those are what the export takes. `predict` builds the model with expert
+topology-free state (`topology_free_state.py`), and those are what the export takes. `predict` builds the model with expert
 parallelism 1 and runs it on CPU. A model trained with `--finetune_text` holds its text encoder's weights;
 `export` and `predict` need the encoder's directory (its architecture and tokenizer) where the run's config
 names it (an absolute path).
@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from . import checkpoint, elastic
+from . import checkpoint, topology_free_state
 from .config import saved_model_config
 from .data.cache import build_cache, load_cache
 from .data.loader import SplitDataset, eval_batches
@@ -86,7 +86,7 @@ def export(run_dir: str, out_path: str, tag: str = "best") -> dict:
 def _load_fp32_state(model: MMoLRE, tag_dir: str, marker: dict) -> bool:
     """Overwrite the model's weights with the fp32 weights of the checkpoint's topology-free state (the
     optimizer's masters for a bf16 run), every expert under its global id. False where it has none."""
-    state = elastic.read(tag_dir, marker["ep_size"], model.cfg.num_experts)
+    state = topology_free_state.read(tag_dir, marker["ep_size"], model.cfg.num_experts)
     if state is None:
         return False
     missing, unexpected = model.load_state_dict({name: entry["fp32"] for name, entry in state["params"].items()},

@@ -62,7 +62,16 @@ class Monitor:
             self.writer.close()
 
 
+def flatten(prefix: str, d: dict) -> dict[str, float]:
+    """{"a": {"b": 1}} -> {"prefix/a/b": 1}: nested metrics as TensorBoard tags (non-numbers left out)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(f"{prefix}/{k}", v))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}/{k}"] = v
+    return out
+
+
 def tensorboard_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "tensorboard")
-
-

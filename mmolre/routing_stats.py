@@ -81,7 +81,7 @@ def _with_chance(stats: dict, name: str, value, chance) -> None:
     stats[f"{name}_excess"] = None if value is None or chance is None else value - chance
 
 
-def routing_summary(routes: np.ndarray, combine: np.ndarray, layer_names: list[str], num_experts: int,
+def specialisation_statistics(routes: np.ndarray, combine: np.ndarray, layer_names: list[str], num_experts: int,
                     sentiment: np.ndarray, emotions: np.ndarray, has_emotion: np.ndarray,
                     previous: np.ndarray | None = None) -> dict:
     """{layer: {"task_divergence": x, ..., task: {label_mi, max_combine_weight, stability, ...}}} from

@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-PREFIX = "elastic_rank"
+PREFIX = "elastic_rank"   # the files' name since the first version; checkpoints in use have it
 MOMENTS = ("exp_avg", "exp_avg_sq")   # AdamW's per-parameter state
 # Expert parameter names: the stacked experts' ("...experts.down_weight", [local experts, ...]) and
 # DeepSpeed's per-expert form ("...experts.deepspeed_experts.<id>.down.weight"), which checkpoints use.

@@ -34,8 +34,8 @@ def warmup_cosine_factor(samples_before: int, samples_per_step: int, total_sampl
 
 
 @dataclass(frozen=True)
-class Flags:
-    """What the plan is made from (the flags, and this run's batch geometry)."""
+class SchedulePlan:
+    """What the schedule is planned from: the flags that shape it and this run's batch geometry."""
     epochs: int
     max_steps: int
     warmup_ratio: float
@@ -45,17 +45,17 @@ class Flags:
 
 
 class WarmupCosineBySamples(LRScheduler):
-    def __init__(self, optimizer: torch.optim.Optimizer, flags: Flags):
-        self.flags = flags
-        self.samples_per_step = flags.samples_per_step
+    def __init__(self, optimizer: torch.optim.Optimizer, plan: SchedulePlan):
+        self.plan = plan
+        self.samples_per_step = plan.samples_per_step
         self.samples = 0                 # samples consumed by the optimizer steps applied so far
-        self.max_samples = flags.max_steps * flags.samples_per_step   # --max_steps as a sample budget (0: none)
+        self.max_samples = plan.max_steps * plan.samples_per_step   # --max_steps as a sample budget (0: none)
         self._plan_total()
         self._started = False
         super().__init__(optimizer)      # applies the first step's LR (LRScheduler's initial step)
 
     def _plan_total(self) -> None:
-        f = self.flags
+        f = self.plan
         self.total_samples = max(1, min(f.epochs * f.samples_per_epoch, self.max_samples or 10**18))
         self.warmup_samples = max(f.samples_per_step, int(self.total_samples * f.warmup_ratio))
 
@@ -67,7 +67,7 @@ class WarmupCosineBySamples(LRScheduler):
         return warmup_cosine_factor(self.samples, self.samples_per_step, self.total_samples, warmup)
 
     def get_lr(self) -> list[float]:
-        text = self.flags.text_warmup_ratio
+        text = self.plan.text_warmup_ratio
         return [base * self.factor(text if str(group.get("name", "")).startswith("text_") else None)
                 for base, group in zip(self.base_lrs, self.optimizer.param_groups)]
 
@@ -87,25 +87,27 @@ class WarmupCosineBySamples(LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def state_dict(self) -> dict:
-        return {"samples": self.samples, "last_epoch": self.last_epoch, "flags": asdict(self.flags),
+        # "flags" (the plan's inputs) and "plan" (what was derived from them): the keys checkpoints have always had
+        return {"samples": self.samples, "last_epoch": self.last_epoch, "flags": asdict(self.plan),
                 "plan": {"total_samples": self.total_samples, "warmup_samples": self.warmup_samples,
                          "max_samples": self.max_samples}}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """The position always; the plan where the flags it was made from are unchanged (module docstring)."""
+        """The position always; the derived plan where the flags it was made from are unchanged (module
+        docstring)."""
         if "samples" not in state_dict:
             raise ValueError("not a WarmupCosineBySamples state (a checkpoint of an earlier version?)")
         self.last_epoch = state_dict["last_epoch"]   # = optimizer steps applied
         self.samples = int(state_dict["samples"])
-        saved, plan = state_dict.get("flags") or {}, state_dict.get("plan") or {}
-        if saved.get("max_steps") == self.flags.max_steps and "max_samples" in plan:
-            self.max_samples = plan["max_samples"]
-        elif self.flags.max_steps:   # a new step budget: its remaining steps at today's batch size
-            self.max_samples = self.samples + max(0, self.flags.max_steps - self.last_epoch) * self.samples_per_step
-        same = all(saved.get(k) == getattr(self.flags, k) for k in ("epochs", "max_steps", "warmup_ratio"))
+        saved, derived = state_dict.get("flags") or {}, state_dict.get("plan") or {}
+        if saved.get("max_steps") == self.plan.max_steps and "max_samples" in derived:
+            self.max_samples = derived["max_samples"]
+        elif self.plan.max_steps:   # a new step budget: its remaining steps at today's batch size
+            self.max_samples = self.samples + max(0, self.plan.max_steps - self.last_epoch) * self.samples_per_step
+        same = all(saved.get(k) == getattr(self.plan, k) for k in ("epochs", "max_steps", "warmup_ratio"))
         # (the text groups' warm-up is a fraction of the kept total, so a changed --text_warmup_ratio applies)
-        if same and "total_samples" in plan:
-            self.total_samples, self.warmup_samples = plan["total_samples"], plan["warmup_samples"]
+        if same and "total_samples" in derived:
+            self.total_samples, self.warmup_samples = derived["total_samples"], derived["warmup_samples"]
         else:
             self._plan_total()
         self.apply_lr()

@@ -1,0 +1,71 @@
+"""The build steps of a training run, each a named function: the rank's device, the data, the model, the batch
+geometry and the emotion loss's weights. `train.Trainer` calls them in order."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import distributed
+from .config import EMOTIONS, RunConfig
+from .data import describe_source, prepare
+from .data.tokens import TextTokens
+from .emotion_decisions import prevalence_weights
+from .model import MMoLRE, count_parameters
+from .results import SYNTHETIC_NOTICE
+
+say = distributed.print_main
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    micro: int           # samples per rank and micro batch
+    grad_accum: int      # micro batches per optimizer step
+    world: int
+
+    @property
+    def samples_per_micro(self) -> int:    # one micro batch on every rank
+        return self.micro * self.world
+
+    @property
+    def samples_per_step(self) -> int:     # one optimizer step
+        return self.samples_per_micro * self.grad_accum
+
+
+def build_model(cfg: RunConfig, data, ep_size: int, info) -> tuple[MMoLRE, dict]:
+    """The model with every shared expert's initial weights a function of (seed, layer, global id)."""
+    torch.manual_seed(cfg.train.seed)
+    model = MMoLRE(cfg.model, data.shapes, ep_size=ep_size)
+    model.init_shared_experts(cfg.train.seed, distributed.expert_parallel_rank(info.rank, ep_size))
+    params = count_parameters(model)
+    params["expert_bytes_per_rank"] = sum(p.numel() * p.element_size() for _, b in model.moe_blocks()
+                                          for p in b.shared_experts.parameters())
+    return model, params
+
+
+def load_data(cfg: RunConfig, info):
+    """Local rank 0 builds the caches, every rank memory-maps them; the log says what was read."""
+    m = cfg.model
+    text_tokens = TextTokens(m.text_encoder, cfg.data.text_max_length) if m.finetune_text else None
+    data = prepare(cfg.data, builds=info.local_rank == 0, barrier=lambda: distributed.barrier(info),
+                   text_tokens=text_tokens)
+    if data.synthetic:
+        say(info, SYNTHETIC_NOTICE)
+    for name, meta in data.sources.items():
+        say(info, describe_source(name, meta, data.modalities, m.text_encoder))
+    return text_tokens, data
+
+
+def emotion_pos_weight(cfg: RunConfig, data, device, info) -> torch.Tensor | None:
+    weight = prevalence_weights(data.splits["train"]) if cfg.train.emotion_pos_weight == "prevalence" else None
+    if weight is None:
+        return None
+    say(info, "emotion BCE: present cases weighted by (1 - prevalence) / prevalence: "
+              + ", ".join(f"{e} {w:.2f}" for e, w in zip(EMOTIONS, weight)))
+    return torch.tensor(weight, dtype=torch.float32, device=device)
+
+
+def rank_device(info) -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    return torch.device(acc.device_name(info.local_rank) if acc.device_name() != "cpu" else "cpu")
