@@ -307,7 +307,7 @@ def elastic_resume_worker(rank: int, world: int, port: int, run_dir: str, out_pa
     master as DeepSpeed left it, this rank's state gathered back after the restore, and the module."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
-    from mmolre import checkpoint, elastic
+    from mmolre import checkpoint, topology_free_state
     from mmolre.config import ModelConfig
     from mmolre.engine import optimizer_groups
     from mmolre.model import MMoLRE
@@ -325,8 +325,8 @@ def elastic_resume_worker(rank: int, world: int, port: int, run_dir: str, out_pa
                                                config={**ds_config(stage, 8), "bf16": {"enabled": bf16}})
         checkpoint.load(engine, ckpt_dir, tag, rank, weights_only=True)
         refreshed = {n: safe_get_full_fp32_param(p).cpu().clone() for n, p in model.named_parameters()}
-        restored = elastic.restore(engine, os.path.join(ckpt_dir, tag), marker["ep_size"], ep_size, rank % ep_size)
-        gathered = elastic.gather(engine, dataclasses.replace(info, rank=0))   # every parameter this rank holds
+        restored = topology_free_state.restore(engine, os.path.join(ckpt_dir, tag), marker["ep_size"], ep_size, rank % ep_size)
+        gathered = topology_free_state.gather(engine, dataclasses.replace(info, rank=0))   # every parameter this rank holds
         record[stage] = {"restored": restored, "refreshed": refreshed, "state": gathered,
                          "module": {n: p.detach().cpu().clone() for n, p in model.named_parameters()}}
     _save_from_main(record, info, out_path)

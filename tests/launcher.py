@@ -76,3 +76,11 @@ def rank_pid(launcher, rank):
         if f"--local_rank={rank}" in " ".join(child.cmdline()):
             return child.pid
     raise AssertionError(f"no process for rank {rank}")
+
+
+def scalars(run, tag) -> list[tuple[int, float]]:
+    """(step, value) of one TensorBoard scalar, in order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]

@@ -1,4 +1,5 @@
-"""A tiny randomly initialised BERT with its tokenizer, saved as a local model directory (no download)."""
+"""A tiny randomly initialised BERT with its tokenizer, saved as a local model directory (no download), and
+transcripts for it."""
 WORDS = ["good", "bad", "movie", "really", "not", "the", "was", "i", "liked", "it"]
 
 
@@ -17,3 +18,29 @@ def save_tiny_encoder(path, hidden_size: int = 12, saved_truncation: bool = Fals
     transformers.set_seed(0)
     transformers.BertModel(cfg).save_pretrained(str(path))
     return str(path)
+
+
+MAX_LENGTH = 8
+
+
+def sentence(i: int) -> str:
+    """1 to 9 words: with [CLS] and [SEP], every fourth is longer than MAX_LENGTH tokens."""
+    return " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + i % 9))
+
+
+def label_table(path, sizes=(("train", 32), ("dev", 8), ("test", 8))) -> str:
+    rows = ["video_id,clip_id,text,label,annotation,mode"]
+    i = 0
+    for mode, n in sizes:
+        for c in range(n):
+            rows.append(f"{mode}v{c % 4},{c},{sentence(i)},{(i % 13) / 2 - 3},x,{mode}")
+            i += 1
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def transcripts_pickle(tmp_path) -> str:
+    from mmolre.cli import main as mmolre
+    out = str(tmp_path / "mosi_text.pkl")
+    assert mmolre(["featurize", label_table(tmp_path / "label.csv"), out, "--transcripts_only"]) == 0
+    return out

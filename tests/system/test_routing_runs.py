@@ -8,7 +8,7 @@ import torch
 from mmolre.export import export
 
 from tests.launcher import final_weights, results, run_deepspeed
-from tests.test_configurations import scalars
+from tests.launcher import scalars
 
 
 def _biases(state: dict) -> dict:

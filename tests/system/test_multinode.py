@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.launcher import ROOT, TINY, environment, final_weights, free_port, results, run_deepspeed
-from tests.test_configurations import scalars
+from tests.launcher import scalars
 
 
 def launch_nodes(tmp, args, ranks_per_node=1, private_runs_on=(), timeout=300):

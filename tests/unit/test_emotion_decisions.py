@@ -83,7 +83,7 @@ def test_the_emotion_task_needs_emotion_labels_in_train_and_valid():
     from types import SimpleNamespace
 
     from mmolre.config import ConfigError, TrainConfig
-    from mmolre.train import check_tasks
+    from mmolre.emotion_decisions import check_tasks
 
     def data(train, valid):
         split = lambda has: SimpleNamespace(hf={"has_emotion": [has, False]})   # noqa: E731

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-from mmolre.schedule import Flags, WarmupCosineBySamples, warmup_cosine_factor
+from mmolre.lr_schedule import SchedulePlan, WarmupCosineBySamples, warmup_cosine_factor
 
 
 def scheduler(epochs=2, max_steps=0, warmup_ratio=0.1, samples_per_epoch=320, samples_per_step=16):
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    return WarmupCosineBySamples(opt, Flags(epochs, max_steps, warmup_ratio, samples_per_epoch, samples_per_step))
+    return WarmupCosineBySamples(opt, SchedulePlan(epochs, max_steps, warmup_ratio, samples_per_epoch, samples_per_step))
 
 
 def run(sched, steps):

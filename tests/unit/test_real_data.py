@@ -6,62 +6,16 @@ import os
 import re
 import pickle
 
-import h5py
 import numpy as np
 import pytest
 
 from mmolre.cli import main as mmolre
-from mmolre.config import EMOTIONS, DataConfig
-from mmolre.data import prepare
+from mmolre.config import EMOTIONS
 from mmolre.data.cache import build_cache
 from mmolre.data.emotions import read_emotion_labels
 from mmolre.data.schema import DataError, check_dataset
-from tests.tiny_encoder import WORDS, save_tiny_encoder
-
-SIZES = {"train": 12, "valid": 4, "test": 6}
-# MOSI's feature sizes (audio 5, vision 20; unaligned 375/500 steps scaled down); text kept small.
-DIMS = {"text": 16, "audio": 5, "vision": 20}
-
-
-def mmsa_split(split: str, n: int, rng, aligned=True, bytes_ids=False, videos=3, base=0, emotions=False):
-    t = {"text": 8, "audio": 8 if aligned else 15, "vision": 8 if aligned else 20}
-    ids = [f"vid{split}{i % videos}$_${i // videos + base}" for i in range(n)]
-    d = {"id": np.array([i.encode() for i in ids]) if bytes_ids else np.array(ids, dtype=object),
-         "raw_text": np.array([f"utterance {i}" for i in range(n)]),
-         "regression_labels": np.round(rng.uniform(-3, 3, n) * 3) / 3,
-         "annotations": np.array(["Positive"] * n),
-         "classification_labels": np.ones(n),
-         "text_bert": np.zeros((n, 3, t["text"]), np.int64)}
-    tokens = rng.integers(2, t["text"] + 1, n)   # MMSA: ids, attention mask (1s then 0s), segments
-    d["text_bert"][:, 0] = rng.integers(100, 30000, (n, t["text"])) * (np.arange(t["text"]) < tokens[:, None])
-    d["text_bert"][:, 1] = np.arange(t["text"]) < tokens[:, None]
-    for m, dim in DIMS.items():
-        d[m] = rng.normal(size=(n, t[m], dim)).astype(np.float32)
-        if aligned and m != "text":   # aligned files pad audio and vision with zeros past the text's tokens
-            d[m][np.arange(t[m])[None, :] >= tokens[:, None]] = 0.0
-    d["audio"][0, 0, :2] = -np.inf   # as in MMSA's COVAREP features
-    if not aligned:
-        d["audio_lengths"] = rng.integers(1, t["audio"] + 1, n)
-        d["vision_lengths"] = rng.integers(1, t["vision"] + 1, n)
-    if emotions:
-        d["emotion_labels"] = rng.uniform(0, 3, (n, 6)).astype(np.float32)
-    return d
-
-
-def mmsa(aligned=True, bytes_ids=False, seed=0, **kw):
-    rng = np.random.default_rng(seed)
-    return {s: mmsa_split(s, n, rng, aligned, bytes_ids, **kw) for s, n in SIZES.items()}
-
-
-def dump(path, data):
-    with open(path, "wb") as f:
-        pickle.dump(data, f)
-    return str(path)
-
-
-def prepared(tmp_path, **kw):
-    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), **kw)
-    return prepare(cfg, builds=True, barrier=lambda: None)
+from tests.mmsa_files import SIZES, csd, dump, mmsa, prepared, sdk_labels_for
+from tests.tiny_encoder import WORDS
 
 
 def test_unaligned_mmsa_directory_with_bytes_ids_and_lengths(tmp_path):
@@ -85,29 +39,6 @@ def test_unaligned_mmsa_directory_with_bytes_ids_and_lengths(tmp_path):
     # the aligned file is the default pick inside a directory
     with pytest.raises(DataError, match=r"no aligned_50.pkl in it or in its Processed/.*unaligned_50.pkl"):
         prepared(tmp_path, dataset="mosi", data_path=str(tmp_path / "MOSI" / "Processed"))
-
-
-def csd(path, labels: dict[str, np.ndarray], root="All Labels"):
-    with h5py.File(path, "w") as f:
-        for video, feats in labels.items():
-            g = f.create_group(f"{root}/data/{video}")
-            g["features"] = feats
-            g["intervals"] = np.c_[np.arange(len(feats)), np.arange(len(feats)) + 1.0]
-        f.create_group(f"{root}/metadata")
-    return str(path)
-
-
-def sdk_labels_for(raw: dict, skip: str | None = None) -> dict[str, np.ndarray]:
-    """[sentiment, happy, sad, anger, surprise, disgust, fear] per segment, segment k = clip k."""
-    rows: dict[str, dict[int, np.ndarray]] = {}
-    for split in raw:
-        for sid, y in zip(raw[split]["id"], raw[split]["regression_labels"]):
-            video, clip = str(sid).split("$_$")
-            if sid == skip:
-                continue
-            emo = np.arange(6) / 2 + int(clip) / 10   # distinct per emotion and clip, within [0, 3]
-            rows.setdefault(video, {})[int(clip)] = np.r_[y, emo]
-    return {v: np.stack([clips[k] for k in sorted(clips)]) for v, clips in rows.items()}
 
 
 def test_mosei_emotions_join_from_an_sdk_csd_in_the_sdk_order(tmp_path):
@@ -367,11 +298,6 @@ def test_data_inspect_and_verify(tmp_path, capsys, monkeypatch):
 
 # ---- the featurizer, with a tiny randomly initialised encoder (no download) -------------------------
 
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory):
-    return save_tiny_encoder(tmp_path_factory.mktemp("tiny_bert"))
-
-
 def mosi_table(path, missing_text=False):
     rows = ["video_id,clip_id,text,label,annotation,mode"]
     for v, mode in (("trA", "train"), ("trB", "train"), ("dvA", "dev"), ("teA", "test")):
@@ -476,30 +402,6 @@ def test_check_dataset_accepts_the_quirky_but_valid_file():
     assert reports["train"].nonfinite_replaced == {"audio": 2} and reports["test"].with_emotions == 6
 
 
-def test_two_processes_train_on_a_mixed_dataset_and_report_each_dataset(tmp_path):
-    from tests.launcher import run_deepspeed
-    mosi = dump(tmp_path / "mosi.pkl", mmsa(seed=1))
-    raw = mmsa(seed=2)
-    mosei = dump(tmp_path / "mosei.pkl", raw)   # sentiment only, as MMSA publishes MOSEI; emotions from the SDK
-    labels = csd(tmp_path / "CMU_MOSEI_Labels.csd", sdk_labels_for(raw))
-    proc = run_deepspeed(tmp_path, "--dataset", "mosi+mosei", "--data_path", f"{mosi},{mosei}", "--ep_size", "2",
-                         "--emotion_labels", labels, "--epochs", "2", "--run_name", "mixed")
-    assert "data: mosi: no emotion labels (sentiment only)" in proc.stdout
-    assert "data: mosei: emotion labels joined from" in proc.stdout and "test: 6 of 6 samples labelled" in proc.stdout
-    with open(tmp_path / "runs" / "mixed" / "results.json") as f:
-        results = json.load(f)
-    assert results["world_size"] == 2 and results["ep_size"] == 2
-    per = results["test"]["per_dataset"]
-    assert per["mosi"]["samples"] == per["mosei"]["samples"] == SIZES["test"]
-    assert "emotion" not in per["mosi"] and "emotion" in per["mosei"]
-    assert results["test"]["samples"] == 2 * SIZES["test"]
-    assert set(results["data"]) == {"mosi", "mosei"}
-    assert results["data"]["mosi"]["splits"]["train"]["nonfinite_replaced"] == {"audio": 2}
-    ids = (tmp_path / "runs" / "mixed" / "predictions_test.csv").read_text()
-    assert "mosi/vidtest0$_$0" in ids and "mosei/vidtest0$_$0" in ids
-    assert "mosei (6 test samples)" in proc.stdout
-
-
 def test_featurize_rejects_bad_emotions_in_the_table_with_file_line_and_sample(tmp_path, capsys):
     head = "video_id,clip_index,sentiment," + ",".join(EMOTIONS) + ",mode,text"
     for bad, message in (("x", "could not convert"), ("3.5", "outside [0, 3]")):
@@ -507,22 +409,3 @@ def test_featurize_rejects_bad_emotions_in_the_table_with_file_line_and_sample(t
         assert mmolre(["featurize", str(tmp_path / "t.csv"), str(tmp_path / "o.pkl"), "--text_encoder", "unused"]) == 2
         err = capsys.readouterr().err
         assert "t.csv [line 2, key 'emotions', sample 'v$_$0']" in err and message in err
-
-
-def test_a_dataset_without_emotion_labels_shows_no_emotion_loss(tmp_path):
-    """MOSI has no emotions: the progress bar and TensorBoard show no emotion loss (it was an exact -0.0)."""
-    from tests.launcher import run_deepspeed
-    from tests.test_configurations import scalars
-    mosi = dump(tmp_path / "mosi.pkl", mmsa(seed=1))
-    proc = run_deepspeed(tmp_path, "--dataset", "mosi", "--data_path", mosi, "--epochs", "2", "--log_every", "1",
-                         "--batch_size", "4", "--run_name", "mosi")
-    run = tmp_path / "runs" / "mosi"
-    assert "mae=" in proc.stderr and "bce=" not in proc.stderr
-    assert scalars(run, "loss/sentiment") and "loss/emotion" not in _scalar_tags(run)
-
-
-def _scalar_tags(run) -> list[str]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    acc = EventAccumulator(str(run / "tensorboard"))
-    acc.Reload()
-    return acc.Tags()["scalars"]

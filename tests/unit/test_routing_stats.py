@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mmolre.routing_stats import (dead_experts, expert_distribution, headline, js_divergence,
-                                  mutual_information, routing_summary, stability)
+                                  mutual_information, specialisation_statistics, stability)
 
 N = 4
 
@@ -48,7 +48,7 @@ def test_summary_per_layer_and_task_on_a_constructed_routing():
     routes[:, 0, 0, 0] = np.where(sentiment < 0, 0, 1)   # sentiment: by sign to experts 0 / 1
     routes[:, 0, 1, 0] = 2 + (np.arange(n) % 2)          # emotion: by happy presence to experts 2 / 3
     combine = np.ones_like(routes, dtype=np.float64)
-    s = routing_summary(routes, combine, ["text.0"], N, sentiment, emotions, has, previous=routes)
+    s = specialisation_statistics(routes, combine, ["text.0"], N, sentiment, emotions, has, previous=routes)
     layer = s["text.0"]
     assert layer["task_divergence"] == pytest.approx(math.log(2))    # the tasks use disjoint experts
     assert layer["sentiment"]["label_mi"] == pytest.approx(math.log(2))
@@ -76,13 +76,13 @@ def test_chance_levels_separate_specialisation_from_many_experts_and_few_rows():
     n, experts = 400, 64
     sentiment = rng.choice([-1.0, 1.0], n)
     blind = rng.integers(0, experts, (n, 1, 2, 1))
-    s = routing_summary(blind, np.ones(blind.shape), ["text.0"], experts, sentiment, np.zeros((n, 6)),
+    s = specialisation_statistics(blind, np.ones(blind.shape), ["text.0"], experts, sentiment, np.zeros((n, 6)),
                         np.zeros(n))["text.0"]
     assert s["sentiment"]["label_mi"] > 0.08 and abs(s["sentiment"]["label_mi_excess"]) < 0.05
     assert s["task_divergence"] > 0.02 and abs(s["task_divergence_excess"]) < 0.02
     assert s["emotion"]["label_mi"] is None            # no emotion labels: undefined, not 0
     by_sign = blind.copy()
     by_sign[:, 0, 0, 0] = np.where(sentiment < 0, rng.integers(0, 32, n), rng.integers(32, 64, n))
-    t = routing_summary(by_sign, np.ones(blind.shape), ["text.0"], experts, sentiment, np.zeros((n, 6)),
+    t = specialisation_statistics(by_sign, np.ones(blind.shape), ["text.0"], experts, sentiment, np.zeros((n, 6)),
                         np.zeros(n))["text.0"]["sentiment"]
     assert t["label_mi"] == pytest.approx(math.log(2), abs=1e-3) and t["label_mi_excess"] > 0.6
