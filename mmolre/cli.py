@@ -157,22 +157,39 @@ def _data_verify(args) -> int:
     return 1
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmolre", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_model_commands(sub)
+    _add_data_commands(sub)
+    return parser
+
+
+def _add_run_commands(sub) -> None:
+    """What reads finished runs: show, report, reshard."""
     show = sub.add_parser("show", help="print a finished run's results table")
     show.add_argument("run_dir")
     show.set_defaults(func=_show)
-    syn = sub.add_parser("synthetic", help="write the synthetic dataset as an MMSA-schema pickle")
-    syn.add_argument("out")
-    syn.add_argument("--like", choices=["mosi-aligned", "mosi-unaligned", "mosei-aligned", "mosei-unaligned"],
-                     help="MMSA's shapes, lengths, -inf and split sizes for that file (BERT text 50x768 with "
-                          "text_bert; unaligned audio/vision 375-500 steps with lengths) instead of the default")
-    syn.add_argument("--scale", type=float, default=None,
-                     help="fraction of the split sizes (default 0.5 of MOSEI's; with --like, 1.0)")
-    syn.add_argument("--seed", type=int, default=0)
-    syn.set_defaults(func=_synthetic)
+    rep = sub.add_parser("report", help="a table (and figures) over many runs, e.g. a sweep")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", help="also write the markdown table here")
+    rep.add_argument("--plot", help="write PREFIX_vs_experts.png and PREFIX_heatmap.png (needs matplotlib)")
+    rep.add_argument("--metric", default="test.sentiment.mae", help="the metric the figures show")
+    rep.add_argument("--study", action="store_true", help="the routing study's columns: accuracy, load balance, "
+                     "dead experts, specialisation (routing_stats) and samples/s")
+    rep.set_defaults(func=_report)
+    res = sub.add_parser("reshard", help="lay a run's latest checkpoint out for another world size and "
+                                         "expert-parallel size, offline on CPU")
+    res.add_argument("run_dir")
+    res.add_argument("--world_size", type=int, required=True, help="processes of the run that will resume it")
+    res.add_argument("--ep_size", type=int, required=True, help="its expert-parallel size")
+    res.set_defaults(func=_reshard)
+
+
+def _add_model_commands(sub) -> None:
+    """A trained model out of its run, and predictions from it: export, predict."""
     exp = sub.add_parser("export", help="write one consolidated fp32 model file from a run's checkpoint")
     exp.add_argument("run_dir")
     exp.add_argument("out")
@@ -185,20 +202,30 @@ def main(argv=None) -> int:
     pred.add_argument("--out", default="predictions.csv")
     pred.add_argument("--cache_dir", default=None, help="Arrow cache directory (default: as for training)")
     pred.set_defaults(func=_predict)
-    res = sub.add_parser("reshard", help="lay a run's latest checkpoint out for another world size and "
-                                         "expert-parallel size, offline on CPU")
-    res.add_argument("run_dir")
-    res.add_argument("--world_size", type=int, required=True, help="processes of the run that will resume it")
-    res.add_argument("--ep_size", type=int, required=True, help="its expert-parallel size")
-    res.set_defaults(func=_reshard)
-    rep = sub.add_parser("report", help="a table (and figures) over many runs, e.g. a sweep")
-    rep.add_argument("run_dirs", nargs="+")
-    rep.add_argument("--out", help="also write the markdown table here")
-    rep.add_argument("--plot", help="write PREFIX_vs_experts.png and PREFIX_heatmap.png (needs matplotlib)")
-    rep.add_argument("--metric", default="test.sentiment.mae", help="the metric the figures show")
-    rep.add_argument("--study", action="store_true", help="the routing study's columns: accuracy, load balance, "
-                     "dead experts, specialisation (routing_stats) and samples/s")
-    rep.set_defaults(func=_report)
+
+
+def _add_data_commands(sub) -> None:
+    """Datasets: synthetic, featurize, data inspect|verify."""
+    syn = sub.add_parser("synthetic", help="write the synthetic dataset as an MMSA-schema pickle")
+    syn.add_argument("out")
+    syn.add_argument("--like", choices=["mosi-aligned", "mosi-unaligned", "mosei-aligned", "mosei-unaligned"],
+                     help="MMSA's shapes, lengths, -inf and split sizes for that file (BERT text 50x768 with "
+                          "text_bert; unaligned audio/vision 375-500 steps with lengths) instead of the default")
+    syn.add_argument("--scale", type=float, default=None,
+                     help="fraction of the split sizes (default 0.5 of MOSEI's; with --like, 1.0)")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.set_defaults(func=_synthetic)
+    _add_featurize(sub)
+    data = sub.add_parser("data", help="look at a dataset file").add_subparsers(dest="data_command", required=True)
+    ins = data.add_parser("inspect", help="splits, sizes, shapes, dtypes, labels, NaN/inf counts of a pickle")
+    ins.add_argument("path")
+    ins.set_defaults(func=_data_inspect)
+    ver = data.add_parser("verify", help="check a pickle's SHA-256 against MMSA's published hashes")
+    ver.add_argument("path")
+    ver.set_defaults(func=_data_verify)
+
+
+def _add_featurize(sub) -> None:
     feat = sub.add_parser("featurize", help="transcripts in a label table -> a text-only MMSA-schema pickle")
     feat.add_argument("table", help="MMSA label.csv (video_id, clip_id, text, label, mode) or a MOSEI table")
     feat.add_argument("out", help="the pickle to write")
@@ -219,14 +246,10 @@ def main(argv=None) -> int:
                       help="write ids, transcripts and labels without running an encoder: the input of "
                            "launch.py --text_encoder DIR --finetune_text, which tokenizes them into its cache")
     feat.set_defaults(func=_featurize)
-    data = sub.add_parser("data", help="look at a dataset file").add_subparsers(dest="data_command", required=True)
-    ins = data.add_parser("inspect", help="splits, sizes, shapes, dtypes, labels, NaN/inf counts of a pickle")
-    ins.add_argument("path")
-    ins.set_defaults(func=_data_inspect)
-    ver = data.add_parser("verify", help="check a pickle's SHA-256 against MMSA's published hashes")
-    ver.add_argument("path")
-    ver.set_defaults(func=_data_verify)
-    args = parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as e:

@@ -244,8 +244,16 @@ def parse_args(argv: Optional[list[str]] = None, world_size: Optional[int] = Non
 
 
 def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
-    """Checks that need no process group; world-size checks are in distributed.choose_ep_size."""
-    m, t, d = cfg.model, cfg.train, cfg.data
+    """Checks that need no process group, section by section; world-size checks that need the process group
+    are in distributed.choose_ep_size."""
+    _validate_data(cfg.data)
+    _validate_model(cfg.model)
+    _validate_training(cfg.train)
+    _validate_pairings(cfg)
+    _validate_paths(cfg, world_size)
+
+
+def _validate_data(d: DataConfig) -> None:
     unknown = [x for x in d.modality_list if x not in MODALITIES]
     if unknown:
         raise ConfigError(f"--modalities: unknown {unknown}; choose among {','.join(MODALITIES)}")
@@ -253,12 +261,15 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"--alignment must be 'aligned' or 'unaligned', got {d.alignment!r}")
     if not 0.0 <= d.emotion_join_tolerance <= 1.0:
         raise ConfigError(f"--emotion_join_tolerance must be in [0, 1], got {d.emotion_join_tolerance}")
+    if d.dataset == "synthetic" and not 0 < d.synthetic_scale <= 1:
+        raise ConfigError(f"--synthetic_scale must be in (0, 1], got {d.synthetic_scale}")
+
+
+def _validate_model(m: ModelConfig) -> None:
     if m.num_experts < 1:
         raise ConfigError(f"--num_experts must be >= 1, got {m.num_experts}")
     if not 1 <= m.top_k <= m.num_experts:
         raise ConfigError(f"--top_k {m.top_k} must be between 1 and --num_experts {m.num_experts}")
-    if t.ep_size < 0 or (t.ep_size and m.num_experts % t.ep_size):
-        raise ConfigError(f"--num_experts {m.num_experts} is not divisible by --ep_size {t.ep_size}")
     if m.temporal_steps < 0:
         raise ConfigError(f"--temporal_steps must be >= 0 (0: no pooling), got {m.temporal_steps}")
     for name in ("d_model", "blocks", "expert_rank"):
@@ -269,22 +280,47 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     for flag in ("capacity_factor", "eval_capacity_factor"):
         if getattr(m, flag) < 0:
             raise ConfigError(f"--{flag} must be >= 0 (0 = no dropping), got {getattr(m, flag)}")
+    for flag, (value, allowed) in {"--model": (m.model, ("mmolre", "hard_sharing", "mmoe")),
+                                   "--fusion": (m.fusion, ("adaptive", "concat")),
+                                   "--balance": (m.balance, ("aux", "aux_free", "none"))}.items():
+        if value not in allowed:
+            raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
+    if m.model == "mmolre" and not (m.shared_experts or m.task_experts):
+        raise ConfigError("--shared_experts false and --task_experts false leave UniTSE without experts")
+    if m.balance_bias_rate <= 0 or m.router_temperature <= 0:
+        raise ConfigError("--balance_bias_rate, --router_temperature and --router_lr_scale must be > 0, "
+                          "--router_z_loss >= 0")
+
+
+def _validate_training(t: TrainConfig) -> None:
     if t.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {t.epochs}")
     if t.max_steps < 0 or t.batch_size < 0 or t.grad_accum < 0:
         raise ConfigError("--max_steps, --batch_size and --grad_accum must be >= 0")
     if t.lr <= 0:
         raise ConfigError(f"--lr must be > 0, got {t.lr}")
-    choices = {"--model": (m.model, ("mmolre", "hard_sharing", "mmoe")), "--fusion": (m.fusion, ("adaptive", "concat")),
-               "--tasks": (t.tasks, ("both", "sentiment", "emotion")),
-               "--emotion_pos_weight": (t.emotion_pos_weight, ("none", "prevalence"))}
-    for flag, (value, allowed) in choices.items():
+    for flag, (value, allowed) in {"--tasks": (t.tasks, ("both", "sentiment", "emotion")),
+                                   "--emotion_pos_weight": (t.emotion_pos_weight, ("none", "prevalence"))}.items():
         if value not in allowed:
             raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
-    if m.model == "mmolre" and not (m.shared_experts or m.task_experts):
-        raise ConfigError("--shared_experts false and --task_experts false leave UniTSE without experts")
-    if m.balance not in ("aux", "aux_free", "none"):
-        raise ConfigError(f"--balance must be one of aux, aux_free, none; got {m.balance!r}")
+    if t.router_lr_scale <= 0 or t.router_z_loss < 0:
+        raise ConfigError("--balance_bias_rate, --router_temperature and --router_lr_scale must be > 0, "
+                          "--router_z_loss >= 0")
+    if t.text_lr <= 0 or not 0 <= t.text_warmup_ratio <= 1:
+        raise ConfigError("--text_max_length must be >= 2, --text_lr > 0 and --text_warmup_ratio in [0, 1]")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"--on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
+    if t.reshard_only and not t.resume:
+        raise ConfigError("--reshard_only needs --resume (it converts the latest checkpoint of --run_name)")
+    if t.save_every < 0 or t.keep_checkpoints < 1 or t.dist_timeout <= 0:
+        raise ConfigError("--save_every must be >= 0, --keep_checkpoints >= 1 and --dist_timeout > 0")
+
+
+def _validate_pairings(cfg: RunConfig) -> None:
+    """Flags that are each valid but not together."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    if t.ep_size < 0 or (t.ep_size and m.num_experts % t.ep_size):
+        raise ConfigError(f"--num_experts {m.num_experts} is not divisible by --ep_size {t.ep_size}")
     if m.balance == "aux_free" and m.dense_mixture:
         raise ConfigError("--balance aux_free needs routed experts: with --routers false or --model mmoe every "
                           "row visits every expert, so there is no choice to bias")
@@ -292,9 +328,10 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         raise ConfigError("--balance aux_free with --capacity_factor > 0 and --top_k >= 3: DeepSpeed's top-k gating "
                           "gives an over-subscribed expert's slots to the rows of highest (here: biased) probability, "
                           "and the bias is per task, so one task would be favoured; use top-1/2 or no capacity")
-    if m.balance_bias_rate <= 0 or m.router_temperature <= 0 or t.router_lr_scale <= 0 or t.router_z_loss < 0:
-        raise ConfigError("--balance_bias_rate, --router_temperature and --router_lr_scale must be > 0, "
-                          "--router_z_loss >= 0")
+    if m.router_noise and m.capacity_factor > 0:
+        raise ConfigError("--router_noise with --capacity_factor > 0: the second expert is sampled inside "
+                          "DeepSpeed's top-2 gating, so for a route the capacity drops the sampled choice is "
+                          "unknown and the per-task aux loss could not count it; use one or the other")
     if m.finetune_text != bool(m.text_encoder):
         raise ConfigError("--finetune_text and --text_encoder go together: the encoder trains inside the model on "
                           "the transcripts. For frozen features, run `mmolre featurize` and train on its output")
@@ -303,20 +340,15 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
     if m.finetune_text and "synthetic" in d.dataset.split("+"):
         raise ConfigError("--finetune_text: the synthetic dataset has no transcripts to tokenize; train it on an MMSA "
                           "pickle with raw_text or on `mmolre featurize TABLE OUT.pkl --transcripts_only`")
+    if d.text_max_length < 2:
+        raise ConfigError("--text_max_length must be >= 2, --text_lr > 0 and --text_warmup_ratio in [0, 1]")
+
+
+def _validate_paths(cfg: RunConfig, world_size: Optional[int]) -> None:
+    """Paths made absolute where they are recorded, and the world this run is meant for."""
+    m, t = cfg.model, cfg.train
     if m.text_encoder and os.path.isdir(m.text_encoder):   # recorded so export/predict find it from anywhere
         m.text_encoder = os.path.abspath(m.text_encoder)
-    if d.text_max_length < 2 or t.text_lr <= 0 or not 0 <= t.text_warmup_ratio <= 1:
-        raise ConfigError("--text_max_length must be >= 2, --text_lr > 0 and --text_warmup_ratio in [0, 1]")
-    if t.on_nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"--on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
-    if m.router_noise and m.capacity_factor > 0:
-        raise ConfigError("--router_noise with --capacity_factor > 0: the second expert is sampled inside "
-                          "DeepSpeed's top-2 gating, so for a route the capacity drops the sampled choice is "
-                          "unknown and the per-task aux loss could not count it; use one or the other")
-    if t.reshard_only and not t.resume:
-        raise ConfigError("--reshard_only needs --resume (it converts the latest checkpoint of --run_name)")
-    if t.save_every < 0 or t.keep_checkpoints < 1 or t.dist_timeout <= 0:
-        raise ConfigError("--save_every must be >= 0, --keep_checkpoints >= 1 and --dist_timeout > 0")
     world = world_size or int(os.environ.get("WORLD_SIZE") or 1)
     if t.ep_size and world % t.ep_size:
         raise ConfigError(f"--ep_size {t.ep_size} does not divide the world size {world}")
@@ -326,5 +358,3 @@ def validate(cfg: RunConfig, world_size: Optional[int] = None) -> None:
         if os.path.isabs(t.ds_config) or not os.path.isfile(beside_code):
             raise ConfigError(f"--ds_config: no such file {t.ds_config!r}")
         t.ds_config = beside_code
-    if d.dataset == "synthetic" and not 0 < d.synthetic_scale <= 1:
-        raise ConfigError(f"--synthetic_scale must be in (0, 1], got {d.synthetic_scale}")

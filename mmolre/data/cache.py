@@ -138,11 +138,7 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
     the text is the transcripts (`raw_text`) tokenized for that encoder, and no text features are stored."""
     target = cache_path_for(source, cache_dir, emotion_labels, text_tokens)
     if os.path.exists(os.path.join(target, "meta.json")):
-        with open(os.path.join(target, "meta.json")) as f:
-            join = json.load(f).get("emotion_labels")
-        if join and "compared" in join:
-            check_join(source, join["file"], join["sentiment_mismatches"], join["compared"],
-                       join.get("disagreeing", []), join_tolerance)
+        _check_cached_join(source, target, join_tolerance)
         return target
     raw = load_pickle(source)
     if not isinstance(raw, dict):
@@ -156,15 +152,9 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
         join = join_emotions(source, raw, read_emotion_labels(emotion_labels), join_tolerance)
         for split, matched in join.matched.items():
             reports[split].with_emotions = matched
-    tokens = None
-    if text_tokens:   # the transcripts replace the text features (checked above, not stored)
-        text_tokens.check()
-        # a copy: tokenizing changes a tokenizer's truncation/padding state, which is part of its key
-        tokenizer = copy.deepcopy(text_tokens.tokenizer())
-        tokens = {s: tokenize(transcripts(source, s, raw[s]), tokenizer, text_tokens.max_length) for s in SPLITS}
+    tokens = _tokenize_transcripts(source, raw, text_tokens, reports) if text_tokens else None
+    if tokens:   # the transcripts replace the text features (checked above, not stored)
         modalities = [m for m in modalities if m != "text"]
-        for s in SPLITS:
-            reports[s].lengths_from["text"] = f"the attention mask of {text_tokens.encoder}'s tokenizer"
     columns = {s: _split_columns(raw[s], modalities) for s in SPLITS}
     del raw
     shapes = {m: tuple(columns["train"][m].shape[1:]) for m in modalities}
@@ -173,19 +163,55 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
         for s, (ids, lengths, _) in tokens.items():
             columns[s]["text_ids"], columns[s]["text_length"] = ids, lengths
         token_meta = {"max_length": text_tokens.max_length, "truncated": {s: int(t[2]) for s, t in tokens.items()}}
-    features = _features(shapes, text_tokens.max_length if text_tokens else None)
     tmp = f"{target}.tmp{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    for s in SPLITS:  # streamed in record batches straight into the files every rank will memory-map
-        writer = ArrowWriter(features=features, path=os.path.join(tmp, f"{s}.arrow"))
+    _write_arrow(tmp, columns, _features(shapes, text_tokens.max_length if text_tokens else None))
+    meta = _meta(source, cache_dir, shapes, token_meta, join, emotion_labels, columns["train"], modalities, reports)
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({**meta, **(extra_meta or {})}, f, indent=1)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another node on a shared file system finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _check_cached_join(source: str, target: str, join_tolerance: float) -> None:
+    """A cache joined under a higher --emotion_join_tolerance is checked again against this one."""
+    with open(os.path.join(target, "meta.json")) as f:
+        join = json.load(f).get("emotion_labels")
+    if join and "compared" in join:
+        check_join(source, join["file"], join["sentiment_mismatches"], join["compared"],
+                   join.get("disagreeing", []), join_tolerance)
+
+
+def _tokenize_transcripts(source: str, raw: dict, text_tokens: TextTokens, reports: dict) -> dict:
+    """{split: (ids, lengths, truncated)} of the transcripts, tokenized for the encoder inside the model."""
+    text_tokens.check()
+    # a copy: tokenizing changes a tokenizer's truncation/padding state, which is part of its key
+    tokenizer = copy.deepcopy(text_tokens.tokenizer())
+    tokens = {s: tokenize(transcripts(source, s, raw[s]), tokenizer, text_tokens.max_length) for s in SPLITS}
+    for s in SPLITS:
+        reports[s].lengths_from["text"] = f"the attention mask of {text_tokens.encoder}'s tokenizer"
+    return tokens
+
+
+def _write_arrow(directory: str, columns: dict, features: datasets.Features) -> None:
+    """Stream each split in record batches straight into the files every rank will memory-map."""
+    os.makedirs(directory, exist_ok=True)
+    for s in SPLITS:
+        writer = ArrowWriter(features=features, path=os.path.join(directory, f"{s}.arrow"))
         n = len(columns[s]["id"])
         for start in range(0, n, WRITE_ROWS):
             writer.write_batch({k: v[start:start + WRITE_ROWS] for k, v in columns[s].items()})
         writer.finalize()
+
+
+def _meta(source, cache_dir, shapes, token_meta, join, emotion_labels, train, modalities, reports) -> dict:
+    """meta.json: where the data came from, its shapes, the train split's normalisation, what validation did."""
     all_shapes = {m: list(v) for m, v in shapes.items()}
     if token_meta:   # token ids; their width is the encoder's, which the cache does not fix (module docstring)
         all_shapes = {"text": [token_meta["max_length"]], **all_shapes}
-    meta = {"source": os.path.abspath(source), "sha256": known_sha256(source, cache_dir), "format": CACHE_FORMAT,
+    return {"source": os.path.abspath(source), "sha256": known_sha256(source, cache_dir), "format": CACHE_FORMAT,
             "modalities": [m for m in MODALITIES if m in all_shapes], "shapes": all_shapes,
             "text_tokens": token_meta,
             "emotion_labels": None if join is None else {
@@ -193,18 +219,10 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
                 "unmatched": join.unmatched, "sentiment_mismatches": join.sentiment_mismatches,
                 "compared": join.compared, "disagreeing": join.disagreeing,
                 "summary": join.summary()},
-            "normalisation": _normalisation(columns["train"], modalities),
+            "normalisation": _normalisation(train, modalities),
             "splits": {s: {"samples": r.samples, "with_emotions": r.with_emotions,
                            "nonfinite_replaced": r.nonfinite_replaced, "lengths_from": r.lengths_from}
-                       for s, r in reports.items()},
-            **(extra_meta or {})}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another node on a shared file system finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+                       for s, r in reports.items()}}
 
 
 def load_cache(target: str) -> tuple[datasets.DatasetDict, dict]:

@@ -58,23 +58,39 @@ def check_split(path: str, split: str, data: dict, modalities: list[str]) -> Spl
     for key in ("id", "regression_labels", *modalities):
         if key not in data:
             raise DataError(f"{where(path, split, key)}: missing (keys present: {sorted(data)})")
+    ids = _check_ids(path, split, data)
+    report = SplitReport(samples=len(ids))
+    _check_sentiment(path, split, data, ids)
+    for m in modalities:
+        _check_features(path, split, data, m, ids, report)
+    _lengths_from_text_mask(path, split, data, modalities, ids, report)
+    if EMOTION_KEY in data:
+        report.with_emotions = _check_emotions(path, split, data, ids)
+    return report
+
+
+def _count_ok(path: str, split: str, key: str, arr: np.ndarray, n: int) -> None:
+    if arr.shape[0] != n:
+        raise DataError(f"{where(path, split, key)}: {arr.shape[0]} samples but 'id' has {n}")
+
+
+def _check_ids(path: str, split: str, data: dict) -> list[str]:
+    """The split's ids as strings; refused if empty or duplicated."""
     ids = [decode_id(x) for x in np.asarray(data["id"]).reshape(-1)]
-    n = len(ids)
-    if n == 0:
+    if not ids:
         raise DataError(f"{where(path, split, 'id')}: the split is empty")
     seen: dict[str, int] = {}
     for i, sid in enumerate(ids):
         if sid in seen:
             raise DataError(f"{where(path, split, 'id', sid)}: duplicate id (rows {seen[sid]} and {i})")
         seen[sid] = i
-    report = SplitReport(samples=n)
+    return ids
 
-    def count_ok(key: str, arr: np.ndarray) -> None:
-        if arr.shape[0] != n:
-            raise DataError(f"{where(path, split, key)}: {arr.shape[0]} samples but 'id' has {n}")
 
+def _check_sentiment(path: str, split: str, data: dict, ids: list[str]) -> None:
+    n = len(ids)
     labels = np.asarray(data["regression_labels"], dtype=np.float64)
-    count_ok("regression_labels", labels)
+    _count_ok(path, split, "regression_labels", labels, n)
     if labels.size != n:  # [N] or [N, 1] as MMSA writes it; anything wider is not one sentiment per sample
         raise DataError(f"{where(path, split, 'regression_labels')}: expected one sentiment per sample, got "
                         f"shape {labels.shape}")
@@ -84,49 +100,52 @@ def check_split(path: str, split: str, data: dict, modalities: list[str]) -> Spl
         i = bad[0]
         raise DataError(f"{where(path, split, 'regression_labels', ids[i])}: sentiment {labels[i]} outside "
                         f"[-3, 3] ({bad.size} such samples)")
-    for m in modalities:
-        arr = np.asarray(data[m])
-        count_ok(m, arr)
-        if arr.ndim != 3:
-            raise DataError(f"{where(path, split, m)}: expected [samples, time, features], got shape {arr.shape}")
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise DataError(f"{where(path, split, m)}: expected floating features, got {arr.dtype}")
-        nonfinite = ~np.isfinite(arr)
-        if nonfinite.any():
-            # MMSA's audio carries -inf (COVAREP); MMSA itself zeroes it. We do the same and say so.
-            report.nonfinite_replaced[m] = int(nonfinite.sum())
-            arr = np.where(nonfinite, 0.0, arr).astype(arr.dtype)
-            data[m] = arr
-        lkey = LENGTH_KEYS.get(m)
-        if lkey in data:
-            lengths = np.asarray(data[lkey]).reshape(-1)
-            count_ok(lkey, lengths)
-            bad = np.flatnonzero((lengths < 1) | (lengths > arr.shape[1]))
-            if bad.size:
-                i = bad[0]
-                raise DataError(f"{where(path, split, lkey, ids[i])}: length {lengths[i]} outside "
-                                f"[1, {arr.shape[1]}]")
-    _lengths_from_text_mask(path, split, data, modalities, ids, report)
-    if EMOTION_KEY in data:
-        emo = np.asarray(data[EMOTION_KEY], dtype=np.float64)
-        count_ok(EMOTION_KEY, emo)
-        if emo.ndim != 2 or emo.shape[1] != len(EMOTIONS):
-            raise DataError(f"{where(path, split, EMOTION_KEY)}: expected [samples, {len(EMOTIONS)}] "
-                            f"({', '.join(EMOTIONS)}), got shape {emo.shape}")
-        missing = np.isnan(emo)
-        partial = np.flatnonzero(missing.any(1) & ~missing.all(1))
-        if partial.size:  # a row is labelled (6 values) or not (all NaN); anything else is ambiguous
-            i = partial[0]
-            raise DataError(f"{where(path, split, EMOTION_KEY, ids[i])}: some but not all six intensities are "
-                            f"NaN ({emo[i].tolist()}); a sample without emotion labels has all six NaN")
-        labelled = ~missing.all(1)
-        bad = np.flatnonzero(labelled & ((emo < 0).any(1) | (emo > 3).any(1)))
+
+
+def _check_features(path: str, split: str, data: dict, m: str, ids: list[str], report: SplitReport) -> None:
+    """One modality: [samples, time, features] floats with lengths in range; non-finite values replaced by 0."""
+    arr = np.asarray(data[m])
+    _count_ok(path, split, m, arr, len(ids))
+    if arr.ndim != 3:
+        raise DataError(f"{where(path, split, m)}: expected [samples, time, features], got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataError(f"{where(path, split, m)}: expected floating features, got {arr.dtype}")
+    nonfinite = ~np.isfinite(arr)
+    if nonfinite.any():
+        # MMSA's audio carries -inf (COVAREP); MMSA itself zeroes it. We do the same and say so.
+        report.nonfinite_replaced[m] = int(nonfinite.sum())
+        arr = np.where(nonfinite, 0.0, arr).astype(arr.dtype)
+        data[m] = arr
+    lkey = LENGTH_KEYS.get(m)
+    if lkey in data:
+        lengths = np.asarray(data[lkey]).reshape(-1)
+        _count_ok(path, split, lkey, lengths, len(ids))
+        bad = np.flatnonzero((lengths < 1) | (lengths > arr.shape[1]))
         if bad.size:
             i = bad[0]
-            raise DataError(f"{where(path, split, EMOTION_KEY, ids[i])}: intensities {emo[i].tolist()} "
-                            f"outside [0, 3] ({bad.size} such samples)")
-        report.with_emotions = int(labelled.sum())
-    return report
+            raise DataError(f"{where(path, split, lkey, ids[i])}: length {lengths[i]} outside [1, {arr.shape[1]}]")
+
+
+def _check_emotions(path: str, split: str, data: dict, ids: list[str]) -> int:
+    """Six intensities in [0, 3] per labelled sample, all NaN for an unlabelled one; returns the labelled count."""
+    emo = np.asarray(data[EMOTION_KEY], dtype=np.float64)
+    _count_ok(path, split, EMOTION_KEY, emo, len(ids))
+    if emo.ndim != 2 or emo.shape[1] != len(EMOTIONS):
+        raise DataError(f"{where(path, split, EMOTION_KEY)}: expected [samples, {len(EMOTIONS)}] "
+                        f"({', '.join(EMOTIONS)}), got shape {emo.shape}")
+    missing = np.isnan(emo)
+    partial = np.flatnonzero(missing.any(1) & ~missing.all(1))
+    if partial.size:  # a row is labelled (6 values) or not (all NaN); anything else is ambiguous
+        i = partial[0]
+        raise DataError(f"{where(path, split, EMOTION_KEY, ids[i])}: some but not all six intensities are "
+                        f"NaN ({emo[i].tolist()}); a sample without emotion labels has all six NaN")
+    labelled = ~missing.all(1)
+    bad = np.flatnonzero(labelled & ((emo < 0).any(1) | (emo > 3).any(1)))
+    if bad.size:
+        i = bad[0]
+        raise DataError(f"{where(path, split, EMOTION_KEY, ids[i])}: intensities {emo[i].tolist()} "
+                        f"outside [0, 3] ({bad.size} such samples)")
+    return int(labelled.sum())
 
 
 def _lengths_from_text_mask(path: str, split: str, data: dict, modalities: list[str], ids: list[str],
