@@ -73,6 +73,28 @@ def recorded_steps(run_dir: str, shapes: dict) -> dict:
     return steps_per_modality(shapes, pooled)
 
 
+# AdamW's per-group settings that come from this run's flags (--weight_decay; AdamW's defaults otherwise), as
+# opposed to its state (moments, step) that a checkpoint carries.
+HYPERPARAMETERS = ("weight_decay", "betas", "eps")
+
+
+def optimizer_hyperparameters(engine) -> list[dict]:
+    """Each optimizer group's name and HYPERPARAMETERS (the torch optimizer the schedule and DeepSpeed step)."""
+    return [{"name": g.get("name"), **{k: g[k] for k in HYPERPARAMETERS if k in g}}
+            for g in engine.lr_scheduler.optimizer.param_groups]
+
+
+def apply_hyperparameters(engine, wanted: list[dict]) -> None:
+    """Put this run's per-group settings back after DeepSpeed's full load, which restores the saved groups
+    with the values of the run that saved them."""
+    groups = engine.lr_scheduler.optimizer.param_groups
+    if [g.get("name") for g in groups] != [w["name"] for w in wanted]:
+        raise ValueError(f"the checkpoint's optimizer groups {[g.get('name') for g in groups]} are not this run's "
+                         f"{[w['name'] for w in wanted]}")
+    for group, values in zip(groups, wanted):
+        group.update({k: v for k, v in values.items() if k != "name"})
+
+
 class Checkpointer:
     def __init__(self, engine, run_dir: str, cfg: RunConfig, info: distributed.DistInfo, ep_size: int,
                  layout: dict, shapes: dict, micro_batch: int, grad_accum: int, dtype):
@@ -114,12 +136,15 @@ class Checkpointer:
                                 recorded_steps(self.run_dir, self.shapes), where)
         current = marker.get("format") == checkpoint.FORMAT
         same = current and marker["world_size"] == info.world_size and marker["ep_size"] == self.ep_size
+        this_run = optimizer_hyperparameters(self.engine)
         client = checkpoint.load(self.engine, self.ckpt_dir, tag, info.rank, weights_only=not same)
         state = TrainState.from_client_state(client["train_state"], marker, self.geometry["micro_batch"])
         loads.restore(client["train_state"].get("epoch_load"))
         if same:
-            # DeepSpeed loads the optimizer state after the scheduler's, and with it the saved LR; a resume
-            # with other --epochs re-plans the schedule, so its LR must be the optimizer's again.
+            # DeepSpeed loads the optimizer state after the scheduler's, and with it the saved LR and weight decay;
+            # this run's flags decide both (a resume with other --epochs re-plans the schedule; another
+            # --weight_decay applies from here on), as they do under another topology.
+            apply_hyperparameters(self.engine, this_run)
             self.engine.lr_scheduler.apply_lr()
             distributed.print_main(info, f"resumed from {where}: epoch {state.epoch}, step {state.global_step}")
         else:

@@ -7,7 +7,8 @@
 #   tests/slurm/cluster.sh install   # apt-get the packages (Debian: munge, slurmctld, slurmd, slurm-client)
 #   tests/slurm/cluster.sh start     # munged, the two hosts, slurmctld, 3 slurmds; waits until all are idle
 #   tests/slurm/cluster.sh status
-#   tests/slurm/cluster.sh stop      # stops every daemon this script started and removes the two hosts
+#   tests/slurm/cluster.sh stop      # stops munged, slurmctld and every slurmd, removes the two hosts, and fails
+#                                    # naming any daemon still running
 set -euo pipefail
 STATE=/run/mmolre-slurm
 mkdir -p "$STATE"
@@ -78,14 +79,29 @@ CONF
 }
 
 stop() {
-  for pidfile in "$STATE"/slurmd-*.pid "$STATE/slurmctld.pid"; do
+  for pidfile in "$STATE"/slurmd-*.pid "$STATE/slurmctld.pid" "$STATE/munged.pid"; do
     [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
     rm -f "$pidfile"
   done
-  pkill -x slurmd 2>/dev/null || true
-  pkill -x slurmctld 2>/dev/null || true
-  if [ -f "$STATE/munged.pid" ]; then kill "$(cat "$STATE/munged.pid")" 2>/dev/null || true; rm -f "$STATE/munged.pid"; fi
+  # Also the daemons this script did not start itself: a munged that the package's install started (seen:
+  # it outlived a stop that only killed the munged it had started), a slurmd whose pid file is gone.
+  for daemon in slurmd slurmctld munged; do pkill -x "$daemon" 2>/dev/null || true; done
+  local left=""
+  for _ in $(seq 50); do
+    left=$(pgrep -l -x 'slurmd|slurmctld|munged' || true)
+    [ -z "$left" ] && break
+    sleep 0.2
+  done
+  if [ -n "$left" ]; then   # still there after 10 s: no mercy, then say what could not be stopped
+    pkill -9 -x 'slurmd|slurmctld|munged' 2>/dev/null || true
+    sleep 0.5
+    left=$(pgrep -l -x 'slurmd|slurmctld|munged' || true)
+  fi
   "$(dirname "$0")/../cluster/nodes.sh" down
+  if [ -n "$left" ]; then
+    echo "cluster.sh stop: still running: $left" >&2
+    exit 1
+  fi
 }
 
 status() { sinfo && squeue; }

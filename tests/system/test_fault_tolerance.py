@@ -126,16 +126,37 @@ def test_a_half_written_checkpoint_is_skipped_with_a_warning(reference, tmp_path
     assert results(run)["test"] == results(ref)["test"]
 
 
-def test_resume_under_another_expert_parallel_size_loads_the_weights(reference, tmp_path):
+def _from_a_mid_run_checkpoint(ref, dest):
+    """A copy of the reference run as it was at its newest checkpoint inside epoch 2 (steps 33-40 still to
+    train), with no results yet."""
+    shutil.copytree(ref, dest)
+    (dest / "results.json").unlink()
+    mid = [t for t in complete_tags(dest) if 20 < int(t[4:]) < 40][-1]
+    for tag in complete_tags(dest):
+        if tag > mid:
+            shutil.rmtree(dest / "checkpoints" / tag)
+    return mid
+
+
+def test_resume_under_another_expert_parallel_size_trains_on_like_the_same_topology(reference, tmp_path):
+    """The same checkpoint (2 processes, ep 2) continued for 8 steps twice: by 2 processes with ep 2
+    (DeepSpeed's own full load) and by 1 process with ep 1 on micro batches of 16 (the same 16 samples a step;
+    the weights, AdamW moments and step from the topology-free state). Dropout off in both (the per-rank
+    random streams do not carry over to another world size); aux_free biases follow all ranks' counts.
+    A wrong moment or step would move 8 AdamW steps apart: the runs must end alike."""
     _, ref = reference
-    run = tmp_path / "runs" / "ref"
-    shutil.copytree(ref, run)
-    proc = run_deepspeed(tmp_path, "--run_name", "ref", *RUN, "--resume", procs=1)
-    assert "under another topology" in proc.stdout and "AdamW moments and step of every parameter were carried over" in proc.stdout
-    assert "expert parallel 2, now 1 / 1" in proc.stdout
-    one, two = results(run), results(ref)
-    assert one["ep_size"] == 1 and two["ep_size"] == 2
-    for k, v in two["test"]["sentiment"].items():   # same weights, evaluated by one process
+    args = [*RUN, "--dropout", "0", "--resume"]
+    mid = _from_a_mid_run_checkpoint(ref, tmp_path / "runs" / "same")
+    _from_a_mid_run_checkpoint(ref, tmp_path / "runs" / "other")
+    same = run_deepspeed(tmp_path, "--run_name", "same", *args)
+    assert f"resumed from {tmp_path}/runs/same/checkpoints/{mid}: epoch 1" in same.stdout
+    other = run_deepspeed(tmp_path, "--run_name", "other", *args, "--batch_size", "16", procs=1)
+    assert "under another topology" in other.stdout and "AdamW moments and step of every parameter were carried over" in other.stdout
+    assert "expert parallel 2, now 1 / 1" in other.stdout
+    one, two = results(tmp_path / "runs" / "other"), results(tmp_path / "runs" / "same")
+    assert one["ep_size"] == 1 and two["ep_size"] == 2 and one["global_step"] == two["global_step"] == 40
+    assert one["history"][-1]["valid_loss"] == pytest.approx(two["history"][-1]["valid_loss"], abs=1e-4)
+    for k, v in two["test"]["sentiment"].items():
         assert one["test"]["sentiment"][k] == pytest.approx(v, abs=1e-4), k
 
 
