@@ -158,7 +158,8 @@ class TrainConfig:
     router_lr_scale: float = _help("the routers' learning rate is --lr times this", default=1.0)
     text_lr: float = _help("--finetune_text: peak learning rate of the text encoder", default=5e-5)
     text_warmup_ratio: float = _help("--finetune_text: the text encoder's warm-up, as a fraction of the training "
-                                     "samples (then the same cosine decay)", default=0.1)
+                                     "samples; then its own cosine, from the end of its warm-up to 5% of --text_lr "
+                                     "at the last sample", default=0.1)
     ep_size: int = _help("expert-parallel group size (0: automatic, the largest that divides the world "
                          "size and --num_experts within one node)", default=0)
     tasks: str = _help("train 'both' tasks, or a single task: 'sentiment' or 'emotion' (the other head gets no "

@@ -123,4 +123,37 @@ def test_the_text_encoder_has_its_own_groups_learning_rate_and_warm_up():
     assert sched.factor() < 1.0 and lrs["decay"] == pytest.approx(1e-3 * sched.factor())   # already decaying
 
 
+def test_the_text_encoders_cosine_starts_at_the_end_of_its_own_warm_up_as_documented():
+    """The docs once said the encoder's groups follow "the same cosine" as the model after their warm-up; they
+    follow one of their own, from the end of their warm-up to the same end. Code and docs say the same."""
+    import math
+    import os
+
+    from mmolre.config import TrainConfig, build_parser
+    from mmolre.lr_schedule import FLOOR, SchedulePlan, WarmupCosineBySamples
+    groups = [{"name": "decay", "params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3},
+              {"name": "text_decay", "params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-5}]
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    sched = WarmupCosineBySamples(opt, SchedulePlan(1, 0, 0.1, 100, 10, text_warmup_ratio=0.5))
+    for _ in range(6):
+        sched.step()                     # the 7th step trains samples 60-70; warm-ups end at 10 and 50
+    own = FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * (60 - 50) / (100 - 50)))
+    model = FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * (60 - 10) / (100 - 10)))
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs["text_decay"] == pytest.approx(1e-5 * own) and lrs["decay"] == pytest.approx(1e-3 * model)
+    assert abs(own - model) > 0.1      # not the model's cosine
+    for _ in range(3):
+        sched.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-5 * (FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(0.8 * math.pi))))   # samples 90-100: (90 - 50) / (100 - 50)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    help_text = next(a.help for a in build_parser()._actions if a.dest == "text_warmup_ratio")
+    with open(os.path.join(root, "docs", "flags.md")) as f:
+        row = next(line for line in f if line.startswith("| `--text_warmup_ratio` |"))
+    with open(os.path.join(root, "docs", "data.md")) as f:
+        data_page = f.read()
+    for text in (help_text, row, data_page):
+        assert "same cosine" not in text and "its own cosine" in text.replace("a cosine of its own", "its own cosine")
+    assert TrainConfig().text_warmup_ratio == 0.1
+
+
 # ---- 2 processes, expert parallelism 2, through the deepspeed launcher ------------------------------------
