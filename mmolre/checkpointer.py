@@ -49,7 +49,8 @@ def check_resume_compatible(marker: dict, layout: dict, cfg: RunConfig, saved_st
                           + "; this run " + ("has it" if m.finetune_text else "has not")
                           + ". The text encoder is part of the model and has optimizer groups of its own, so "
                             "switching it on or off needs a new run")
-    if (saved["balance"] == "aux_free") != (m.balance == "aux_free") or saved["router_groups"] != layout["router_groups"]:
+    switched_bias = (saved["balance"] == "aux_free") != (m.balance == "aux_free")
+    if switched_bias or saved["router_groups"] != layout["router_groups"]:
         raise ConfigError(f"--resume: {where} was saved with --balance {saved['balance']} and "
                           f"{'a' if saved['router_groups'] else 'no'} --router_lr_scale other than 1; this run has "
                           f"--balance {m.balance}, --router_lr_scale {cfg.train.router_lr_scale}. aux_free keeps "
@@ -78,21 +79,33 @@ def recorded_steps(run_dir: str, shapes: dict) -> dict:
 HYPERPARAMETERS = ("weight_decay", "betas", "eps")
 
 
+def _identity(group: dict) -> tuple:
+    """What tells a group apart: DeepSpeed's name ("ep_size_2" for both expert groups), our own ("group"; absent
+    in checkpoints written before it was added), whether it holds experts."""
+    return group.get("name"), group.get("group"), bool(group.get("moe"))
+
+
 def optimizer_hyperparameters(engine) -> list[dict]:
-    """Each optimizer group's name and HYPERPARAMETERS (the torch optimizer the schedule and DeepSpeed step)."""
-    return [{"name": g.get("name"), **{k: g[k] for k in HYPERPARAMETERS if k in g}}
+    """Each optimizer group's identity and HYPERPARAMETERS (of the torch optimizer the schedule and DeepSpeed
+    step: `engine.lr_scheduler.optimizer`, the one DeepSpeed's ZeRO and bf16 optimizers wrap)."""
+    return [{"identity": _identity(g), **{k: g[k] for k in HYPERPARAMETERS if k in g}}
             for g in engine.lr_scheduler.optimizer.param_groups]
 
 
 def apply_hyperparameters(engine, wanted: list[dict]) -> None:
-    """Put this run's per-group settings back after DeepSpeed's full load, which restores the saved groups
-    with the values of the run that saved them."""
+    """Put this run's per-group settings and gradient clipping back after DeepSpeed's full load, which restores
+    the saved groups (and ZeRO's clip_grad) with the values of the run that saved them."""
     groups = engine.lr_scheduler.optimizer.param_groups
-    if [g.get("name") for g in groups] != [w["name"] for w in wanted]:
-        raise ValueError(f"the checkpoint's optimizer groups {[g.get('name') for g in groups]} are not this run's "
-                         f"{[w['name'] for w in wanted]}")
+    saved = [_identity(g) for g in groups]
+    ours = [w["identity"] for w in wanted]
+    same = len(saved) == len(ours) and all(s[0] == o[0] and s[2] == o[2] and (s[1] is None or s[1] == o[1])
+                                           for s, o in zip(saved, ours))
+    if not same:
+        raise ConfigError(f"--resume: the checkpoint's optimizer groups {saved} are not this run's {ours}")
     for group, values in zip(groups, wanted):
-        group.update({k: v for k, v in values.items() if k != "name"})
+        group.update({k: v for k, v in values.items() if k != "identity"})
+    if hasattr(engine.optimizer, "clip_grad"):   # ZeRO 1/2 and bf16 restore the saved clipping; ZeRO-0 reads the config
+        engine.optimizer.clip_grad = engine.gradient_clipping()
 
 
 class Checkpointer:
@@ -101,17 +114,17 @@ class Checkpointer:
         self.engine, self.run_dir, self.cfg, self.info, self.ep_size = engine, run_dir, cfg, info, ep_size
         self.ckpt_dir = checkpoint.checkpoint_dir(run_dir)
         self.layout, self.shapes = layout, shapes
-        self.geometry = {"micro_batch": micro_batch, "grad_accum": grad_accum, "dtype": str(dtype).replace("torch.", "")}
+        self.marker_settings = {"micro_batch": micro_batch, "grad_accum": grad_accum,
+                                "dtype": str(dtype).replace("torch.", "")}
 
     def save(self, state: TrainState, loads) -> str:
         """Every rank's state under the step's tag; only ever called at an accumulation boundary. A collective."""
         tag = checkpoint.tag_for(state.global_step)
         state.schedule = self.engine.lr_scheduler.state_dict()
-        client = {"train_state": {**asdict(state), "epoch_load": loads.for_checkpoint()}}
+        client = {"train_state": {**asdict(state), "epoch_load": loads.collect_for_checkpoint()}}
         marker = {"format": checkpoint.FORMAT, "step": state.global_step, "epoch": state.epoch,
                   "epoch_samples": state.epoch_samples, "world_size": self.info.world_size, "ep_size": self.ep_size,
-                  "micro_batch": self.geometry["micro_batch"], "grad_accum": self.geometry["grad_accum"],
-                  "dtype": self.geometry["dtype"], **self.layout}
+                  **self.marker_settings, **self.layout}
         checkpoint.save(self.engine, self.ckpt_dir, tag, client, self.info, self.ep_size, marker)
         if self.info.local_rank == 0:
             checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints, protect={state.best_tag})
@@ -138,12 +151,12 @@ class Checkpointer:
         same = current and marker["world_size"] == info.world_size and marker["ep_size"] == self.ep_size
         this_run = optimizer_hyperparameters(self.engine)
         client = checkpoint.load(self.engine, self.ckpt_dir, tag, info.rank, weights_only=not same)
-        state = TrainState.from_client_state(client["train_state"], marker, self.geometry["micro_batch"])
+        state = TrainState.from_client_state(client["train_state"], marker, self.marker_settings["micro_batch"])
         loads.restore(client["train_state"].get("epoch_load"))
         if same:
-            # DeepSpeed loads the optimizer state after the scheduler's, and with it the saved LR and weight decay;
-            # this run's flags decide both (a resume with other --epochs re-plans the schedule; another
-            # --weight_decay applies from here on), as they do under another topology.
+            # DeepSpeed loads the optimizer state after the scheduler's, and with it the saved LR, weight decay and
+            # clipping; this run's flags decide them (a resume with other --epochs re-plans the schedule; another
+            # --weight_decay or gradient_clipping applies from here on), as they do under another topology.
             apply_hyperparameters(self.engine, this_run)
             self.engine.lr_scheduler.apply_lr()
             distributed.print_main(info, f"resumed from {where}: epoch {state.epoch}, step {state.global_step}")

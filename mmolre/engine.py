@@ -132,7 +132,9 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float, lr: float | No
         prefix = next((pre for pre in own_lr if key.startswith(pre)), "")
         if prefix and not params:
             continue
-        group = {"name": key, "params": params, "weight_decay": 0.0 if key.endswith("no_decay") else weight_decay}
+        # "group" keeps our name: DeepSpeed's MoE split renames expert groups "ep_size_<n>" (copying the rest)
+        group = {"name": key, "group": key, "params": params,
+                 "weight_decay": 0.0 if key.endswith("no_decay") else weight_decay}
         if prefix:
             group["lr"] = own_lr[prefix][1]
         out.append(group)

@@ -160,6 +160,24 @@ def test_resume_under_another_expert_parallel_size_trains_on_like_the_same_topol
         assert one["test"]["sentiment"][k] == pytest.approx(v, abs=1e-4), k
 
 
+def test_a_resume_applies_this_runs_weight_decay_to_the_restored_optimizer(reference, tmp_path):
+    """DeepSpeed's full load (same topology) restores the saved param groups, weight decay included; the
+    resumed run's --weight_decay (recorded in its config.json) is what its AdamW steps must use."""
+    _, ref = reference
+    run = tmp_path / "runs" / "ref"
+    mid = _from_a_mid_run_checkpoint(ref, run)
+    proc = run_deepspeed(tmp_path, "--run_name", "ref", *RUN, "--weight_decay", "0.3", "--resume")
+    assert f"checkpoints/{mid}: epoch 1" in proc.stdout
+    assert json.loads((run / "config.json").read_text())["train"]["weight_decay"] == 0.3
+
+    def groups(run_dir):
+        newest = run_dir / "checkpoints" / complete_tags(run_dir)[-1] / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        return torch.load(newest, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    before = [g["weight_decay"] for g in groups(ref)]          # 0.01 where decayed, 0 for biases and norms
+    assert sorted(set(before)) == [0.0, 0.01]
+    assert [g["weight_decay"] for g in groups(run)] == [0.3 if wd else 0.0 for wd in before]
+
+
 def test_export_then_predict_matches_the_trainers_test_predictions(reference, tmp_path):
     tmp, ref = reference
     model = tmp_path / "model.pt"

@@ -85,3 +85,44 @@ def test_steps_of_a_marker_without_them_come_from_the_runs_recorded_config(tmp_p
     long = {"text": (50, 64), "audio": (375, 5)}
     assert recorded_steps(str(run), long) == {"text": 50, "audio": 375}
     assert recorded_steps(str(tmp_path / "missing"), long) == {"text": 50, "audio": 375}
+
+
+def _engine_with(optimizer, clipping=1.0):
+    """What apply_hyperparameters reads of a DeepSpeed engine: the torch optimizer its schedule steps, the wrapper
+    optimizer (ZeRO's holds clip_grad), the configured clipping."""
+    from types import SimpleNamespace
+    return SimpleNamespace(lr_scheduler=SimpleNamespace(optimizer=optimizer),
+                           optimizer=SimpleNamespace(clip_grad=0.5), gradient_clipping=lambda: clipping)
+
+
+def test_a_resume_puts_this_runs_weight_decay_and_clipping_on_the_restored_groups():
+    import torch
+    from mmolre.checkpointer import apply_hyperparameters, optimizer_hyperparameters
+    from mmolre.engine import optimizer_groups
+    from mmolre.model import MMoLRE
+    model = MMoLRE(cfg().model, {"text": (5, 6)}, ep_size=1)
+    fresh = torch.optim.AdamW(optimizer_groups(model, 0.3, lr=1e-3), lr=1e-3)
+    engine = _engine_with(fresh)
+    this_run = optimizer_hyperparameters(engine)
+    saved = torch.optim.AdamW(optimizer_groups(model, 0.01, lr=1e-3), lr=1e-3, betas=(0.8, 0.9))
+    fresh.load_state_dict(saved.state_dict())            # what DeepSpeed's full load does to the groups
+    assert [g["weight_decay"] for g in fresh.param_groups] == [0.01, 0.0, 0.01, 0.0]
+    assert [g["name"] for g in fresh.param_groups][2:] == ["ep_size_1", "ep_size_1"]   # DeepSpeed's expert names
+    apply_hyperparameters(engine, this_run)
+    assert [g["weight_decay"] for g in fresh.param_groups] == [0.3, 0.0, 0.3, 0.0]
+    assert all(g["betas"] == (0.9, 0.999) for g in fresh.param_groups) and engine.optimizer.clip_grad == 1.0
+
+
+def test_groups_that_are_not_this_runs_are_refused():
+    import torch
+    from mmolre.checkpointer import apply_hyperparameters, optimizer_hyperparameters
+    from mmolre.engine import optimizer_groups
+    from mmolre.model import MMoLRE
+    model = MMoLRE(cfg().model, {"text": (5, 6)}, ep_size=1)
+    engine = _engine_with(torch.optim.AdamW(optimizer_groups(model, 0.01, lr=1e-3), lr=1e-3))
+    wanted = optimizer_hyperparameters(engine)
+    swapped = [wanted[0], wanted[1], wanted[3], wanted[2]]   # expert decay and no-decay groups in another order
+    with pytest.raises(ConfigError, match="the checkpoint's optimizer groups"):
+        apply_hyperparameters(engine, swapped)
+    with pytest.raises(ConfigError):
+        apply_hyperparameters(engine, wanted[:3])
