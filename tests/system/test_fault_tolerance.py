@@ -127,8 +127,7 @@ def test_a_half_written_checkpoint_is_skipped_with_a_warning(reference, tmp_path
 
 
 def _from_a_mid_run_checkpoint(ref, dest):
-    """A copy of the reference run as it was at its newest checkpoint inside epoch 2 (steps 33-40 still to
-    train), with no results yet."""
+    """A copy of the reference run as it was at its newest checkpoint inside epoch 2, with no results yet."""
     shutil.copytree(ref, dest)
     (dest / "results.json").unlink()
     mid = [t for t in complete_tags(dest) if 20 < int(t[4:]) < 40][-1]
@@ -138,26 +137,54 @@ def _from_a_mid_run_checkpoint(ref, dest):
     return mid
 
 
+def _final_optimizer_state(run, ep_size):
+    """The finished run's fp32 weights, AdamW moments and step of every parameter, per global expert id."""
+    from mmolre import topology_free_state
+    return topology_free_state.read(str(run / "checkpoints" / complete_tags(run)[-1]), ep_size, 8)
+
+
+def _relative_gaps(a, b) -> dict:
+    """Per state kind, the largest relative distance ||x - y|| / ||y|| over the parameters."""
+    gaps = {}
+    for name, entry in b["params"].items():
+        for kind, y in entry.items():
+            gap = float((a["params"][name][kind] - y).norm() / y.norm().clamp_min(1e-12))
+            gaps[kind] = max(gaps.get(kind, 0.0), gap)
+    return gaps
+
+
 def test_resume_under_another_expert_parallel_size_trains_on_like_the_same_topology(reference, tmp_path):
-    """The same checkpoint (2 processes, ep 2) continued for 8 steps twice: by 2 processes with ep 2
-    (DeepSpeed's own full load) and by 1 process with ep 1 on micro batches of 16 (the same 16 samples a step;
-    the weights, AdamW moments and step from the topology-free state). Dropout off in both (the per-rank
-    random streams do not carry over to another world size); aux_free biases follow all ranks' counts.
-    A wrong moment or step would move 8 AdamW steps apart: the runs must end alike."""
+    """One mid-epoch-2 checkpoint (2 processes, ep 2) continued to the end three times: by 2 processes with ep 2
+    (DeepSpeed's own full load), by 1 process with ep 1 on micro batches of 16 (the same 16 samples a step;
+    weights, AdamW moments and step from the topology-free state), and, as the control, by that 1 process from
+    the weights alone (the topology-free state removed). Dropout off (per-rank random streams do not carry over
+    to another world size). The first two must end with the same weights and AdamW state; the control must not,
+    so a wrong restore of the moments or the step would fail this test."""
     _, ref = reference
     args = [*RUN, "--dropout", "0", "--resume"]
     mid = _from_a_mid_run_checkpoint(ref, tmp_path / "runs" / "same")
     _from_a_mid_run_checkpoint(ref, tmp_path / "runs" / "other")
+    _from_a_mid_run_checkpoint(ref, tmp_path / "runs" / "control")
+    for path in (tmp_path / "runs" / "control" / "checkpoints" / mid).glob("elastic_rank*.pt"):
+        path.unlink()
     same = run_deepspeed(tmp_path, "--run_name", "same", *args)
     assert f"resumed from {tmp_path}/runs/same/checkpoints/{mid}: epoch 1" in same.stdout
     other = run_deepspeed(tmp_path, "--run_name", "other", *args, "--batch_size", "16", procs=1)
-    assert "under another topology" in other.stdout and "AdamW moments and step of every parameter were carried over" in other.stdout
+    assert "under another topology" in other.stdout
+    assert "AdamW moments and step of every parameter were carried over" in other.stdout
     assert "expert parallel 2, now 1 / 1" in other.stdout
+    control = run_deepspeed(tmp_path, "--run_name", "control", *args, "--batch_size", "16", procs=1)
+    assert "WEIGHTS ONLY: the optimizer state was reset" in control.stdout
     one, two = results(tmp_path / "runs" / "other"), results(tmp_path / "runs" / "same")
     assert one["ep_size"] == 1 and two["ep_size"] == 2 and one["global_step"] == two["global_step"] == 40
-    assert one["history"][-1]["valid_loss"] == pytest.approx(two["history"][-1]["valid_loss"], abs=1e-4)
     for k, v in two["test"]["sentiment"].items():
         assert one["test"]["sentiment"][k] == pytest.approx(v, abs=1e-4), k
+    reference_state = _final_optimizer_state(tmp_path / "runs" / "same", 2)
+    carried = _relative_gaps(_final_optimizer_state(tmp_path / "runs" / "other", 1), reference_state)
+    reset = _relative_gaps(_final_optimizer_state(tmp_path / "runs" / "control", 1), reference_state)
+    assert all(gap < 1e-3 for gap in carried.values()), carried
+    assert reset["exp_avg_sq"] > 0.1 and reset["exp_avg"] > 0.1, reset   # the control is far off
+    assert _final_optimizer_state(tmp_path / "runs" / "other", 1)["step"] == reference_state["step"] == 40
 
 
 def test_a_resume_applies_this_runs_weight_decay_to_the_restored_optimizer(reference, tmp_path):
