@@ -62,7 +62,8 @@ def default_run() -> str:
         d = run["emotion_decisions"]
 
         def row(name, e):
-            return f"| {name} | {e['micro_f1']:.4f} | {e['jaccard_acc']:.4f} | {e['mean_wacc']:.4f} | {e['mean_wf1']:.4f} |"
+            return (f"| {name} | {e['micro_f1']:.4f} | {e['jaccard_acc']:.4f} | {e['mean_wacc']:.4f} | "
+                    f"{e['mean_wf1']:.4f} |")
         lines += ["", "| emotions (test) | micro-F1 | Jaccard acc | mean balanced acc | mean weighted F1 |",
                   "|---|---|---|---|---|", row("MMoLRE (threshold 0.5)", emo),
                   row("MMoLRE, one threshold chosen on valid", d["test_single_threshold"]),

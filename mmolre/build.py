@@ -14,8 +14,6 @@ from .emotion_decisions import prevalence_weights
 from .model import MMoLRE, count_parameters
 from .results import SYNTHETIC_NOTICE
 
-say = distributed.print_main
-
 
 @dataclass(frozen=True)
 class BatchGeometry:
@@ -50,9 +48,9 @@ def load_data(cfg: RunConfig, info):
     data = prepare(cfg.data, builds=info.local_rank == 0, barrier=lambda: distributed.barrier(info),
                    text_tokens=text_tokens)
     if data.synthetic:
-        say(info, SYNTHETIC_NOTICE)
+        distributed.print_main(info, SYNTHETIC_NOTICE)
     for name, meta in data.sources.items():
-        say(info, describe_source(name, meta, data.modalities, m.text_encoder))
+        distributed.print_main(info, describe_source(name, meta, data.modalities, m.text_encoder))
     return text_tokens, data
 
 
@@ -60,7 +58,7 @@ def emotion_pos_weight(cfg: RunConfig, data, device, info) -> torch.Tensor | Non
     weight = prevalence_weights(data.splits["train"]) if cfg.train.emotion_pos_weight == "prevalence" else None
     if weight is None:
         return None
-    say(info, "emotion BCE: present cases weighted by (1 - prevalence) / prevalence: "
+    distributed.print_main(info, "emotion BCE: present cases weighted by (1 - prevalence) / prevalence: "
               + ", ".join(f"{e} {w:.2f}" for e, w in zip(EMOTIONS, weight)))
     return torch.tensor(weight, dtype=torch.float32, device=device)
 

@@ -36,8 +36,9 @@ class EpochExpertLoads:
         self.local = None
         return distributed.all_reduce_sum(local, self.info).cpu()
 
-    def for_checkpoint(self) -> torch.Tensor | None:
-        """The epoch's loads so far, whole (any topology can resume them); rank 0 keeps counting from them."""
+    def collect_for_checkpoint(self) -> torch.Tensor | None:
+        """The epoch's loads so far, summed over ranks (any topology can resume them); afterwards rank 0 alone
+        keeps counting from that sum. A collective: every rank calls it."""
         total = self.take()
         self.restore(total)
         return total

@@ -86,7 +86,8 @@ class StepMetrics:
                               **({"loss/emotion": losses[2]} if self.has_emotions else {}),
                               "loss/aux": losses[3], "loss/router_z": losses[4], **lr,
                               "train/samples": state.train_samples,
-                              "train/samples_per_s": self.samples_per_step * self.log_steps / max(self.log_seconds, 1e-9),
+                              "train/samples_per_s": self.samples_per_step * self.log_steps
+                              / max(self.log_seconds, 1e-9),
                               "train/epoch": state.epoch}, step)
         if grad_norm is not None:
             self.monitor.scalars({"train/grad_norm": grad_norm}, step)

@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint, distributed
+from .distributed import print_main
 from .build import BatchGeometry, build_model, emotion_pos_weight, load_data, rank_device
 from .checkpointer import Checkpointer, checkpoint_layout
 from .config import RunConfig
@@ -41,7 +42,6 @@ from .step_metrics import StepMetrics, learning_rates
 from .train_state import TrainState
 
 __all__ = ["NonFiniteLoss", "Trainer", "train"]
-say = distributed.print_main
 
 
 class StepOutcome(NamedTuple):
@@ -82,7 +82,7 @@ class Trainer:
         ep_size = distributed.choose_ep_size(t.ep_size, info.world_size, self.cfg.model.num_experts,
                                              info.local_world_size)
         hosts = distributed.all_gather(socket.gethostname(), info)
-        say(info, f"expert-parallel groups (all-to-all): "
+        print_main(info, f"expert-parallel groups (all-to-all): "
                   f"{distributed.describe_expert_parallel_groups(info.world_size, ep_size, hosts)}")
         return ep_size
 
@@ -118,10 +118,11 @@ class Trainer:
     def announce(self) -> None:
         m, g = self.cfg.model, self.geometry
         accumulation = f" x {g.grad_accum} accumulated" if g.grad_accum > 1 else ""
-        say(self.info, f"run: {self.run_dir} | world {self.info.world_size} | expert parallel {self.ep_size} | "
-                       f"{m.num_experts} experts, top-{m.top_k}, rank {m.expert_rank} | params "
-                       f"{self.params['total']:,} (experts {self.params['expert']:,}) | micro batch {g.micro}"
-                       f"{accumulation}, {self.steps_per_epoch} optimizer steps/epoch x {self.cfg.train.epochs} epochs")
+        print_main(self.info, f"run: {self.run_dir} | world {self.info.world_size} | expert parallel {self.ep_size} "
+                              f"| {m.num_experts} experts, top-{m.top_k}, rank {m.expert_rank} | params "
+                              f"{self.params['total']:,} (experts {self.params['expert']:,}) | micro batch {g.micro}"
+                              f"{accumulation}, {self.steps_per_epoch} optimizer steps/epoch x "
+                              f"{self.cfg.train.epochs} epochs")
 
     # ---- the run -----------------------------------------------------------------------------------
     def run(self) -> dict | None:
@@ -169,8 +170,9 @@ class Trainer:
                 if stop:
                     tag = self.checkpointer.save(state, self.loads)
                     bar.close()
-                    say(self.info, f"stop requested ({self.guards.stop_reason}): saved {self.checkpointer.ckpt_dir}/"
-                                   f"{tag} at step {state.global_step}; continue with --resume")
+                    print_main(self.info, f"stop requested ({self.guards.stop_reason}): saved "
+                                          f"{self.checkpointer.ckpt_dir}/{tag} at step {state.global_step}; "
+                                          f"continue with --resume")
                     return False
                 if self.done():
                     break
@@ -199,7 +201,8 @@ class Trainer:
             if nonfinite:
                 self.guards.nonfinite(loss.total, batch, info, self.position())
                 state.skipped_nonfinite += 1
-            if position == len(window) - 1:
+            if position == len(window) - 1:    # DeepSpeed applies the window's update in this micro batch's step()
+                assert self.engine.is_gradient_accumulation_boundary(), "windows out of step with DeepSpeed's"
                 lr = learning_rates(self.engine)   # the LRs this step applies (the scheduler moves on in step())
             self.backward(loss.total, nonfinite)
             state.epoch_samples += self.geometry.samples_per_micro
@@ -207,7 +210,7 @@ class Trainer:
         stepped = not (nonfinite and self.geometry.grad_accum == 1)
         if stepped and not self.engine.was_step_applied():   # fp16 overflow: DeepSpeed skipped it
             stepped = False
-            say(info, f"warning: DeepSpeed skipped optimizer step {state.global_step + 1} (gradient overflow)")
+            print_main(info, f"warning: DeepSpeed skipped optimizer step {state.global_step + 1} (gradient overflow)")
         self.nudges.after_step(stepped)
         seconds = self.metrics.close_window(stepped)
         if stepped:
@@ -248,7 +251,7 @@ class Trainer:
             routing, routes, warning = routing_record(valid, dead, self.cfg.model.num_experts, state.epoch)
             state.valid_routes = routes or state.valid_routes   # for the next epoch's stability
             if warning:
-                say(info, warning)
+                print_main(info, warning)
         state.history.append({"epoch": state.epoch, "step": state.global_step, "valid_loss": valid.loss,
                               "valid": valid.metrics, **routing})
         self.monitor.scalars(flatten("valid", valid.metrics), state.global_step)
@@ -258,7 +261,7 @@ class Trainer:
         state.record_validation(tag, valid.loss)
         self.checkpointer.save(state, self.loads)
         v, emotion = valid.metrics["sentiment"], valid.metrics.get("emotion")
-        say(info, f"epoch {state.epoch}: valid loss {valid.loss:.4f} | MAE {v['mae']:.4f} | Non0 Acc-2 "
+        print_main(info, f"epoch {state.epoch}: valid loss {valid.loss:.4f} | MAE {v['mae']:.4f} | Non0 Acc-2 "
                   f"{v['non0_acc2']:.4f}" + (f" | emotion micro-F1 {emotion['micro_f1']:.4f}" if emotion else "")
                   + (" (best)" if state.best_tag == tag else ""))
         self.monitor.flush()

@@ -300,7 +300,7 @@ def _count_expert_rows(model, ep_rank: int) -> dict:
     return counts
 
 
-def elastic_resume_worker(rank: int, world: int, port: int, run_dir: str, out_path: str, ep_size: int,
+def topology_change_resume_worker(rank: int, world: int, port: int, run_dir: str, out_path: str, ep_size: int,
                           bf16: bool):
     """Load a run's newest checkpoint into ZeRO-1 and ZeRO-2 engines of this topology (world, ep_size),
     weights only as DeepSpeed allows, then restore the topology-free state; report each parameter's fp32

@@ -165,7 +165,7 @@ def test_a_bf16_resume_under_another_topology_keeps_masters_moments_and_step(bf1
     (and rebuilds the masters from the bf16 copies); the trainer puts every parameter's fp32 master, AdamW
     moments and step back, each expert from the rank that saved it."""
     out = tmp_path / "state.pt"
-    mp.spawn(h.elastic_resume_worker, args=(2, free_port(), str(bf16_run), str(out), 1, True), nprocs=2,
+    mp.spawn(h.topology_change_resume_worker, args=(2, free_port(), str(bf16_run), str(out), 1, True), nprocs=2,
              join=True)
     check_restored(torch.load(out, weights_only=False), bf16_run, 1, True)
 
@@ -183,7 +183,7 @@ def test_an_elastic_resume_4_4_then_2_2_then_4_2_trains_like_an_uninterrupted_ru
     run = tmp_path / "runs" / "elastic"
     # the 4/4 checkpoint into 2 ranks with ep 2: every parameter's weights, moments and step, exactly
     out = tmp_path / "state.pt"
-    mp.spawn(h.elastic_resume_worker, args=(2, free_port(), str(run), str(out), 2, False), nprocs=2, join=True)
+    mp.spawn(h.topology_change_resume_worker, args=(2, free_port(), str(run), str(out), 2, False), nprocs=2, join=True)
     check_restored(torch.load(out, weights_only=False), run, 2, False)
     middle = run_deepspeed(tmp_path, "--run_name", "elastic", "--batch_size", "8", "--ep_size", "2", *ELASTIC,
                            "--resume", procs=2, env={"MMOLRE_FAULT_STOP_STEP": "14"})

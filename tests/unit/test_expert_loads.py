@@ -14,10 +14,10 @@ ONE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1)
 
 def test_loads_are_counted_once_across_a_checkpoint_and_cleared_at_the_epochs_end():
     loads = EpochExpertLoads((2, 2, 4), torch.device("cpu"), ONE)
-    assert loads.for_checkpoint() is None and loads.end_epoch() is None   # nothing routed yet
+    assert loads.collect_for_checkpoint() is None and loads.end_epoch() is None   # nothing routed yet
     a, b = torch.arange(16.).view(2, 2, 4), torch.ones(2, 2, 4)
     loads.add(a)
-    saved = loads.for_checkpoint()
+    saved = loads.collect_for_checkpoint()
     assert torch.equal(saved, a)
     loads.add(b)                                             # counting goes on from the saved total
     assert np.array_equal(loads.end_epoch(), (a + b).numpy())

@@ -27,7 +27,10 @@ def module_name(path: pathlib.Path) -> str:
 
 
 def _type_checking_only(node, parents) -> bool:
-    return any(isinstance(p, ast.If) and "TYPE_CHECKING" in ast.unparse(p.test) for p in parents)
+    """Inside the body (not the else) of an `if TYPE_CHECKING:`."""
+    chain = parents + [node]
+    return any(isinstance(p, ast.If) and "TYPE_CHECKING" in ast.unparse(p.test) and chain[i + 1] in p.body
+               for i, p in enumerate(parents))
 
 
 def imports_of(path: pathlib.Path) -> set[str]:
@@ -56,7 +59,10 @@ def imports_of(path: pathlib.Path) -> set[str]:
                 found.add(sub if (PACKAGE / (sub.replace(".", "/") + ".py")).exists()
                           or (PACKAGE / sub.replace(".", "/")).is_dir() else ".".join(target))
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("mmolre.")}
+            found |= {a.name.split(".", 1)[1] if "." in a.name else "__init__" for a in node.names
+                      if a.name == "mmolre" or a.name.startswith("mmolre.")}
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) in ("importlib.import_module", "__import__"):
+            raise AssertionError(f"{path}: a dynamic import ({ast.unparse(node)}) this check cannot follow")
     found.discard("")
     return found - {name}
 
@@ -74,6 +80,8 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_every_module_imports_only_from_its_layer_or_below():
+    for module in graph():
+        layer(module)   # every module has a layer, imported or not
     upward = [f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})"
               for m, deps in graph().items() for d in deps if layer(d) > layer(m)]
     assert not upward, upward

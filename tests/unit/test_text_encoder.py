@@ -144,7 +144,8 @@ def test_the_text_encoders_cosine_starts_at_the_end_of_its_own_warm_up_as_docume
     assert abs(own - model) > 0.1      # not the model's cosine
     for _ in range(3):
         sched.step()
-    assert opt.param_groups[1]["lr"] == pytest.approx(1e-5 * (FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(0.8 * math.pi))))   # samples 90-100: (90 - 50) / (100 - 50)
+    at_90 = FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * (90 - 50) / (100 - 50)))   # samples 90-100
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-5 * at_90)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     help_text = next(a.help for a in build_parser()._actions if a.dest == "text_warmup_ratio")
     with open(os.path.join(root, "docs", "flags.md")) as f:
