@@ -25,7 +25,7 @@ from bench.commands import ROOT, passthrough_parser  # noqa: E402
 COMMAND = ["deepspeed", "--num_gpus", "2", "launch.py", "--ds_config", "ds_configs/zero2.json"]
 RECORD = os.path.join(ROOT, "bench", "results", "default_run.json")
 METRICS = ("best_epoch", "global_step", "params", "valid", "test", "baselines", "emotion_decisions")
-PATHS = {"data": ("data_path", "cache_dir", "emotion_labels"), "train": ("output_dir", "run_name", "ds_config")}
+PATHS = {"data": ("data_path", "cache_dir"), "train": ("output_dir", "run_name", "ds_config")}   # one machine's
 
 
 def run_default(run_dir: str) -> dict:
@@ -46,6 +46,8 @@ def record(run_dir: str, timing: dict | None) -> dict:
         r = json.load(f)
     settings = {section: {k: v for k, v in values.items() if k not in PATHS.get(section, ())}
                 for section, values in r["config"].items()}
+    if settings["data"].get("emotion_labels"):   # a file: by name
+        settings["data"]["emotion_labels"] = os.path.basename(settings["data"]["emotion_labels"])
     data = {name: {"source": os.path.basename(d["source"]), "sha256": d["sha256"], "splits": d["splits"]}
             for name, d in r["data"].items()}
     when = (f"wall time {timing['wall_s'] / 60:.0f} min {timing['wall_s'] % 60:.0f} s, peak memory "
