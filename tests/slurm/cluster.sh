@@ -78,6 +78,11 @@ CONF
   exit 1
 }
 
+daemons_running() {   # one name per pgrep: its -x pattern is matched against names of at most 15 characters
+  local daemon
+  for daemon in slurmd slurmctld munged; do pgrep -l -x "$daemon" || true; done
+}
+
 stop() {
   for pidfile in "$STATE"/slurmd-*.pid "$STATE/slurmctld.pid" "$STATE/munged.pid"; do
     [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
@@ -88,14 +93,14 @@ stop() {
   for daemon in slurmd slurmctld munged; do pkill -x "$daemon" 2>/dev/null || true; done
   local left=""
   for _ in $(seq 50); do
-    left=$(pgrep -l -x 'slurmd|slurmctld|munged' || true)
+    left=$(daemons_running)
     [ -z "$left" ] && break
     sleep 0.2
   done
   if [ -n "$left" ]; then   # still there after 10 s: no mercy, then say what could not be stopped
-    pkill -9 -x 'slurmd|slurmctld|munged' 2>/dev/null || true
+    for daemon in slurmd slurmctld munged; do pkill -9 -x "$daemon" 2>/dev/null || true; done
     sleep 0.5
-    left=$(pgrep -l -x 'slurmd|slurmctld|munged' || true)
+    left=$(daemons_running)
   fi
   "$(dirname "$0")/../cluster/nodes.sh" down
   if [ -n "$left" ]; then
