@@ -36,8 +36,8 @@ def build_model(cfg: RunConfig, data, ep_size: int, info) -> tuple[MMoLRE, dict]
     model = MMoLRE(cfg.model, data.shapes, ep_size=ep_size)
     model.init_shared_experts(cfg.train.seed, distributed.expert_parallel_rank(info.rank, ep_size))
     params = count_parameters(model)
-    params["expert_bytes_per_rank"] = sum(p.numel() * p.element_size() for _, b in model.moe_blocks()
-                                          for p in b.shared_experts.parameters())
+    params["expert_bytes_per_rank"] = sum(t.numel() * t.element_size() for _, b in model.moe_blocks()
+                                          for t in b.shared_expert_tensors())
     return model, params
 
 
@@ -61,6 +61,26 @@ def emotion_pos_weight(cfg: RunConfig, data, device, info) -> torch.Tensor | Non
     distributed.print_main(info, "emotion BCE: present cases weighted by (1 - prevalence) / prevalence: "
               + ", ".join(f"{e} {w:.2f}" for e, w in zip(EMOTIONS, weight)))
     return torch.tensor(weight, dtype=torch.float32, device=device)
+
+
+def check_memory(cfg: RunConfig, shapes: dict, ep_size: int, ds_config: dict, info, device) -> None:
+    """Refuse, on every rank alike, a run that would not fit, before the model is built (memory_estimate.py)."""
+    from .config import ConfigError
+    from .memory_estimate import available, check_fits, estimate
+    zero = ds_config.get("zero_optimization", {}).get("stage", 0)
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
+    needed = estimate(cfg, shapes, ep_size, ds_config["train_micro_batch_size_per_gpu"], info.world_size, zero, bf16)
+    have, what = available(device, info.local_world_size)
+    distributed.print_main(info, f"memory per rank: about {needed.describe()}; {what}")
+    refusal = None
+    if cfg.train.memory_check:
+        try:
+            check_fits(needed, have, what)
+        except ConfigError as e:
+            refusal = str(e)
+    refusals = [r for r in distributed.all_gather(refusal, info) if r]   # the same verdict on every rank
+    if refusals:
+        raise ConfigError(refusals[0])
 
 
 def rank_device(info) -> torch.device:

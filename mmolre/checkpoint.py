@@ -24,12 +24,13 @@ import warnings
 import numpy as np
 import torch
 
-from . import distributed, topology_free_state
+from . import distributed, expert_state_files, topology_free_state
 from .config import ConfigError
 
 MARKER = "mmolre_complete.json"
 THRESHOLDS = "emotion_thresholds.json"   # beside the selected checkpoint: the emotion decisions chosen on valid
-FORMAT = 2   # in the marker; checkpoints without it (earlier versions) resume weights only
+FORMAT = 3   # in the marker: 3 experts in expert_state_rank<r>.pt (banks) or DeepSpeed's files (--grouped_experts
+#              false); 2 experts always in DeepSpeed's files; none (earlier versions): weights only
 TAG_RE = re.compile(r"^step(\d{8})$")
 
 
@@ -85,7 +86,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, ckpt_dir: str, tag: str, client_state: dict, info, ep_size: int, marker: dict) -> None:
+def save(engine, ckpt_dir: str, tag: str, client_state: dict, info, ep_size: int, marker: dict,
+         num_experts: int = 0) -> None:
     """Every rank calls this with the same tag. Saving again under a tag first withdraws its marker."""
     rank = info.rank
     if rank == 0:
@@ -94,8 +96,11 @@ def save(engine, ckpt_dir: str, tag: str, client_state: dict, info, ep_size: int
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
     torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt"))
     state = topology_free_state.gather(engine, info)   # a collective: every rank takes part
-    if state is not None and rank < ep_size:   # ranks 0..ep-1 hold every expert once (DeepSpeed's layout)
+    if state is not None and state["params"] and rank < ep_size:   # ranks 0..ep-1 hold every expert once
         torch.save(state, os.path.join(ckpt_dir, tag, f"{topology_free_state.PREFIX}{rank}.pt"))
+    experts = getattr(engine, "expert_optimizer", None)
+    if experts and rank < ep_size:   # the experts in banks: one file per expert-parallel rank
+        expert_state_files.write(os.path.join(ckpt_dir, tag), experts, num_experts, ep_size, rank)
     distributed.barrier(info)
     check_shared(os.path.join(ckpt_dir, tag), info)
     if rank == 0:
@@ -152,15 +157,16 @@ def withdraw(ckpt_dir: str, tag: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: str, tag: str, rank: int, weights_only: bool = False) -> dict:
-    """Load `tag` into the engine (and this rank's RNG state unless weights_only); returns the client state."""
+def load(engine, ckpt_dir: str, tag: str, rank: int, weights_only: bool = False, rng: bool | None = None) -> dict:
+    """Load `tag` into the engine (and this rank's RNG state if `rng`, by default unless weights_only); returns
+    the client state."""
     path, client_state = engine.load_checkpoint(
         ckpt_dir, tag=tag, load_optimizer_states=not weights_only, load_lr_scheduler_states=not weights_only,
         load_module_only=weights_only)
     if path is None:
         raise FileNotFoundError(f"checkpoint {tag!r} in {ckpt_dir} could not be loaded")
     rng_path = os.path.join(ckpt_dir, tag, f"rng_rank{rank}.pt")
-    if not weights_only and os.path.isfile(rng_path):
+    if (not weights_only if rng is None else rng) and os.path.isfile(rng_path):
         set_rng_state(torch.load(rng_path, weights_only=False))
     return client_state or {}
 

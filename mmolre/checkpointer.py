@@ -14,7 +14,7 @@ import os
 import shutil
 from dataclasses import asdict
 
-from . import checkpoint, distributed, topology_free_state
+from . import checkpoint, distributed, expert_state_files, topology_free_state
 from .config import ConfigError, RunConfig, saved_model_config
 from .model.frontend import steps_per_modality
 from .train_state import TrainState
@@ -25,7 +25,8 @@ def checkpoint_layout(cfg: RunConfig, text_tokens, shapes: dict) -> dict:
     model's inputs."""
     return {"balance": cfg.model.balance, "router_groups": cfg.train.router_lr_scale != 1.0,
             "text_encoder": cfg.model.text_encoder, "text_tokens": text_tokens.key() if text_tokens else None,
-            "steps": steps_per_modality(shapes, cfg.model.temporal_steps)}
+            "steps": steps_per_modality(shapes, cfg.model.temporal_steps),
+            "expert_store": "banks" if cfg.model.grouped_experts else "deepspeed"}
 
 
 def check_resume_compatible(marker: dict, layout: dict, cfg: RunConfig, saved_steps: dict, where: str) -> None:
@@ -56,6 +57,13 @@ def check_resume_compatible(marker: dict, layout: dict, cfg: RunConfig, saved_st
                           f"--balance {m.balance}, --router_lr_scale {cfg.train.router_lr_scale}. aux_free keeps "
                           f"selection biases in the model and a router LR scale gives the routers their own optimizer "
                           f"groups, so switching either on or off needs a new run")
+    stored = marker.get("expert_store")   # absent before format 3: DeepSpeed's files, which both paths read
+    if stored and stored != layout["expert_store"]:
+        raise ConfigError(f"--resume: {where} keeps its shared experts in "
+                          + ("expert banks (--grouped_experts true)" if stored == "banks" else
+                             "DeepSpeed's expert parameters (--grouped_experts false)")
+                          + f"; this run has --grouped_experts {cfg.model.grouped_experts}. Resume with the setting "
+                            f"it was saved with")
     if saved_steps != layout["steps"]:
         raise ConfigError(f"--resume: {where} was trained on {saved_steps} time steps per modality, this run has "
                           f"{layout['steps']} (--modalities, --text_max_length and --temporal_steps decide them); "
@@ -125,7 +133,8 @@ class Checkpointer:
         marker = {"format": checkpoint.FORMAT, "step": state.global_step, "epoch": state.epoch,
                   "epoch_samples": state.epoch_samples, "world_size": self.info.world_size, "ep_size": self.ep_size,
                   **self.marker_settings, **self.layout}
-        checkpoint.save(self.engine, self.ckpt_dir, tag, client, self.info, self.ep_size, marker)
+        checkpoint.save(self.engine, self.ckpt_dir, tag, client, self.info, self.ep_size, marker,
+                        self.cfg.model.num_experts)
         if self.info.local_rank == 0:
             checkpoint.prune(self.ckpt_dir, self.cfg.train.keep_checkpoints, protect={state.best_tag})
         return tag
@@ -147,12 +156,16 @@ class Checkpointer:
         where = f"{self.ckpt_dir}/{tag}"
         check_resume_compatible(marker, self.layout, self.cfg, marker.get("steps") or
                                 recorded_steps(self.run_dir, self.shapes), where)
-        current = marker.get("format") == checkpoint.FORMAT
-        same = current and marker["world_size"] == info.world_size and marker["ep_size"] == self.ep_size
+        fmt = marker.get("format", 1)
+        # format 2 kept the experts in DeepSpeed's files: still DeepSpeed's own layout for --grouped_experts false
+        layout_as_now = fmt == checkpoint.FORMAT or (fmt == 2 and not self.engine.expert_optimizer)
+        same = layout_as_now and marker["world_size"] == info.world_size and marker["ep_size"] == self.ep_size
         this_run = optimizer_hyperparameters(self.engine)
-        client = checkpoint.load(self.engine, self.ckpt_dir, tag, info.rank, weights_only=not same)
+        client = checkpoint.load(self.engine, self.ckpt_dir, tag, info.rank, weights_only=not same,
+                                 rng=marker["world_size"] == info.world_size)
         state = TrainState.from_client_state(client["train_state"], marker, self.marker_settings["micro_batch"])
         loads.restore(client["train_state"].get("epoch_load"))
+        experts_carried = self._load_experts(tag, marker, fmt)
         if same:
             # DeepSpeed loads the optimizer state after the scheduler's, and with it the saved LR, weight decay and
             # clipping; this run's flags decide them (a resume with other --epochs re-plans the schedule; another
@@ -161,28 +174,52 @@ class Checkpointer:
             self.engine.lr_scheduler.apply_lr()
             distributed.print_main(info, f"resumed from {where}: epoch {state.epoch}, step {state.global_step}")
         else:
-            self._restore_other_topology(state, marker, tag, current)
+            self._restore_other_topology(state, marker, tag, fmt, experts_carried)
         return state
 
-    def _restore_other_topology(self, state: TrainState, marker: dict, tag: str, current: bool) -> None:
+    def _load_experts(self, tag: str, marker: dict, fmt: int) -> bool | None:
+        """This rank's share of the experts in banks (weights, and AdamW moments and step counts where the
+        checkpoint has them and is of a known format); whether the moments came. None without banks."""
+        experts = self.engine.expert_optimizer
+        if not experts:
+            return None
+        layers = [layer for layer, _ in experts.banks]
+        values, with_moments = expert_state_files.read_share(
+            os.path.join(self.ckpt_dir, tag), layers, self.cfg.model.num_experts, self.ep_size,
+            distributed.expert_parallel_rank(self.info.rank, self.ep_size), marker["ep_size"])
+        with_moments = with_moments and fmt >= 2
+        for layer, bank in experts.banks:
+            experts.load_layer_state(layer, bank, values[layer], with_moments)
+        return with_moments
+
+    def _restore_other_topology(self, state: TrainState, marker: dict, tag: str, fmt: int,
+                                experts_carried: bool | None) -> None:
         """DeepSpeed's files hold ZeRO partitions laid out for the old world; the topology-free state holds every
-        parameter per global expert id. The schedule and the data order are positions in samples, so both
-        continue where they were."""
+        dense parameter (and, before format 3, every expert per global expert id); the experts in banks came in
+        `_load_experts`. The schedule and the data order are positions in samples, so both continue where they
+        were."""
         info, where = self.info, f"{self.ckpt_dir}/{tag}"
-        restored = current and topology_free_state.restore(
+        moved = fmt == 2 and bool(self.engine.expert_optimizer)   # experts from DeepSpeed's files into banks
+        restored = fmt >= 2 and topology_free_state.restore(
             self.engine, os.path.join(self.ckpt_dir, tag), marker["ep_size"], self.ep_size,
             distributed.expert_parallel_rank(info.rank, self.ep_size))
+        if restored == "weights and optimizer" and experts_carried is False:
+            restored = "weights"
         if self.cfg.train.reshard_only and restored != "weights and optimizer":
             raise ConfigError(f"--reshard_only: {where} holds no topology-free optimizer state (written by an earlier "
                               f"version, or before the first step); resharding would reset the optimizer, so nothing "
                               f"was written. Resume it with --resume instead")
         self.engine.lr_scheduler.load_state_dict(state.schedule or {   # earlier versions saved no plan
             "samples": state.train_samples, "last_epoch": state.global_step})
-        why = (f"saved with world size {marker['world_size']} / expert parallel {marker['ep_size']}, now "
-               f"{info.world_size} / {self.ep_size}" if current else "written by an earlier version")
+        why = ("written by an earlier version" if fmt < 2 else
+               "format 2: its experts in DeepSpeed's files, now in expert banks" if moved else
+               f"saved with world size {marker['world_size']} / expert parallel {marker['ep_size']}, now "
+               f"{info.world_size} / {self.ep_size}")
         what = ("the weights, AdamW moments and step of every parameter were carried over, regrouped by global "
                 "expert id" if restored == "weights and optimizer" else "WEIGHTS ONLY: the optimizer state was reset")
-        distributed.print_main(info, f"resumed from {where} under another topology ({why}): {what}; the LR schedule "
+        moved_only = moved and marker["world_size"] == info.world_size and marker["ep_size"] == self.ep_size
+        how = "" if moved_only else " under another topology"
+        distributed.print_main(info, f"resumed from {where}{how} ({why}): {what}; the LR schedule "
                                      f"continues at sample {self.engine.lr_scheduler.samples:,} (step "
                                      f"{state.global_step}) and epoch {state.epoch + 1} at sample "
                                      f"{state.epoch_samples:,} of its order")

@@ -156,6 +156,10 @@ class TrainConfig:
     router_z_loss: float = _help("weight of the router z-loss (ST-MoE: mean logsumexp(logits)^2 per task and "
                                  "layer; 0: off)", default=0.0)
     router_lr_scale: float = _help("the routers' learning rate is --lr times this", default=1.0)
+    expert_optimizer: str = _help("how the shared experts take AdamW steps (--grouped_experts): 'dense', every expert "
+                                  "every step, exactly AdamW; or 'lazy', only experts that received rows in the step "
+                                  "(their moments, step counts and weight decay wait otherwise; docs/performance.md)",
+                                  default="dense")
     text_lr: float = _help("--finetune_text: peak learning rate of the text encoder", default=5e-5)
     text_warmup_ratio: float = _help("--finetune_text: the text encoder's warm-up, as a fraction of the training "
                                      "samples; then its own cosine, from the end of its warm-up to 5% of --text_lr "
@@ -172,6 +176,8 @@ class TrainConfig:
                               default="stop")
     dist_timeout: float = _help("seconds a collective may wait for a missing rank before the run fails",
                                 default=600.0)
+    memory_check: bool = _help("refuse at start-up a run whose per-rank memory estimate (parameters, gradients, "
+                               "optimizer, activations) exceeds the device's or the host's share", default=True)
 
 
 @dataclass
@@ -309,6 +315,8 @@ def _validate_training(t: TrainConfig) -> None:
                           "--router_z_loss >= 0")
     if t.text_lr <= 0 or not 0 <= t.text_warmup_ratio <= 1:
         raise ConfigError("--text_max_length must be >= 2, --text_lr > 0 and --text_warmup_ratio in [0, 1]")
+    if t.expert_optimizer not in ("dense", "lazy"):
+        raise ConfigError(f"--expert_optimizer must be 'dense' or 'lazy', got {t.expert_optimizer!r}")
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"--on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
     if t.reshard_only and not t.resume:
@@ -329,6 +337,9 @@ def _validate_pairings(cfg: RunConfig) -> None:
         raise ConfigError("--balance aux_free with --capacity_factor > 0 and --top_k >= 3: DeepSpeed's top-k gating "
                           "gives an over-subscribed expert's slots to the rows of highest (here: biased) probability, "
                           "and the bias is per task, so one task would be favoured; use top-1/2 or no capacity")
+    if t.expert_optimizer == "lazy" and not m.grouped_experts:
+        raise ConfigError("--expert_optimizer lazy steps the experts held in banks (--grouped_experts true); with "
+                          "--grouped_experts false DeepSpeed's optimizer steps every expert")
     if m.router_noise and m.capacity_factor > 0:
         raise ConfigError("--router_noise with --capacity_factor > 0: the second expert is sampled inside "
                           "DeepSpeed's top-2 gating, so for a route the capacity drops the sampled choice is "

@@ -12,6 +12,7 @@ from deepspeed.utils import groups
 
 from . import distributed
 from .config import ConfigError, TrainConfig
+from .expert_optimizer import ExpertOptimizer
 from .model.text_encoder import is_text_encoder_param
 from .lr_schedule import SchedulePlan, WarmupCosineBySamples
 
@@ -142,53 +143,144 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float, lr: float | No
 
 
 def initialize(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict, samples_per_epoch: int,
-               samples_per_step: int, info: distributed.DistInfo):
+               samples_per_step: int, info: distributed.DistInfo, ep_size: int):
     """The DeepSpeed engine with AdamW over MoE-aware groups and the sample-based warm-up/cosine schedule
-    (planned for --epochs epochs of samples_per_epoch, or --max_steps steps of samples_per_step if fewer)."""
-    import deepspeed
+    (planned for --epochs epochs of samples_per_epoch, or --max_steps steps of samples_per_step if fewer), and the
+    experts' own optimizer where the experts are in banks."""
     text_lr = cfg.text_lr if getattr(model, "text_backbone", None) is not None else None
     plan = SchedulePlan(cfg.epochs, cfg.max_steps, cfg.warmup_ratio, samples_per_epoch, samples_per_step,
                         text_warmup_ratio=cfg.text_warmup_ratio if text_lr is not None else None)
     optimizer = torch.optim.AdamW(optimizer_groups(model, cfg.weight_decay, cfg.lr, cfg.router_lr_scale, text_lr),
                                   lr=cfg.lr)
+    return build_engine(model, optimizer, ds_config, info, ep_size, cfg.expert_optimizer, cfg.weight_decay,
+                        lr_scheduler=lambda opt: WarmupCosineBySamples(opt, plan))
+
+
+def build_engine(model, optimizer, ds_config: dict, info: distributed.DistInfo, ep_size: int,
+                 expert_mode: str = "dense", weight_decay: float = 0.0, lr_scheduler=None):
+    """deepspeed.initialize, then the experts held in banks wired in at one place (`attach_expert_optimizer`)
+    and ZeRO-0 clipping by the model's norm. The engine's `expert_optimizer` is falsy without banks."""
+    import deepspeed
+    has_banks = any(True for _ in getattr(model, "expert_banks", lambda: ())())
+    if has_banks and ds_config.get("fp16", {}).get("enabled"):
+        raise ConfigError("fp16 with the shared experts in banks (the default --grouped_experts): their loss "
+                          "scaling is not implemented; use bf16 (ds_configs/zero2_bf16.json)")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           lr_scheduler=lambda opt: WarmupCosineBySamples(opt, plan))
-    return clip_by_the_model_norm(engine, info)
+                                           lr_scheduler=lr_scheduler)
+    experts = ExpertOptimizer(model, expert_mode, weight_decay, info, ep_size)   # after: the groups exist now
+    engine.expert_optimizer = experts
+    clip_by_the_model_norm(engine, info, experts)
+    if experts:
+        attach_expert_optimizer(engine, experts)
+    return engine
 
 
-def clip_by_the_model_norm(engine, info: distributed.DistInfo):
+def attach_expert_optimizer(engine, experts: ExpertOptimizer) -> None:
+    """The experts' optimizer at DeepSpeed's points: their gradients reduced at the end of a window's backward
+    (where DeepSpeed reduces the dense ones), their squared norm added into the norm DeepSpeed clips by, their
+    update after DeepSpeed's step, when it was applied, with its learning rate and clipping coefficient."""
+    backward, step = engine.backward, engine.step
+
+    def backward_then_reduce(loss, *args, **kwargs):
+        boundary = engine.is_gradient_accumulation_boundary()
+        out = backward(loss, *args, **kwargs)
+        if boundary:
+            experts.reduce_gradients()
+        return out
+
+    def step_with_experts(*args, **kwargs):
+        if not engine.is_gradient_accumulation_boundary():
+            return step(*args, **kwargs)
+        lr = next(g["lr"] for g in torch_optimizer(engine).param_groups if g.get("group") == "decay")
+        experts.norm_squared = experts.squared_norm()
+        try:
+            out = step(*args, **kwargs)
+            if engine.was_step_applied():
+                experts.apply_update(lr, clip_divisor(engine))
+        finally:
+            experts.norm_squared = None
+            experts.zero_grad()
+        return out
+
+    engine.backward, engine.step = backward_then_reduce, step_with_experts
+    _add_experts_to_the_dense_norm(engine.optimizer, experts)
+
+
+def _add_experts_to_the_dense_norm(optimizer, experts: ExpertOptimizer) -> None:
+    """Make DeepSpeed's own norm (ZeRO 1/2: `scaled_global_norm`; its bf16 optimizer: the tensors of
+    `get_grads_for_norm`) the whole model's: the experts' squared norm joins the dense one. ZeRO-0 fp32 clips
+    with `clip_by_global_norm`, which counts them itself."""
+    if hasattr(optimizer, "scaled_global_norm"):
+        dense_norm = optimizer.scaled_global_norm
+
+        def scaled_global_norm(*args, **kwargs):
+            norm = dense_norm(*args, **kwargs)
+            extra = experts.norm_squared
+            return norm if extra is None else (norm.double() ** 2 + extra.to(norm.device)).sqrt().to(norm.dtype)
+        optimizer.scaled_global_norm = scaled_global_norm
+    elif hasattr(optimizer, "get_grads_for_norm"):
+        grads_for_norm = optimizer.get_grads_for_norm
+
+        def get_grads_for_norm(for_clipping=False):
+            out = grads_for_norm(for_clipping=for_clipping)
+            if for_clipping or experts.norm_squared is None:
+                return out
+            dense, by_group = out
+            return dense + [experts.norm_squared.sqrt().float().reshape(1).to(dense[0].device)], by_group
+        optimizer.get_grads_for_norm = get_grads_for_norm
+
+
+def torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer DeepSpeed steps (ZeRO's and the bf16 optimizer wrap it; the schedule sets its LRs)."""
+    return engine.lr_scheduler.optimizer if engine.lr_scheduler is not None else engine.basic_optimizer
+
+
+def clip_divisor(engine) -> float:
+    """What DeepSpeed divided the dense gradients by for clipping this step: (norm + 1e-6) / max_norm where that
+    exceeds 1 (ZeRO's rule), else 1."""
+    max_norm, norm = engine.gradient_clipping(), engine.get_global_grad_norm()
+    if not max_norm or norm is None:
+        return 1.0
+    return max(1.0, (float(norm) + 1e-6) / max_norm)
+
+
+def clip_by_the_model_norm(engine, info: distributed.DistInfo, experts: ExpertOptimizer | None = None):
     """Make a ZeRO-0 fp32 engine clip by the norm of the whole model (see `clip_by_global_norm`). ZeRO 1/2
     (fp32 and bf16) already sum every partition's squared norm over the whole data-parallel group, which
     counts each expert once (tested); low precision with ZeRO-0 is refused by `load_ds_config`."""
     if engine.gradient_clipping() > 0 and not (engine.zero_optimization() or engine.bfloat16_enabled()
                                                or engine.fp16_enabled()):
         engine.clip_fp32_gradients = types.MethodType(
-            lambda self: clip_by_global_norm(self, self.gradient_clipping(), info), engine)
+            lambda self: clip_by_global_norm(self, self.gradient_clipping(), info, experts), engine)
     return engine
 
 
-def clip_by_global_norm(engine, max_norm: float, info: distributed.DistInfo) -> torch.Tensor:
+def clip_by_global_norm(engine, max_norm: float, info: distributed.DistInfo,
+                        experts: ExpertOptimizer | None = None) -> torch.Tensor:
     """Clip the (already reduced) gradients of a ZeRO-0 fp32 engine by the norm of the whole model.
 
     DeepSpeed's ZeRO-0 clipping (`runtime.utils.clip_grad_norm_`) takes each rank's norm over the experts it
     holds and averages the norms over ranks; under expert parallelism the ranks hold different experts, so
     that is not the model's norm (DeepSpeed issue 8475) and the run clips differently from one process.
     Here: dense gradients are the same on every rank and count once; each expert-parallel group holds every
-    expert exactly once, so the experts' squared norms are summed over that group.
+    expert exactly once, so the experts' squared norms are summed over that group (DeepSpeed's expert
+    parameters here; the experts in banks by the expert optimizer, which then clips them itself).
     """
-    dense, experts = [], {}
+    dense, moe = [], {}
     for p in engine.module.parameters():
         if p.grad is None:
             continue
         squared = p.grad.detach().float().pow(2).sum()
         if is_moe_param(p):
-            experts.setdefault(p.group_name, []).append(squared)
+            moe.setdefault(p.group_name, []).append(squared)
         else:
             dense.append(squared)
     total = torch.stack(dense).sum() if dense else torch.zeros(())
-    for group_name, parts in experts.items():
+    for group_name, parts in moe.items():
         total = total + distributed.all_reduce_sum(torch.stack(parts).sum(), info,
                                                    group=groups._get_expert_parallel_group(group_name))
+    if experts is not None and experts.norm_squared is not None:
+        total = total + experts.norm_squared.to(total.dtype)
     norm = total.sqrt()
     coef = min(1.0, max_norm / (float(norm) + 1e-6))
     if coef < 1.0:

@@ -1,11 +1,11 @@
 """A consolidated model for inference without DeepSpeed's engine, launcher or process group.
 
-`export` reads a run's DeepSpeed checkpoint files directly: the dense weights from
-`mp_rank_00_model_states.pt` and every shared expert from its `layer_<L>_expert_<E>_...` file (stored
-per global expert id, so the export does not depend on how many ranks trained it), and writes one fp32
-file with the model configuration, the feature shapes and the train-split normalisation. A bf16 run's
-model files hold bf16 copies; every checkpoint also holds the fp32 weights (the optimizer's masters) in its
-topology-free state (`topology_free_state.py`), and those are what the export takes. `predict` builds the model with expert
+`export` reads a run's checkpoint files directly: the dense weights from DeepSpeed's
+`mp_rank_00_model_states.pt` (and, as fp32 masters, from the topology-free state, `topology_free_state.py`:
+a bf16 run's model files hold bf16 copies), and every shared expert's fp32 weights by global expert id (from
+`expert_state_rank<r>.pt`, `expert_state_files.py`; or, for --grouped_experts false and earlier checkpoints,
+from DeepSpeed's per-expert files), so the export does not depend on how many ranks trained it. It writes one
+fp32 file with the model configuration, the feature shapes and the train-split normalisation. `predict` builds the model with expert
 parallelism 1 and runs it on CPU. A model trained with `--finetune_text` holds its text encoder's weights;
 `export` and `predict` need the encoder's directory (its architecture and tokenizer) where the run's config
 names it (an absolute path).
@@ -19,13 +19,14 @@ import warnings
 
 import torch
 
-from . import checkpoint, topology_free_state
+from . import checkpoint, expert_state_files, topology_free_state
 from .config import saved_model_config
 from .data.cache import build_cache, load_cache
 from .data.loader import SplitDataset, eval_batches
 from .data.tokens import TextTokens
 from .evaluate import predict_batches
 from .model import MMoLRE
+from .model.grouped import per_expert_key
 
 FORMAT = "mmolre-export-1"
 
@@ -66,6 +67,12 @@ def export(run_dir: str, out_path: str, tag: str = "best") -> dict:
     model.load_state_dict(state, strict=True)   # global expert ids are the local ids at ep_size 1
     marker = checkpoint.read_marker(checkpoint.checkpoint_dir(run_dir), tag)
     fp32 = _load_fp32_state(model, tag_dir, marker)
+    banks = list(model.expert_banks())
+    if banks:   # every expert, by global id, into the ep-1 model's banks
+        values, _ = expert_state_files.read_share(tag_dir, [layer for layer, _ in banks], model.cfg.num_experts, 1,
+                                                  0, marker["ep_size"])
+        for layer, bank in banks:
+            bank.load_rows({name: values[layer][f"{name}/weight"] for name in bank.tensors})
     if not fp32 and marker.get("dtype", "float32") != "float32":
         warnings.warn(f"{tag_dir} was trained in {marker['dtype']} and holds no fp32 master weights; the export "
                       f"takes the {marker['dtype']} module weights", stacklevel=2)
@@ -78,9 +85,23 @@ def export(run_dir: str, out_path: str, tag: str = "best") -> dict:
                "emotion_thresholds": thresholds,
                "normalisation": data_meta["normalisation"], "synthetic": data_meta["synthetic"],
                "source_run": os.path.abspath(run_dir), "checkpoint": tag,
-               "state_dict": {k: v.float() for k, v in model.state_dict().items()}}
+               "state_dict": {k: v.float() for k, v in full_state_dict(model).items()}}
     torch.save(payload, out_path)
     return payload
+
+
+def full_state_dict(model: MMoLRE) -> dict[str, torch.Tensor]:
+    """The model's state dict with its experts in banks too, under DeepSpeed's per-expert keys (at expert
+    parallelism 1 the local ids are the global ones): the form exports have always had."""
+    state = dict(model.state_dict())
+    for layer, block in model.moe_blocks():
+        if block.expert_bank is None:
+            continue
+        prefix = next(name for name, m in model.named_modules() if m is block.shared_experts) + "."
+        for i in range(block.expert_bank.num_local):
+            for name, value in block.expert_bank.expert(i).items():
+                state[per_expert_key(prefix, i, name)] = value.detach()
+    return state
 
 
 def _load_fp32_state(model: MMoLRE, tag_dir: str, marker: dict) -> bool:

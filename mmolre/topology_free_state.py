@@ -96,7 +96,8 @@ def gather(engine, info) -> dict | None:
         if is_moe_param(param) or info.rank == 0:
             params[name] = {k: v.detach().float().cpu().clone() for k, v in entry.items()}
     step = _adam_step(zero.optimizer if zero else plain)
-    return {"params": params, "step": step}
+    # experts in banks are saved by expert_state_files.py; then this state is the dense model's, on rank 0 only
+    return {"params": params, "step": step, "experts_in_banks": bool(getattr(engine, "expert_optimizer", None))}
 
 
 def read(tag_dir: str, ep_size: int, num_experts: int) -> dict | None:
@@ -106,9 +107,11 @@ def read(tag_dir: str, ep_size: int, num_experts: int) -> dict | None:
     present = [os.path.isfile(p) for p in paths]
     if not any(present):
         return None
-    if not all(present):
+    if not present[0] or (not all(present) and not torch.load(paths[0], map_location="cpu", weights_only=True,
+                                                               mmap=True).get("experts_in_banks")):
         raise FileNotFoundError(f"{tag_dir}: the state files of expert-parallel ranks "
                                 f"{[r for r, ok in enumerate(present) if not ok]} are missing")
+    paths = [p for p, ok in zip(paths, present) if ok]
     per_rank = num_experts // ep_size
     params, step = {}, 0
     for ep_rank, path in enumerate(paths):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .distributed import print_main
-from .build import BatchGeometry, build_model, emotion_pos_weight, load_data, rank_device
+from .build import BatchGeometry, build_model, check_memory, emotion_pos_weight, load_data, rank_device
 from .checkpointer import Checkpointer, checkpoint_layout
 from .config import RunConfig
 from .data import train_loader
@@ -64,6 +64,7 @@ class Trainer:
         self.run_dir = resolve_run_dir(cfg, self.info)
         point_tensorboard(ds_config, tensorboard_dir(self.run_dir))
         text_tokens, self.data = load_data(cfg, self.info)
+        check_memory(cfg, self.data.shapes, self.ep_size, ds_config, self.info, self.device)
         self.records = run_records(cfg, ds_config, self.data)
         if self.info.is_main and not t.resume:
             write_records(self.run_dir, self.records)
@@ -95,7 +96,7 @@ class Trainer:
                                    self.geometry.grad_accum)
         self.steps_per_epoch = self.loader.sampler.batches() // self.geometry.grad_accum
         sps = self.geometry.samples_per_step
-        self.engine = initialize(self.model, t, ds_config, self.steps_per_epoch * sps, sps, info)
+        self.engine = initialize(self.model, t, ds_config, self.steps_per_epoch * sps, sps, info, self.ep_size)
         torch.manual_seed(t.seed * 1000 + info.rank + 1)  # dropout differs per rank; weights were broadcast
         self.dtype = compute_dtype(self.engine)
 

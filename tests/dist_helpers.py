@@ -81,13 +81,12 @@ def dense_grads(model) -> dict:
 
 def parity_worker(rank: int, world: int, port: int, out_path: str):
     """world=2, ep=2, ZeRO-0: forward one half of the batch per rank, backward, gather everything."""
-    import deepspeed
-    from mmolre.engine import optimizer_groups
+    from mmolre.engine import build_engine, optimizer_groups
     from mmolre.losses import compute_loss
     info = setup(rank, world, port)
     model = build(ep_size=world, ep_rank=rank)
     opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=1e-3)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(0))
+    engine = build_engine(model, opt, ds_config(0), info, world)
     half = BATCH // world
     batch = slice_batch(fixed_batch(), rank * half, (rank + 1) * half)
     out = engine(batch.features, batch.masks)
@@ -119,14 +118,13 @@ def reference_single_process(out_path: str):
 
 def _zero2_steps(rank, world, port, model_kw, steps, batches, lr=3e-3):
     """Train a 2-process, ZeRO-2, expert-parallel model on fixed batches; returns (info, model, record)."""
-    import deepspeed
     from mmolre import distributed
-    from mmolre.engine import optimizer_groups
+    from mmolre.engine import build_engine, optimizer_groups
     from mmolre.losses import compute_loss
     info = setup(rank, world, port)
     model = build(ep_size=world, ep_rank=rank, **model_kw)
     opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=lr)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(2))
+    engine = build_engine(model, opt, ds_config(2), info, world)
     torch.manual_seed(100 + rank)
     losses = []
     for step in range(steps):
@@ -157,7 +155,7 @@ def _save_from_main(record, info, out_path):
 def training_worker(rank: int, world: int, port: int, out_path: str):
     """world=2, ep=2, ZeRO-2: the loss curve and this rank's expert parameter count."""
     info, model, record = _zero2_steps(rank, world, port, {"dropout": 0.1}, steps=40, batches=4)
-    record["local_expert_params"] = sum(p.numel() for _, b in model.moe_blocks() for p in b.shared_experts.parameters())
+    record["local_expert_params"] = sum(t.numel() for _, b in model.moe_blocks() for t in b.shared_expert_tensors())
     _save_from_main(record, info, out_path)
 
 
@@ -191,13 +189,18 @@ def global_parameters(model, ep_size: int, ep_rank: int) -> dict:
     return out
 
 
-def reference_training(world: int, weight_decay: float = WEIGHT_DECAY, grouped: bool = False) -> dict:
+def reference_training(world: int, weight_decay: float = WEIGHT_DECAY, grouped: bool = False,
+                       expert_mode: str = "dense", **model_kw) -> dict:
     """One process, no DeepSpeed: each step averages the losses of the `world` slices (what data parallelism
-    computes), clips by torch's global norm and takes an AdamW step over the trainer's parameter groups."""
+    computes), clips by the global norm and takes an AdamW step: torch's over the trainer's parameter groups, and
+    on the fast path (experts in banks) the expert optimizer's over the experts, with the same coefficient."""
+    from mmolre.distributed import DistInfo
     from mmolre.engine import optimizer_groups
+    from mmolre.expert_optimizer import ExpertOptimizer
     from mmolre.losses import compute_loss
-    model = build(ep_size=1, ep_rank=0, grouped_experts=grouped)
+    model = build(ep_size=1, ep_rank=0, grouped_experts=grouped, **model_kw)
     opt = torch.optim.AdamW(optimizer_groups(model, weight_decay), lr=3e-3)
+    experts = ExpertOptimizer(model, expert_mode, weight_decay, DistInfo(0, 0, 1, 1), 1)
     record = {"norms": []}
     for step in range(STEPS):
         parts = []
@@ -210,33 +213,49 @@ def reference_training(world: int, weight_decay: float = WEIGHT_DECAY, grouped: 
                 record.setdefault("outputs", []).append(out.sentiment.detach())
                 record.setdefault("losses", []).append(loss.total.detach())
         torch.stack(parts).mean().backward()
+        if experts:
+            experts.reduce_gradients()   # one process: the sum over no replicas, scaled by 1 / 1
         if step == 0:
             record["experts"], record["dense"] = expert_grads(model, 1, 0), dense_grads(model)
-        record["norms"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        dense_sq = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
+        norm = (dense_sq + (float(experts.squared_norm()) if experts else 0.0)) ** 0.5
+        record["norms"].append(norm)
+        coef = CLIP / (norm + 1e-6)   # torch's clip_grad_norm_ rule
+        if coef < 1.0:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
         opt.step()
         opt.zero_grad()
+        if experts:
+            experts.apply_update(3e-3, max(1.0, (norm + 1e-6) / CLIP))
+            experts.zero_grad()
     record["params"] = global_parameters(model, 1, 0)
+    record["expert_steps"] = {layer: experts.state[layer]["step"].clone() for layer, _ in experts.banks}
     return record
 
 
-def ep_training_worker(rank: int, world: int, port: int, out_path: str, ep_size: int):
+RUNS = ((0, False), (1, False), (2, False), (1, True), (2, True))   # (ZeRO stage, bf16)
+
+
+def ep_training_worker(rank: int, world: int, port: int, out_path: str, ep_size: int, expert_mode: str = "dense",
+                       runs=RUNS, model_kw=None):
     """fp32 under ZeRO 0, 1 and 2, then bf16 under ZeRO 1 and 2, in turn (a fresh model and engine each),
     ep_size experts per group, clipping on: the first step's outputs, loss and gradients (fp32 ZeRO-0),
     every step's global norm, the final parameters; and, in the first forward, DeepSpeed's own all-reduces
     and the rows each local expert computed."""
-    import deepspeed
     import deepspeed.comm as ds_comm
-    from mmolre.engine import clip_by_the_model_norm, optimizer_groups
+    from mmolre.engine import build_engine, optimizer_groups
     from mmolre.losses import compute_loss
     info = setup(rank, world, port)
     ep_rank = rank % ep_size
     record = {}
-    for stage, bf16 in ((0, False), (1, False), (2, False), (1, True), (2, True)):
-        model = build(ep_size=ep_size, ep_rank=ep_rank)
+    for stage, bf16 in runs:
+        model = build(ep_size=ep_size, ep_rank=ep_rank, **(model_kw or {}))
         opt = torch.optim.AdamW(optimizer_groups(model, WEIGHT_DECAY), lr=3e-3)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
-                                               config=ds_config(stage, BATCH // world, CLIP, bf16))
-        engine = clip_by_the_model_norm(engine, info)   # what the trainer's engine.initialize does
+        # what the trainer's engine.initialize does: DeepSpeed's engine, the experts' optimizer, global-norm clipping
+        engine = build_engine(model, opt, ds_config(stage, BATCH // world, CLIP, bf16), info, ep_size, expert_mode,
+                              WEIGHT_DECAY)
         norms, own = [], []
         for step in range(STEPS):
             batch = step_batch(step, rank, world)
@@ -256,7 +275,7 @@ def ep_training_worker(rank: int, world: int, port: int, out_path: str, ep_size:
             loss = compute_loss(out, batch, aux_weight=0.5, emotion_weight=1.0)
             engine.backward(loss.total)
             if bf16:
-                own.append(_norm_of_reduced_gradients(model, info, ep_size))
+                own.append(_norm_of_reduced_gradients(model, info, ep_size, engine.expert_optimizer))
             if stage == 0 and step == 0 and not bf16:
                 record.update(output=out.sentiment.detach(), loss=loss.total.detach(),
                               experts=expert_grads(model, ep_size, ep_rank), dense=dense_grads(model))
@@ -267,21 +286,26 @@ def ep_training_worker(rank: int, world: int, port: int, out_path: str, ep_size:
     _save_from_main(record, info, out_path)
 
 
-def _norm_of_reduced_gradients(model, info, ep_size: int) -> float:
+def _norm_of_reduced_gradients(model, info, ep_size: int, expert_optimizer) -> float:
     """The model's gradient norm computed here from the engine's reduced fp32 gradients (right after the
-    boundary backward): dense parameters once, experts summed over the expert-parallel group."""
+    boundary backward): dense parameters once, experts summed over the expert-parallel group (those in banks
+    from their reduced gradients there)."""
     from deepspeed.moe.utils import is_moe_param
     from deepspeed.utils import groups, safe_get_full_grad
     from mmolre import distributed
-    dense, experts = torch.zeros(()), torch.zeros(())
+    dense, moe = torch.zeros(()), torch.zeros(())
     for p in model.parameters():
         g = safe_get_full_grad(p).float().pow(2).sum()   # a collective over p's data-parallel group
         if is_moe_param(p):
-            experts = experts + g
+            moe = moe + g
         else:
             dense = dense + g
+    for _, bank in (expert_optimizer.banks if expert_optimizer else ()):
+        for t in bank.tensors.values():
+            if t.grad is not None:
+                moe = moe + t.grad.coalesce().values().float().pow(2).sum()
     group = groups._get_expert_parallel_group(f"ep_size_{ep_size}")
-    return float((dense + distributed.all_reduce_sum(experts, info, group=group)).sqrt())
+    return float((dense + distributed.all_reduce_sum(moe, info, group=group)).sqrt())
 
 
 def _count_expert_rows(model, ep_rank: int) -> dict:
@@ -305,11 +329,10 @@ def topology_change_resume_worker(rank: int, world: int, port: int, run_dir: str
     """Load a run's newest checkpoint into ZeRO-1 and ZeRO-2 engines of this topology (world, ep_size),
     weights only as DeepSpeed allows, then restore the topology-free state; report each parameter's fp32
     master as DeepSpeed left it, this rank's state gathered back after the restore, and the module."""
-    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
-    from mmolre import checkpoint, topology_free_state
+    from mmolre import checkpoint, expert_state_files, topology_free_state
     from mmolre.config import ModelConfig
-    from mmolre.engine import optimizer_groups
+    from mmolre.engine import build_engine, optimizer_groups
     from mmolre.model import MMoLRE
     info = setup(rank, world, port)
     cfg = json.load(open(os.path.join(run_dir, "config.json")))
@@ -321,12 +344,19 @@ def topology_change_resume_worker(rank: int, world: int, port: int, run_dir: str
     for stage in (1, 2):
         model = MMoLRE(ModelConfig(**cfg["model"]), shapes, ep_size=ep_size)
         opt = torch.optim.AdamW(optimizer_groups(model, 0.01), lr=1e-3)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
-                                               config={**ds_config(stage, 8), "bf16": {"enabled": bf16}})
+        engine = build_engine(model, opt, {**ds_config(stage, 8), "bf16": {"enabled": bf16}}, info, ep_size)
         checkpoint.load(engine, ckpt_dir, tag, rank, weights_only=True)
         refreshed = {n: safe_get_full_fp32_param(p).cpu().clone() for n, p in model.named_parameters()}
         restored = topology_free_state.restore(engine, os.path.join(ckpt_dir, tag), marker["ep_size"], ep_size, rank % ep_size)
         gathered = topology_free_state.gather(engine, dataclasses.replace(info, rank=0))   # every parameter this rank holds
+        experts = engine.expert_optimizer   # the experts in banks: this rank's share of the expert state files
+        values, moments = expert_state_files.read_share(os.path.join(ckpt_dir, tag), [n for n, _ in experts.banks],
+                                                        model.cfg.num_experts, ep_size, rank % ep_size,
+                                                        marker["ep_size"])
+        for layer, bank in experts.banks:
+            experts.load_layer_state(layer, bank, values[layer], moments)
         record[stage] = {"restored": restored, "refreshed": refreshed, "state": gathered,
-                         "module": {n: p.detach().cpu().clone() for n, p in model.named_parameters()}}
+                         "module": {n: p.detach().cpu().clone() for n, p in model.named_parameters()},
+                         "experts": {layer: {k: v.clone() for k, v in experts.layer_state(layer, bank).items()}
+                                     for layer, bank in experts.banks}}
     _save_from_main(record, info, out_path)

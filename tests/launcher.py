@@ -47,12 +47,23 @@ def results(run):
 
 
 def final_weights(run):
-    """The module weights of the newest complete checkpoint, dense and experts."""
+    """The weights of the newest complete checkpoint: DeepSpeed's module file, and every shared expert by global
+    id under DeepSpeed's per-expert key, from DeepSpeed's per-expert files or the expert state files (banks)."""
     tags = sorted(glob.glob(str(run / "checkpoints" / "step*" / "mmolre_complete.json")))
     tag_dir = os.path.dirname(tags[-1])
     state = dict(torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), weights_only=False)["module"])
     for path in glob.glob(os.path.join(tag_dir, "layer_*_expert_*")):
         state.update(torch.load(path, weights_only=False))
+    for path in sorted(glob.glob(os.path.join(tag_dir, "expert_state_rank*.pt"))):
+        saved = torch.load(path, weights_only=True)
+        first = saved["ep_rank"] * saved["num_experts"] // saved["ep_size"]
+        for layer, values in saved["layers"].items():
+            modality, block = layer.split(".")
+            prefix = f"unitse.{modality}.blocks.{block}.moe.deepspeed_moe.experts.deepspeed_experts."
+            for key, rows in values.items():
+                if key.endswith("/weight"):
+                    for i, row in enumerate(rows):
+                        state[f"{prefix}{first + i}.{key[:-len('/weight')]}"] = row
     return os.path.basename(tag_dir), state
 
 

@@ -1,20 +1,24 @@
-"""The fast path of the shared experts: routed rows only, all local experts in one batched computation.
+"""The fast path of the shared experts: routed rows only, all local experts in one batched computation, their
+state in an expert bank.
 
 DeepSpeed's MoE layer, as it comes, lays the routed rows out in an [experts, capacity, row] buffer, with
 capacity = the busiest expert's load, and calls each local expert in Python on its whole slab, padding
-included. With rows that are whole utterances (T*d wide) and many experts, that buffer and those calls,
-not the arithmetic, are the cost, and both grow with the expert count. This module keeps the layer a
-DeepSpeed MoE layer and changes two things:
+included; and DeepSpeed's engine treats every expert parameter whole on every step. With rows that are whole
+utterances (T*d wide) and many experts, those, not the arithmetic, are the cost, and they grow with the expert
+count. This module keeps DeepSpeed's MoE layer (its MOELayer, gate, all-to-all and expert-parallel groups)
+and changes three things:
 
-* `StackedLowRankExperts` subclasses DeepSpeed's `Experts` and holds the local experts as four stacked
-  parameters carrying DeepSpeed's expert marks; its state dict shows them per expert under DeepSpeed's own
-  keys, so the optimizer groups and the per-global-id checkpoint files are DeepSpeed's. Each routed row
-  gets its expert's weights and both convolutions run as batched matmuls: no per-expert Python call, and
-  no per-expert parameter for autograd, ZeRO or the optimizer to visit.
+* `StackedLowRankExperts` subclasses DeepSpeed's `Experts` and computes every routed row with its expert's
+  weights as batched matmuls: no per-expert Python call. The weights live in an `ExpertBank` (one row per local
+  expert, fp32, outside the module's parameters); only the rows of experts that received rows are gathered, and
+  only their gradients come back (sparse). `mmolre/expert_optimizer.py` steps and saves them.
 * `CompactMOELayer` subclasses DeepSpeed's `MOELayer`: same gate (its top-k, capacity and aux logic), same
   `_AllToAll`, but the buffer sent to each rank holds only the rows routed there, padded to the largest
   per-rank count (agreed by one all-reduce, as DeepSpeed's no-drop capacity is), not to experts x capacity.
   Expert ids travel in a small integer all-to-all beside the rows.
+* `ExpertParallelMoE` is what `deepspeed.moe.layer.MoE` is to its MOELayer (the expert-parallel groups, the
+  (output, l_aux, exp_counts) interface), without marking the experts as parameters for DeepSpeed's ZeRO (which
+  would otherwise require them in its optimizer groups and save one checkpoint file per expert).
 """
 from __future__ import annotations
 
@@ -25,57 +29,55 @@ from torch.nn import functional as F
 from deepspeed.moe.experts import Experts
 from deepspeed.moe.sharded_moe import MOELayer, _AllToAll
 
-from .experts import LowRankExpert, init_low_rank_
+from .expert_bank import PARAMS, ExpertBank
+from .experts import LowRankExpert
 
 
-PARAMS = ("down.weight", "down.bias", "up.weight", "up.bias")   # a LowRankExpert's parameters, in order
-
-
-def _stacked_name(name: str) -> str:
-    return name.replace(".", "_")
+def per_expert_key(prefix: str, expert_id: int, name: str) -> str:
+    """DeepSpeed's key of one expert's parameter (`...experts.deepspeed_experts.<id>.down.weight`), which
+    exports and checkpoints of earlier versions use, with global expert ids."""
+    return f"{prefix}deepspeed_experts.{expert_id}.{name}"
 
 
 class StackedLowRankExperts(Experts):
-    """All local low-rank experts as four stacked parameters [E_local, ...].
+    """All local low-rank experts of one MoE layer, their weights in an ExpertBank.
 
-    One Parameter per weight kind instead of four per expert: autograd, ZeRO's gradient hooks and the
-    optimizer do a constant amount of per-parameter work whatever the expert count. The parameters carry
-    DeepSpeed's expert marks (`allreduce=False`, the expert group name), and the state dict shows them per
-    expert, under the keys DeepSpeed's `Experts` uses (`deepspeed_experts.<i>.down.weight`, ...), so
-    DeepSpeed writes and reads one checkpoint file per global expert id exactly as for its own experts.
-    """
+    The module has no parameters and no state of its own (so neither DeepSpeed's engine nor its checkpoints see
+    the experts); `load_state_dict` still takes DeepSpeed's per-expert keys (exports, earlier checkpoints) into
+    the bank."""
 
     def __init__(self, template: LowRankExpert, num_local_experts: int, expert_group_name: str):
         nn.Module.__init__(self)  # not Experts.__init__: no per-expert deep copies
         self.num_local_experts = num_local_experts
+        self.expert_group_name = expert_group_name
         self.seq_len, self.d_model, self.rank = template.seq_len, template.d_model, template.rank
-        for name, p in template.named_parameters():
-            stacked = nn.Parameter(p.detach().unsqueeze(0).repeat(num_local_experts, *[1] * p.ndim))
-            stacked.allreduce, stacked.group_name = False, expert_group_name
-            self.register_parameter(_stacked_name(name), stacked)
-        self.register_state_dict_post_hook(self._per_expert_keys)
-        self.register_load_state_dict_pre_hook(self._stack_keys)
+        self.bank = ExpertBank(template, num_local_experts)
+        self.register_load_state_dict_pre_hook(self._take_per_expert_keys)
 
     def expert(self, i: int) -> dict[str, torch.Tensor]:
         """Views of local expert i's parameters, named like a LowRankExpert's."""
-        return {name: getattr(self, _stacked_name(name))[i] for name in PARAMS}
+        return self.bank.expert(i)
 
     def reset_expert(self, i: int, generator: torch.Generator | None = None) -> None:
-        init_low_rank_(*self.expert(i).values(), generator)
+        self.bank.reset_expert(i, generator)
+
+    def _apply(self, fn, recurse=True):
+        """Follow the module's device moves; never its dtype casts (the bank holds fp32 masters)."""
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, device=self.bank.tensors[PARAMS[0]].device))
+        self.bank.to_device(probe.device)
+        return self
 
     @staticmethod
-    def _per_expert_keys(module, state_dict, prefix, local_metadata) -> None:
+    def _take_per_expert_keys(module, state_dict, prefix, *args) -> None:
+        """Per-expert keys with LOCAL ids (an ep-1 export: global = local) into the bank."""
+        values = {}
         for name in PARAMS:
-            stacked = state_dict.pop(prefix + _stacked_name(name))
-            for i in range(stacked.shape[0]):
-                state_dict[f"{prefix}deepspeed_experts.{i}.{name}"] = stacked[i]
-
-    @staticmethod
-    def _stack_keys(module, state_dict, prefix, *args) -> None:
-        for name in PARAMS:
-            keys = [f"{prefix}deepspeed_experts.{i}.{name}" for i in range(module.num_local_experts)]
+            keys = [per_expert_key(prefix, i, name) for i in range(module.num_local_experts)]
             if all(k in state_dict for k in keys):
-                state_dict[prefix + _stacked_name(name)] = torch.stack([state_dict.pop(k) for k in keys])
+                values[name] = torch.stack([state_dict.pop(k) for k in keys])
+        if len(values) == len(PARAMS):
+            module.bank.load_rows(values)
 
     def forward_rows(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """rows [n, T*d] for local expert local_ids [n] (-1: padding, output 0) -> [n, T*d]."""
@@ -84,16 +86,19 @@ class StackedLowRankExperts(Experts):
         all_real = len(real) == len(local_ids)
         idx = local_ids if all_real else local_ids.index_select(0, real)
         x = (rows if all_real else rows.index_select(0, real)).view(-1, t, d)
-        # Each row gets its expert's weights. index_select, not fancy indexing: its backward is an
-        # index_add, far cheaper on CPU than the accumulating index_put that `w[idx]` backpropagates through.
-        down = self.down_weight.permute(0, 3, 2, 1).index_select(0, idx)          # [n, 3, d, r]
-        up = self.up_weight.squeeze(-1).transpose(1, 2).index_select(0, idx)      # [n, r, d]
+        # The weights of the experts that received rows (their gradients come back to the bank as sparse rows),
+        # then each row's expert's. index_select, not fancy indexing: its backward is an index_add, far cheaper
+        # on CPU than the accumulating index_put that `w[idx]` backpropagates through.
+        used, which = torch.unique(idx, return_inverse=True)
+        w = {name: v.to(rows.dtype) for name, v in self.bank.rows(used).items()}
+        down = w["down.weight"].permute(0, 3, 2, 1).index_select(0, which)          # [n, 3, d, r]
+        up = w["up.weight"].squeeze(-1).transpose(1, 2).index_select(0, which)      # [n, r, d]
         # Conv1d(k=3, padding=1) = three time-shifted matmuls on the zero-padded sequence (views, no copies).
         padded = F.pad(x, (0, 0, 1, 1))                                            # [n, T+2, d]
-        h = self.down_bias.index_select(0, idx).unsqueeze(1)
+        h = w["down.bias"].index_select(0, which).unsqueeze(1)
         for tap in range(3):
             h = h + torch.bmm(padded[:, tap:tap + t], down[:, tap])               # [n, T, r]
-        y = torch.baddbmm(self.up_bias.index_select(0, idx).unsqueeze(1), F.gelu(h), up).flatten(1)
+        y = torch.baddbmm(w["up.bias"].index_select(0, which).unsqueeze(1), F.gelu(h), up).flatten(1)
         return y if all_real else rows.new_zeros(rows.shape).index_copy(0, real, y)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -145,3 +150,32 @@ class CompactMOELayer(MOELayer):
         routed = out.float() * weight.unsqueeze(1)
         combined = torch.zeros(num_rows, width, dtype=torch.float32, device=x.device).index_add(0, row, routed)
         return combined.to(x.dtype).reshape(input[0].shape)
+
+
+class ExpertParallelMoE(nn.Module):
+    """DeepSpeed's MOELayer with its expert-parallel groups and `MoE`'s interface, for experts held in a bank.
+
+    `deepspeed.moe.layer.MoE` builds the same layer, creates the groups (`set_deepspeed_parallelism`, which
+    DeepSpeed's engine calls on every module that has it) and returns (output, l_aux, exp_counts). It also
+    makes DeepSpeed's engine treat the model as an MoE model, whose ZeRO optimizer then requires the experts
+    among its parameter groups and whose checkpoints write one file per expert: the two costs this path avoids."""
+
+    def __init__(self, gate: nn.Module, experts: StackedLowRankExperts, num_experts: int, ep_size: int):
+        super().__init__()
+        assert num_experts % ep_size == 0, f"{num_experts} experts do not divide into {ep_size} ranks"
+        self.ep_size, self.num_experts = ep_size, num_experts
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.num_local_experts = num_experts // ep_size
+        self.deepspeed_moe = CompactMOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """DeepSpeed's expert-parallel and expert-data-parallel groups, as MoE._create_process_groups makes them."""
+        from deepspeed.utils import groups
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(self.ep_size,
+                                                    use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+        self.deepspeed_moe._set_ep_group(groups._get_expert_parallel_group(self.expert_group_name))
+
+    def forward(self, hidden_states: torch.Tensor, used_token=None):
+        output = self.deepspeed_moe(hidden_states, used_token)
+        return output, self.deepspeed_moe.l_aux, self.deepspeed_moe.exp_counts

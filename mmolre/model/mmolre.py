@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from deepspeed.moe.utils import is_moe_param
+
 from ..config import EMOTIONS, TASKS, ModelConfig
 from .experts import LowRankExpert
 from .frontend import build_frontend, steps_per_modality
@@ -91,6 +93,12 @@ class MMoLRE(nn.Module):
             for i, block in enumerate(self.unitse[m].blocks):
                 yield f"{m}.{i}", block
 
+    def expert_banks(self):
+        """(layer name, ExpertBank) for every MoE layer on the fast path, in checkpoint order."""
+        for name, block in self.moe_blocks():
+            if block.expert_bank is not None:
+                yield name, block.expert_bank
+
     def init_shared_experts(self, seed: int, ep_rank: int) -> None:
         """Give every shared expert its own initial weights, a function of (seed, layer, GLOBAL expert id)
         only, so the same seed builds the same global model under any expert-parallel size."""
@@ -144,9 +152,8 @@ def _stack_routes(per_layer: list[torch.Tensor]) -> torch.Tensor:
 def count_parameters(model: MMoLRE) -> dict[str, int]:
     """Global parameter counts (all experts on all ranks), whatever this rank holds."""
     cfg = model.cfg
-    local_shared = sum(p.numel() for _, block in model.moe_blocks() for p in block.shared_experts.parameters())
-    local_total = sum(p.numel() for p in model.parameters())
-    dense = local_total - local_shared
+    local_shared = sum(t.numel() for _, block in model.moe_blocks() for t in block.shared_expert_tensors())
+    dense = sum(p.numel() for p in model.parameters() if not is_moe_param(p))
     shared = local_shared * model.ep_size
     layers = sum(1 for _, b in model.moe_blocks() if b.moe is not None)
     per_expert = shared // (cfg.num_experts * layers) if layers else 0

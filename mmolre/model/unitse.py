@@ -18,7 +18,7 @@ from torch import nn
 from deepspeed.moe.layer import MoE
 
 from .experts import LowRankExpert, init_low_rank_
-from .grouped import PARAMS, CompactMOELayer, StackedLowRankExperts, _stacked_name
+from .grouped import ExpertParallelMoE, StackedLowRankExperts
 from .routing import RowRouting, TaskRoutedGate
 
 
@@ -45,18 +45,19 @@ class UniTSEBlock(nn.Module):
         self.moe = None
         if use_shared:
             template = LowRankExpert(d_model, expert_rank, seq_len)
-            self.moe = MoE(hidden_size=1, expert=template, num_experts=num_experts, ep_size=ep_size, k=top_k,
-                           min_capacity=0, drop_tokens=capacity_factor > 0, use_rts=False)
+            if not grouped_experts:   # DeepSpeed's layer as it comes (its experts are ZeRO's parameters)
+                self.moe = MoE(hidden_size=1, expert=template, num_experts=num_experts, ep_size=ep_size, k=top_k,
+                               min_capacity=0, drop_tokens=capacity_factor > 0, use_rts=False)
+            else:   # DeepSpeed's wrapper draws its own gate's weights (a Linear(1, N) we replace) here: so do we,
+                nn.Linear(1, num_experts, bias=False)   # and one seed builds the same model on both paths
             gate = TaskRoutedGate(d_model, seq_len, num_experts, num_tasks, top_k, capacity_factor, router_noise,
                                   uniform=uniform_gate, eval_capacity_factor=eval_capacity_factor,
                                   balance=balance, bias_rate=bias_rate, temperature=router_temperature)
-            if grouped_experts:  # DeepSpeed's layer with a compact dispatch and batched experts (grouped.py)
-                moe = self.moe
-                moe.deepspeed_moe = CompactMOELayer(
-                    gate, StackedLowRankExperts(template, moe.num_local_experts, moe.expert_group_name),
-                    moe.expert_group_name, moe.ep_size, moe.num_local_experts)
+            if grouped_experts:  # DeepSpeed's MOELayer, a compact dispatch, experts in a bank (grouped.py)
+                experts = StackedLowRankExperts(template, num_experts // ep_size, f"ep_size_{ep_size}")
+                self.moe = ExpertParallelMoE(gate, experts, num_experts, ep_size)
                 gate.agree_on_capacity = False   # the compact dispatch sizes its own buffers
-            else:  # DeepSpeed's layer as it comes, with our gate
+            else:   # with our gate
                 self.moe.deepspeed_moe.gate = gate
         self.task_specific = (nn.ModuleList(LowRankExpert(d_model, task_rank) for _ in range(num_tasks))
                               if use_task else None)
@@ -68,6 +69,11 @@ class UniTSEBlock(nn.Module):
         """This rank's shared experts (num_experts / ep_size of them): DeepSpeed's `Experts` or ours
         (an empty module when the block has no shared experts)."""
         return self.moe.deepspeed_moe.experts if self.moe is not None else nn.Module()
+
+    def shared_expert_tensors(self) -> list[torch.Tensor]:
+        """This rank's shared-expert weights: the bank's tensors, or DeepSpeed's expert parameters."""
+        bank = self.expert_bank
+        return list(bank.tensors.values()) if bank is not None else list(self.shared_experts.parameters())
 
     @property
     def num_local_shared(self) -> int:
@@ -83,9 +89,14 @@ class UniTSEBlock(nn.Module):
     def shared_expert_grads(self, i: int) -> dict[str, torch.Tensor | None]:
         experts = self.shared_experts
         if isinstance(experts, StackedLowRankExperts):
-            grads = {n: getattr(experts, _stacked_name(n)).grad for n in PARAMS}
-            return {n: None if g is None else g[i] for n, g in grads.items()}
+            return experts.bank.grad_of(i)
         return {n: p.grad for n, p in experts.deepspeed_experts[i].named_parameters()}
+
+    @property
+    def expert_bank(self):
+        """The bank of this block's shared experts (the fast path), or None."""
+        experts = self.shared_experts
+        return experts.bank if isinstance(experts, StackedLowRankExperts) else None
 
     def reset_shared_expert(self, i: int, generator: torch.Generator) -> None:
         init_low_rank_(*self.shared_expert(i).values(), generator)

@@ -14,7 +14,8 @@ def test_a_checkpoint_of_the_previous_layout_resumes_and_ends_as_it_did_then(tmp
     run = tmp_path / "runs" / "old"
     shutil.copytree(os.path.join(FIXTURES, "run_format2"), run)
     proc = run_deepspeed(tmp_path, "--run_name", "old", "--epochs", "2", "--save_every", "4", "--resume")
-    assert f"resumed from {run}/checkpoints/step00000006: epoch 0, step 6" in proc.stdout
+    assert (f"resumed from {run}/checkpoints/step00000006 (format 2: its experts in DeepSpeed's files, now in expert "
+            f"banks): the weights, AdamW moments and step of every parameter were carried over") in proc.stdout
     with open(os.path.join(FIXTURES, "run_format2_resumed_results.json")) as f:
         expected = json.load(f)
     r = results(run)

@@ -42,7 +42,12 @@ def test_export_of_a_bf16_run_takes_the_fp32_master_weights(bf16_run, tmp_path):
     assert payload["checkpoint"] == tag
     exported = payload["state_dict"]
     assert module.keys() == exported.keys()
-    assert all(v.dtype == torch.bfloat16 for v in module.values())       # DeepSpeed's files: bf16 copies
+    experts = {k for k in module if "deepspeed_experts" in k}
+    for key in experts:   # the experts are only ever stored as their fp32 masters (the expert state files)
+        assert module[key].dtype == torch.float32 and torch.equal(exported[key], module[key]), key
+    module = {k: v for k, v in module.items() if k not in experts}
+    exported = {k: v for k, v in exported.items() if k not in experts}
+    assert experts and all(v.dtype == torch.bfloat16 for v in module.values())   # DeepSpeed's files: bf16 copies
     finer = 0
     for key, master in exported.items():
         assert master.dtype == torch.float32
@@ -125,8 +130,10 @@ def saved_share(run, ep_size: int, ep_rank: int, names) -> tuple[dict, int]:
     tag = checkpoint.latest_complete(checkpoint.checkpoint_dir(str(run)))
     marker = checkpoint.read_marker(checkpoint.checkpoint_dir(str(run)), tag)
     files = {}
-    for r in range(marker["ep_size"]):
-        files[r] = torch.load(run / "checkpoints" / tag / f"{topology_free_state.PREFIX}{r}.pt", weights_only=True)
+    for r in range(marker["ep_size"]):   # (rank 0 alone where the experts are in banks: the dense state)
+        path = run / "checkpoints" / tag / f"{topology_free_state.PREFIX}{r}.pt"
+        if path.exists():
+            files[r] = torch.load(path, weights_only=True)
     experts = json.loads((run / "config.json").read_text())["model"]["num_experts"]
     old_per_rank, per_rank = experts // marker["ep_size"], experts // ep_size
     share = {}
@@ -142,11 +149,37 @@ def saved_share(run, ep_size: int, ep_rank: int, names) -> tuple[dict, int]:
     return share, files[0]["step"]
 
 
+def saved_expert_rows(run, ep_size: int, ep_rank: int) -> dict:
+    """The newest checkpoint's expert state rows of one rank's global experts, sliced here from the expert
+    state files (not with the trainer's code)."""
+    from mmolre import checkpoint
+    tag = checkpoint.latest_complete(checkpoint.checkpoint_dir(str(run)))
+    files = sorted((run / "checkpoints" / tag).glob("expert_state_rank*.pt"))
+    saved = [torch.load(f, weights_only=True) for f in files]
+    saved.sort(key=lambda s: s["ep_rank"])
+    experts, old_per_rank = saved[0]["num_experts"], saved[0]["num_experts"] // saved[0]["ep_size"]
+    per_rank = experts // ep_size
+    out = {}
+    for layer in saved[0]["layers"]:
+        for key in saved[0]["layers"][layer]:
+            rows = [saved[g // old_per_rank]["layers"][layer][key][g % old_per_rank]
+                    for g in range(ep_rank * per_rank, (ep_rank + 1) * per_rank)]
+            out.setdefault(layer, {})[key] = torch.stack(rows)
+    return out
+
+
 def check_restored(ranks, run, ep_size, bf16):
     for rank in ranks:
         for stage in (1, 2):
             r = rank[stage]
             assert r["restored"] == "weights and optimizer"
+            saved_experts = saved_expert_rows(run, ep_size, rank["ep_rank"])
+            assert r["experts"].keys() == saved_experts.keys() and saved_experts
+            for layer, values in r["experts"].items():   # every expert's fp32 weights, moments and step count
+                assert values.keys() == saved_experts[layer].keys()
+                for key, value in values.items():
+                    assert torch.equal(value, saved_experts[layer][key]), (stage, layer, key)
+                assert int(values["step"].min()) > 0
             mine = r["state"]["params"]
             saved, step = saved_share(run, ep_size, rank["ep_rank"], mine.keys())
             assert r["state"]["step"] == step > 0
@@ -212,6 +245,7 @@ def test_an_elastic_resume_4_4_then_2_2_then_4_2_trains_like_an_uninterrupted_ru
     from mmolre import topology_free_state
     tag = complete_tags(straight)[-1]
     before = topology_free_state.read(str(straight / "checkpoints" / tag), 4, 8)
+    experts_before = saved_expert_rows(straight, 1, 0)   # every expert, by global id
     proc = subprocess.run([sys.executable, "-m", "mmolre.cli", "reshard", str(straight), "--world_size", "2",
                            "--ep_size", "2"], cwd=ROOT, env=environment(tmp_path), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -221,6 +255,12 @@ def test_an_elastic_resume_4_4_then_2_2_then_4_2_trains_like_an_uninterrupted_ru
     for name, entry in before["params"].items():
         for k, v in entry.items():
             assert torch.equal(after["params"][name][k], v), (name, k)
+    experts_after = saved_expert_rows(straight, 1, 0)
+    assert experts_after.keys() == experts_before.keys() and len(list((straight / "checkpoints" / tag).glob(
+        "expert_state_rank*.pt"))) == 2   # written by the 2/2 engine
+    for layer, values in experts_before.items():
+        for key, value in values.items():
+            assert torch.equal(experts_after[layer][key], value), (layer, key)
     marker = json.loads((straight / "checkpoints" / tag / "mmolre_complete.json").read_text())
     assert (marker["world_size"], marker["ep_size"], marker["step"]) == (2, 2, 40)
     assert not list((straight / "checkpoints").glob("*before-reshard*"))

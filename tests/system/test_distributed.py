@@ -66,7 +66,7 @@ def test_ep2_zero2_training_runs_and_the_loss_falls(tmp_path):
     assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8, losses
     # expert-parallel 2: each rank holds half of the shared experts
     full = h.build(ep_size=1, ep_rank=0)
-    full_params = sum(p.numel() for _, b in full.moe_blocks() for p in b.shared_experts.parameters())
+    full_params = sum(t.numel() for _, b in full.moe_blocks() for t in b.shared_expert_tensors())
     assert ranks[0]["local_expert_params"] * 2 == full_params
 
 
@@ -157,3 +157,34 @@ def test_the_bf16_clipping_norm_is_the_norm_of_the_whole_model(ep_run, stage):
         run = record[f"bf16_zero{stage}"]
         assert run["norms"] == pytest.approx(run["own_norms"], rel=1e-4)
         assert run["norms"] == pytest.approx(ref["norms"], rel=2e-2)
+
+
+# ---- --expert_optimizer lazy: replicas agree, and 2 or 4 processes step like one ----------------------------
+LAZY = [(4, 2), (2, 2)]
+LAZY_MODEL = {"num_experts": 16, "top_k": 1}   # 16 routes a step over 16 experts: some experts idle
+
+
+@pytest.fixture(scope="module", params=LAZY, ids=[f"world{w}-ep{e}" for w, e in LAZY])
+def lazy_run(request, tmp_path_factory):
+    world, ep = request.param
+    out = tmp_path_factory.mktemp(f"lazy{world}{ep}") / "ranks.pt"
+    mp.spawn(h.ep_training_worker, args=(world, free_port(), str(out), ep, "lazy", ((1, False), (2, False)),
+                                         LAZY_MODEL), nprocs=world, join=True)
+    return world, ep, torch.load(out, weights_only=False), h.reference_training(world, grouped=True,
+                                                                                expert_mode="lazy", **LAZY_MODEL)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_lazy_expert_steps_under_expert_parallelism_match_one_process(lazy_run, stage):
+    """Only the experts that received rows anywhere (the replicas sum their row counts first) step, each with
+    its own step count: every rank's weights after 3 clipped steps equal one process's lazy run, and the
+    replicas of an expert stay identical (world 4, ep 2: ranks r and r + 2 hold the same experts)."""
+    world, ep, ranks, ref = lazy_run
+    steps = torch.cat(list(ref["expert_steps"].values()))
+    assert steps.min() < h.STEPS and steps.max() == h.STEPS   # some experts waited, some stepped every time
+    for record in ranks:
+        for key, value in record[f"zero{stage}"]["params"].items():
+            torch.testing.assert_close(value, ref["params"][key], rtol=1e-4, atol=5e-6, msg=lambda m: f"{key}: {m}")
+    for rank in range(ep, world):
+        mine, first = ranks[rank][f"zero{stage}"]["params"], ranks[rank % ep][f"zero{stage}"]["params"]
+        assert all(torch.equal(mine[k], first[k]) for k in mine)

@@ -79,14 +79,24 @@ def test_tensorboard_has_per_task_aux_losses_and_routing(first_run):
         assert tag in tags
 
 
-def test_checkpoint_holds_experts_per_global_id(first_run):
+def test_checkpoint_holds_experts_per_global_id_in_one_file_per_rank(first_run):
+    """3 modalities x 2 blocks = 6 MoE layers, 8 experts each, expert parallelism 2: each rank's file holds its
+    4 experts of every layer (global ids 0-3 and 4-7), weights, moments and step counts; no per-expert file."""
+    import torch
     _, _, run, _ = first_run
     tag = (run / "checkpoints" / "latest").read_text().strip()
-    files = os.listdir(run / "checkpoints" / tag)
-    # 3 modalities x 2 blocks = 6 MoE layers, 8 experts each, saved by global expert id across both ranks
-    experts = [f for f in files if f.startswith("layer_") and "_expert_" in f]
-    assert len(experts) == 6 * 8
-    assert "layer_5_expert_7_mp_rank_00_model_states.pt" in files
+    files = sorted(os.listdir(run / "checkpoints" / tag))
+    assert not [f for f in files if f.startswith("layer_") and "_expert_" in f]
+    states = [f for f in files if f.startswith("expert_state_rank")]
+    assert states == ["expert_state_rank0.pt", "expert_state_rank1.pt"]
+    for rank, name in enumerate(states):
+        saved = torch.load(run / "checkpoints" / tag / name, weights_only=True)
+        assert (saved["ep_rank"], saved["ep_size"], saved["num_experts"]) == (rank, 2, 8)
+        assert len(saved["layers"]) == 6
+        for values in saved["layers"].values():
+            assert values["down.weight/weight"].shape[0] == values["step"].shape[0] == 4
+            assert values["up.bias/exp_avg"].abs().sum() > 0 and int(values["step"].min()) > 0
+    assert len(files) <= 8 * 2, files   # at most 8 files per rank, whatever the expert count
 
 
 def test_resume_continues_from_the_checkpoint(first_run):

@@ -138,9 +138,20 @@ def _from_a_mid_run_checkpoint(ref, dest):
 
 
 def _final_optimizer_state(run, ep_size):
-    """The finished run's fp32 weights, AdamW moments and step of every parameter, per global expert id."""
-    from mmolre import topology_free_state
-    return topology_free_state.read(str(run / "checkpoints" / complete_tags(run)[-1]), ep_size, 8)
+    """The finished run's fp32 weights, AdamW moments and step of every dense parameter (the topology-free
+    state) and of every expert (the expert state files), experts by global id."""
+    from mmolre import expert_state_files, topology_free_state
+    tag_dir = str(run / "checkpoints" / complete_tags(run)[-1])
+    state = topology_free_state.read(tag_dir, ep_size, 8)
+    layers = [f"{m}.{b}" for m in ("text", "audio", "vision") for b in (0, 1)]
+    experts, _ = expert_state_files.read_share(tag_dir, layers, 8, 1, 0, ep_size)
+    for layer, values in experts.items():
+        for name in ("down.weight", "down.bias", "up.weight", "up.bias"):
+            state["params"][f"{layer}:{name}"] = {k: values[f"{name}/{k2}"] for k, k2 in
+                                                  (("fp32", "weight"), ("exp_avg", "exp_avg"),
+                                                   ("exp_avg_sq", "exp_avg_sq"))}
+        state["expert_steps"] = state.get("expert_steps", []) + values["step"].tolist()
+    return state
 
 
 def _relative_gaps(a, b) -> dict:
@@ -166,7 +177,14 @@ def test_resume_under_another_expert_parallel_size_trains_on_like_the_same_topol
     _from_a_mid_run_checkpoint(ref, tmp_path / "runs" / "other")
     _from_a_mid_run_checkpoint(ref, tmp_path / "runs" / "control")
     for path in (tmp_path / "runs" / "control" / "checkpoints" / mid).glob("elastic_rank*.pt"):
-        path.unlink()
+        path.unlink()   # the dense model's moments and step ...
+    for path in (tmp_path / "runs" / "control" / "checkpoints" / mid).glob("expert_state_rank*.pt"):
+        saved = torch.load(path, weights_only=True)   # ... and the experts': as if they had not been carried
+        for values in saved["layers"].values():
+            for key in values:
+                if "/exp_avg" in key or key == "step":
+                    values[key] = torch.zeros_like(values[key])
+        torch.save(saved, path)
     same = run_deepspeed(tmp_path, "--run_name", "same", *args)
     assert f"resumed from {tmp_path}/runs/same/checkpoints/{mid}: epoch 1" in same.stdout
     other = run_deepspeed(tmp_path, "--run_name", "other", *args, "--batch_size", "16", procs=1)
@@ -185,6 +203,12 @@ def test_resume_under_another_expert_parallel_size_trains_on_like_the_same_topol
     assert all(gap < 1e-3 for gap in carried.values()), carried
     assert reset["exp_avg_sq"] > 0.1 and reset["exp_avg"] > 0.1, reset   # the control is far off
     assert _final_optimizer_state(tmp_path / "runs" / "other", 1)["step"] == reference_state["step"] == 40
+    assert _final_optimizer_state(tmp_path / "runs" / "other", 1)["expert_steps"] == reference_state["expert_steps"]
+    assert set(reference_state["expert_steps"]) == {40}   # dense expert steps: every expert, every step
+    control_gaps = {k: v for k, v in _relative_gaps(_final_optimizer_state(tmp_path / "runs" / "control", 1),
+                                                    {"params": {n: e for n, e in reference_state["params"].items()
+                                                                if ":" in n}}).items()}
+    assert control_gaps["exp_avg_sq"] > 0.1, control_gaps   # the experts' reset moments are far off too
 
 
 def test_a_resume_applies_this_runs_weight_decay_to_the_restored_optimizer(reference, tmp_path):

@@ -1,7 +1,7 @@
 """Each ablation flag and baseline changes the model as it says (module structure, parameters, routing)."""
 import pytest
 import torch
-from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import MOELayer
 
 from mmolre.config import ModelConfig
 from mmolre.losses import compute_loss
@@ -26,7 +26,8 @@ def run(model, n=6):
 
 
 def moe_layers(model):
-    return [m for m in model.modules() if isinstance(m, MoE)]
+    """DeepSpeed's MoE layers (MOELayer: inside `MoE` on the stock path, inside ExpertParallelMoE on the fast one)."""
+    return [m for m in model.modules() if isinstance(m, MOELayer)]
 
 
 def test_full_model_has_moe_and_task_experts():

@@ -31,8 +31,11 @@ def test_the_checkpoint_written_before_the_split_is_compatible_with_its_own_sett
     marker = fixture_marker()
     assert marker["format"] == 2 and marker["world_size"] == 2
     check(marker, cfg())
-    assert checkpoint_layout(cfg(), None, SHAPES) == {k: marker[k] for k in
-                                                      ("balance", "router_groups", "text_encoder", "text_tokens", "steps")}
+    layout = checkpoint_layout(cfg(), None, SHAPES)
+    assert {k: layout[k] for k in ("balance", "router_groups", "text_encoder", "text_tokens", "steps")} == \
+        {k: marker[k] for k in ("balance", "router_groups", "text_encoder", "text_tokens", "steps")}
+    assert layout["expert_store"] == "banks" and "expert_store" not in marker   # format 2: DeepSpeed's files
+    check(marker, cfg("--grouped_experts", "false"))                            # which both paths read
 
 
 def test_a_checkpoint_of_a_newer_format_is_refused():
@@ -68,6 +71,16 @@ def test_switching_the_text_encoder_on_or_off_or_retokenizing_is_refused(tiny_en
     check(tuned, encoder, tokens)
 
 
+def test_switching_where_the_experts_live_is_refused():
+    marker = {**fixture_marker(), "format": 3, "expert_store": "banks"}
+    check(marker, cfg())
+    with pytest.raises(ConfigError, match=r"keeps its shared experts in expert banks \(--grouped_experts true\); this "
+                                          r"run has --grouped_experts False"):
+        check(marker, cfg("--grouped_experts", "false"))
+    with pytest.raises(ConfigError, match="DeepSpeed's expert parameters"):
+        check({**marker, "expert_store": "deepspeed"}, cfg())
+
+
 def test_other_time_steps_per_modality_are_refused():
     marker = fixture_marker()
     with pytest.raises(ConfigError, match=r"trained on \{'text': 50, 'audio': 50, 'vision': 50\} time steps per "
@@ -100,7 +113,7 @@ def test_a_resume_puts_this_runs_weight_decay_and_clipping_on_the_restored_group
     from mmolre.checkpointer import apply_hyperparameters, optimizer_hyperparameters
     from mmolre.engine import optimizer_groups
     from mmolre.model import MMoLRE
-    model = MMoLRE(cfg().model, {"text": (5, 6)}, ep_size=1)
+    model = MMoLRE(cfg("--grouped_experts", "false").model, {"text": (5, 6)}, ep_size=1)   # experts in ZeRO's groups
     fresh = torch.optim.AdamW(optimizer_groups(model, 0.3, lr=1e-3), lr=1e-3)
     engine = _engine_with(fresh)
     this_run = optimizer_hyperparameters(engine)
@@ -118,7 +131,7 @@ def test_groups_that_are_not_this_runs_are_refused():
     from mmolre.checkpointer import apply_hyperparameters, optimizer_hyperparameters
     from mmolre.engine import optimizer_groups
     from mmolre.model import MMoLRE
-    model = MMoLRE(cfg().model, {"text": (5, 6)}, ep_size=1)
+    model = MMoLRE(cfg("--grouped_experts", "false").model, {"text": (5, 6)}, ep_size=1)
     engine = _engine_with(torch.optim.AdamW(optimizer_groups(model, 0.01, lr=1e-3), lr=1e-3))
     wanted = optimizer_hyperparameters(engine)
     swapped = [wanted[0], wanted[1], wanted[3], wanted[2]]   # expert decay and no-decay groups in another order

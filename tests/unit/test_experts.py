@@ -1,5 +1,7 @@
 import torch
 
+import pytest
+
 from mmolre.config import ModelConfig
 from mmolre.model import MMoLRE, count_parameters
 from mmolre.model.experts import LowRankExpert, expert_parameter_count
@@ -62,13 +64,22 @@ def test_parameter_accounting_is_global_and_counts_active_experts():
     assert one["full_rank_expert_equivalent"] == layers * 4 * expert_parameter_count(16, 16)
 
 
-def test_model_has_one_deepspeed_moe_per_block_and_no_expert_in_module_paths():
+@pytest.mark.parametrize("grouped", [True, False])
+def test_model_has_one_deepspeed_moe_layer_per_block_and_no_expert_in_module_paths(grouped):
+    """Each block's shared experts sit in one DeepSpeed MOELayer: inside DeepSpeed's `MoE` wrapper on the stock
+    path, inside ExpertParallelMoE (the same layer and groups, experts in a bank) on the fast path."""
     from deepspeed.moe.layer import MoE
-    cfg = ModelConfig(d_model=16, num_experts=4, expert_rank=4, blocks=2)
+    from deepspeed.moe.sharded_moe import MOELayer
+    cfg = ModelConfig(d_model=16, num_experts=4, expert_rank=4, blocks=2, grouped_experts=grouped)
     model = MMoLRE(cfg, SHAPES)
-    moes = [n for n, m in model.named_modules() if isinstance(m, MoE)]
-    assert moes == ["unitse.text.blocks.0.moe", "unitse.text.blocks.1.moe", "unitse.audio.blocks.0.moe",
-                    "unitse.audio.blocks.1.moe"]
+    layers = [n for n, m in model.named_modules() if isinstance(m, MOELayer)]
+    assert layers == ["unitse.text.blocks.0.moe.deepspeed_moe", "unitse.text.blocks.1.moe.deepspeed_moe",
+                      "unitse.audio.blocks.0.moe.deepspeed_moe", "unitse.audio.blocks.1.moe.deepspeed_moe"]
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, MoE)]
+    assert wrapped == ([] if grouped else [n.rsplit(".", 1)[0] for n in layers])
+    if grouped:   # the experts' weights are in the banks, not among the module's parameters
+        assert len(list(model.expert_banks())) == 4
+        assert not [n for n, _ in model.named_parameters() if "deepspeed_experts" in n or "down_weight" in n]
     # DeepSpeed's checkpointing treats any key with "expert" under an MoE module as an expert weight.
     for name, _ in model.named_parameters():
         prefix = name.split(".deepspeed_moe.")[0]

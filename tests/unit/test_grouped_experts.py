@@ -61,39 +61,59 @@ def test_grouped_experts_in_deepspeeds_slab_layout_match_the_stock_experts():
                                rtol=1e-5, atol=1e-6)
 
 
-def test_grouped_experts_keep_deepspeeds_expert_parameter_marks():
-    from deepspeed.moe.layer import MoE
+def test_the_fast_path_is_deepspeeds_moe_layer_with_its_experts_in_a_bank():
+    """DeepSpeed's MOELayer (gate, dispatch, all-to-all) holds the experts; their weights are four fp32 tensors
+    of one row per expert, outside the module's parameters, and a backward returns gradients for the rows of
+    the experts that received rows only (sparse)."""
+    from deepspeed.moe.experts import Experts
     from deepspeed.moe.sharded_moe import MOELayer, TopKGate
-    from deepspeed.moe.utils import is_moe_param
-    _, grouped = _pair(4, 2)
-    assert isinstance(grouped.moe, MoE) and isinstance(grouped.moe.deepspeed_moe, MOELayer)
-    assert isinstance(grouped.moe.deepspeed_moe.gate, TopKGate)
-    params = list(grouped.moe.deepspeed_moe.experts.parameters())
-    assert len(params) == 4 and all(is_moe_param(p) for p in params)     # 4 stacked, whatever the count
-    assert all(p.group_name == "ep_size_1" and p.shape[0] == 4 for p in params)
+    _, grouped = _pair(8, 1)
+    layer = grouped.moe.deepspeed_moe
+    assert isinstance(layer, MOELayer) and isinstance(layer.gate, TopKGate) and isinstance(layer.experts, Experts)
+    assert not list(layer.experts.parameters())                       # nothing for DeepSpeed's engine to step
+    bank = grouped.expert_bank
+    assert [t.shape[0] for t in bank.tensors.values()] == [8] * 4
+    assert all(t.dtype == torch.float32 and t.requires_grad for t in bank.tensors.values())
+    seqs = torch.randn(2, T, D)
+    _run(grouped, seqs, torch.tensor([0, 1]), torch.ones(2, T, dtype=torch.bool))
+    grad = bank.tensors["down.weight"].grad
+    assert grad.is_sparse and 1 <= len(grad.coalesce().indices()[0]) <= 2      # 2 rows, top-1: 1 or 2 experts
 
 
-def test_stacked_experts_show_deepspeeds_per_expert_state_dict_keys():
+def test_the_fast_paths_state_dict_leaves_the_experts_to_the_bank_and_reads_deepspeeds_keys():
+    """Its state dict holds no expert (DeepSpeed's engine saves a model's state dict as it is, and the experts
+    have files of their own), and it reads DeepSpeed's per-expert keys (exports, earlier checkpoints)."""
     stock, grouped = _pair(4, 2)
-    assert grouped.state_dict().keys() == stock.state_dict().keys()
-    assert "moe.deepspeed_moe.experts.deepspeed_experts.3.down.weight" in grouped.state_dict()
-    for key, value in stock.state_dict().items():
-        torch.testing.assert_close(grouped.state_dict()[key], value)
-    stock.load_state_dict(grouped.state_dict())   # and back
+    expert_keys = [k for k in stock.state_dict() if "deepspeed_experts" in k]
+    assert len(expert_keys) == 4 * 4 and not [k for k in grouped.state_dict() if "experts" in k.split("gate")[0]]
+    assert set(grouped.state_dict()) == set(stock.state_dict()) - set(expert_keys)
+    for i in range(4):   # _pair loaded the stock block's per-expert keys into the bank
+        for name, value in stock.shared_expert(i).items():
+            torch.testing.assert_close(grouped.shared_expert(i)[name], value)
 
 
-def test_stacked_biases_are_not_decayed_like_each_experts_own_bias():
-    from mmolre.engine import optimizer_groups
-    block = _pair(4, 2)[1]
-    decay = {id(p) for g in optimizer_groups(block, 0.1) if g["weight_decay"] > 0 for p in g["params"]}
-    stacked = block.moe.deepspeed_moe.experts
-    assert id(stacked.down_weight) in decay and id(stacked.up_weight) in decay
-    assert id(stacked.down_bias) not in decay and id(stacked.up_bias) not in decay   # 2-D, still biases
+def test_expert_weight_decay_skips_the_biases_like_every_bias():
+    """With zero gradients, one dense AdamW step of the experts only decays: weights by (1 - lr * wd), biases
+    not at all (as optimizer_groups treats every bias of the model)."""
+    from mmolre.distributed import DistInfo
+    from mmolre.expert_optimizer import ExpertOptimizer
+    from mmolre.model import MMoLRE
+    from tests import dist_helpers as h
+    model = h.build(ep_size=1, ep_rank=0)
+    experts = ExpertOptimizer(model, "dense", 0.5, DistInfo(0, 0, 1, 1), 1)
+    before = {layer: {n: t.detach().clone() for n, t in bank.tensors.items()} for layer, bank in experts.banks}
+    experts.apply_update(lr=0.1, clip_divisor=1.0)
+    for layer, bank in experts.banks:
+        for name, t in bank.tensors.items():
+            factor = 1.0 if name.endswith("bias") else 1 - 0.1 * 0.5
+            torch.testing.assert_close(t.detach(), before[layer][name] * factor, rtol=0, atol=1e-7)
+    assert isinstance(model, MMoLRE)
 
 
 def test_both_expert_paths_train_the_same_model_with_weight_decay():
     """The parity tests above compare gradients; this one compares the weights after clipped AdamW steps
-    with weight decay on (the 2-process version is in test_distributed.py)."""
+    with weight decay on: DeepSpeed's per-expert loop stepped by torch's AdamW against the fast path's experts
+    stepped by the expert optimizer (the 2-process version is in test_distributed.py)."""
     from tests import dist_helpers as h
     stock, grouped = h.reference_training(1, grouped=False), h.reference_training(1, grouped=True)
     assert stock["params"].keys() == grouped["params"].keys()

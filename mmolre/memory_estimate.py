@@ -1,0 +1,125 @@
+"""Will a run fit? Each rank's memory estimated before anything is allocated, against what the device or host has.
+
+The model is built on PyTorch's meta device (shapes, no storage) to count this rank's parameters: the dense
+model (replicated on every rank; the routers' last layers grow with the expert count) and this rank's shared
+experts (num_experts / ep_size of every MoE layer). Bytes per parameter:
+
+* dense, under DeepSpeed: the weights and their gradients (in the engine's dtype), fp32 masters under bf16,
+  and AdamW's two fp32 moments plus DeepSpeed's fp32 partition, divided over the data-parallel ranks by ZeRO 1/2;
+* experts in banks (`expert_optimizer.py`): fp32 weights and two fp32 moments, plus, in a dense update, a full
+  fp32 gradient and one temporary of the same size (a lazy update touches only the experts that worked);
+* experts as DeepSpeed parameters (--grouped_experts false): as dense, without ZeRO's division (the expert
+  data-parallel group is usually one rank);
+* activations at the micro batch: what autograd keeps per (utterance, task) row of every block, from the
+  shapes (about 12 values per step and width, and the routed rows' 6 per expert route), doubled for the
+  allocator's slack;
+* the process itself (PyTorch, DeepSpeed, the data's memory map): 0.6 GB.
+
+The constants were checked against the peak resident memory `bench/expert_scale.py` measured (its table shows
+the estimate beside it); the estimate is meant to err on the safe side by a few tens of percent.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError, RunConfig
+
+GB = 1024 ** 3
+RUNTIME = int(0.6 * GB)
+ACTIVATION_SLACK = 2.0
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parameters: int
+    gradients: int
+    optimizer: int
+    activations: int
+    runtime: int = RUNTIME
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.runtime
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {getattr(self, name) / GB:.2f}" for name in
+                          ("parameters", "gradients", "optimizer", "activations", "runtime"))
+        return f"{self.total / GB:.2f} GB ({parts})"
+
+
+def count_on_meta(cfg: RunConfig, shapes: dict, ep_size: int) -> dict[str, int]:
+    """This rank's dense and shared-expert parameter counts, from the model built without storage."""
+    from .model import MMoLRE
+    model_cfg = cfg.model
+    text = 0
+    if model_cfg.finetune_text:   # the pretrained encoder counted from its configuration
+        from dataclasses import replace
+        from transformers import AutoConfig, AutoModel
+        with torch.device("meta"):
+            encoder = AutoModel.from_config(AutoConfig.from_pretrained(model_cfg.text_encoder))
+        text = sum(p.numel() for p in encoder.parameters())
+        model_cfg = replace(model_cfg, finetune_text=False, text_encoder=None)
+    with torch.device("meta"):
+        model = MMoLRE(model_cfg, shapes, ep_size=ep_size)
+    experts = sum(t.numel() for _, block in model.moe_blocks() for t in block.shared_expert_tensors())
+    in_banks = any(True for _ in model.expert_banks())
+    dense = sum(p.numel() for p in model.parameters()) + text - (0 if in_banks else experts)
+    return {"dense": dense, "experts": experts, "experts_in_banks": in_banks}
+
+
+def estimate(cfg: RunConfig, shapes: dict, ep_size: int, micro_batch: int, world: int, zero_stage: int,
+             bf16: bool) -> MemoryEstimate:
+    counts = count_on_meta(cfg, shapes, ep_size)
+    dense, experts = counts["dense"], counts["experts"]
+    weight = 2 if bf16 else 4
+    shard = world if zero_stage >= 1 else 1
+    parameters = dense * weight + experts * (4 if counts["experts_in_banks"] else weight)
+    gradients = dense * weight
+    optimizer = dense * (12 + (4 if bf16 else 0)) // shard
+    if counts["experts_in_banks"]:
+        optimizer += experts * 8 + (experts * 8 if cfg.train.expert_optimizer == "dense" else 0)
+    else:
+        gradients += experts * weight
+        optimizer += experts * (12 + (4 if bf16 else 0))
+    return MemoryEstimate(parameters, gradients, optimizer, activation_bytes(cfg, shapes, micro_batch, weight))
+
+
+def activation_bytes(cfg: RunConfig, shapes: dict, micro_batch: int, bytes_per_value: int) -> int:
+    """What autograd keeps for one micro batch: per block, task and step about 12 values of width d (streams,
+    norms, the task expert) and, per expert route, 6 (the gathered row, the convolutions, the combine)."""
+    from .model.frontend import steps_per_modality
+    m = cfg.model
+    steps = sum(steps_per_modality(shapes, m.temporal_steps).values())
+    tasks = 1 if m.model == "hard_sharing" else 2
+    per_step = m.blocks * tasks * (12 * m.d_model + 6 * m.effective_top_k * (m.d_model + m.rank))
+    return int(micro_batch * steps * per_step * bytes_per_value * ACTIVATION_SLACK)
+
+
+def available(device: torch.device, local_ranks: int) -> tuple[int, str]:
+    """Bytes this rank may use, and what they are: the GPU's free memory, or the host's available memory split
+    over the ranks that share it."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return free, f"{free / GB:.1f} GB free on {torch.cuda.get_device_name(device)} ({total / GB:.1f} GB)"
+    host = _host_available()
+    return host // max(1, local_ranks), f"{host / GB:.1f} GB available on this host / {local_ranks} rank(s)"
+
+
+def _host_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(needed: MemoryEstimate, have: int, what: str) -> None:
+    if needed.total > have:
+        raise ConfigError(f"this run needs about {needed.describe()} per rank, more than {what}: "
+                          f"{have / GB:.2f} GB per rank. Use more ranks (--ep_size spreads the experts), fewer "
+                          f"experts, a smaller --expert_rank, --expert_optimizer lazy or a smaller micro batch; "
+                          f"--memory_check false starts anyway")

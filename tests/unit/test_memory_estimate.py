@@ -1,0 +1,43 @@
+"""A rank's memory estimated before the model exists (`memory_estimate.py`), and the refusal of a run that will
+not fit."""
+import pytest
+
+from mmolre.config import ConfigError, parse_args
+from mmolre.memory_estimate import GB, MemoryEstimate, check_fits, count_on_meta, estimate
+from mmolre.model import MMoLRE, count_parameters
+
+SHAPES = {"text": (50, 64), "audio": (50, 74), "vision": (50, 35)}
+
+
+def cfg(*flags):
+    return parse_args(list(flags), world_size=2)
+
+
+@pytest.mark.parametrize("grouped", ["true", "false"])
+def test_the_meta_count_is_the_models_own_count_of_this_ranks_share(grouped):
+    c = cfg("--num_experts", "16", "--grouped_experts", grouped)
+    real = count_parameters(MMoLRE(c.model, SHAPES, ep_size=2))
+    meta = count_on_meta(c, SHAPES, ep_size=2)
+    assert meta["experts"] * 2 == real["expert"] and meta["dense"] == real["dense"]
+    assert meta["experts_in_banks"] == (grouped == "true")
+
+
+def test_the_estimate_grows_with_this_ranks_experts_and_lazy_needs_less():
+    small = estimate(cfg("--num_experts", "8"), SHAPES, 2, 32, 2, 2, False)
+    big = estimate(cfg("--num_experts", "16384"), SHAPES, 2, 32, 2, 2, False)
+    lazy = estimate(cfg("--num_experts", "16384", "--expert_optimizer", "lazy"), SHAPES, 2, 32, 2, 2, False)
+    spread = estimate(cfg("--num_experts", "16384"), SHAPES, 8, 32, 8, 2, False)
+    experts_per_rank = 16384 // 2 * 6 * (4 * 64 * 16 + 16 + 64)
+    assert big.parameters >= experts_per_rank * 4 and big.optimizer >= experts_per_rank * 16
+    assert lazy.optimizer < big.optimizer and small.total < 1.5 * GB < big.total
+    assert spread.parameters < big.parameters / 3          # ep 8 holds a quarter of ep 2's experts
+    assert small.activations == big.activations > 0        # the micro batch's, not the experts'
+
+
+def test_a_run_that_will_not_fit_is_refused_naming_its_estimate():
+    needed = MemoryEstimate(parameters=3 * GB, gradients=GB, optimizer=6 * GB, activations=GB // 2)
+    check_fits(needed, 12 * GB, "12.0 GB available on this host / 1 rank(s)")
+    with pytest.raises(ConfigError, match=r"needs about 11\.10 GB \(parameters 3\.00, gradients 1\.00, optimizer "
+                                          r"6\.00, activations 0\.50, runtime 0\.60\) per rank, more than 8\.0 GB "
+                                          r"available on this host / 2 rank\(s\): 4\.00 GB per rank"):
+        check_fits(needed, 4 * GB, "8.0 GB available on this host / 2 rank(s)")
