@@ -4,8 +4,9 @@ DeepSpeed's `TopKGate` computes logits with one linear map over every row. Our r
 utterances (width T*d) of two tasks, so the gate instead:
   1. takes the masked time-average of each row (the utterance summary, width d),
   2. scores it with the router of the row's own task (a small MLP, d -> N),
-  3. hands the logits to DeepSpeed's own `top1gating`/`top2gating`/`topkgating`, which keep the
-     capacity and dispatch logic exactly as DeepSpeed ships it,
+  3. hands the logits to DeepSpeed's gating: its `top1gating`/`top2gating`/`topkgating` capacity and
+     dispatch logic, computed from the routes where that gives the same result bit for bit
+     (`sparse_gating.py`: DeepSpeed's [rows, experts] masks cost more than the experts at large counts),
   4. computes one load-balancing loss per task over that task's rows (N/k * sum_e f_e * P_e, which is
      1.0 at perfect balance) over the routes the gate assigned, and per-task expert loads and dropped
      fractions over the routes DeepSpeed actually dispatched, and router entropies.
@@ -29,7 +30,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn import functional as F
-from deepspeed.moe.sharded_moe import TopKGate, top1gating, top2gating, topkgating
+from deepspeed.moe.sharded_moe import TopKGate
+
+from .sparse_gating import deepspeed_gating
 
 
 class RowRouting(NamedTuple):
@@ -68,12 +71,11 @@ def load_balancing_loss(probs: torch.Tensor, routes: torch.Tensor, k: int) -> to
     fraction of routes assigned to expert e (k per row), P_e the mean router probability. At perfect
     balance f_e = k/N and P_e = 1/N, so the loss is 1.0 for every k.
     """
-    num_experts = probs.shape[1]
-    if probs.shape[0] == 0:
+    num_rows, num_experts = probs.shape
+    if num_rows == 0:
         return probs.new_zeros(())
-    kept = (routes >= 0).to(probs.dtype)
-    routed = torch.zeros_like(probs).scatter_add_(1, routes.clamp_min(0).long(), kept)
-    f = routed.mean(0)
+    kept = routes >= 0
+    f = torch.bincount(routes[kept].long(), minlength=num_experts).to(probs.dtype) / num_rows   # O(routes), not O(S*N)
     p = probs.mean(0)
     return (f * p).sum() * num_experts / k
 
@@ -134,9 +136,14 @@ class TaskRoutedGate(TopKGate):
         if not len(self.routers):
             return rows.new_zeros(rows.shape[0], self.num_experts, dtype=torch.float32)
         summary = masked_time_mean(rows.float().view(-1, self.seq_len, self.d_model), routing.time_mask)
-        all_logits = torch.stack([router(summary) for router in self.routers])  # [tasks, S, N]
-        pick = routing.task_ids.view(1, -1, 1).expand(1, -1, all_logits.shape[-1])
-        return all_logits.gather(0, pick).squeeze(0)
+        rows = task_rows(routing.task_ids, len(self.routers))
+        if all(isinstance(r, slice) for r in rows):   # task-major rows (as UniTSE stacks them): no scatter
+            return torch.cat([router(summary[r]) for router, r in zip(self.routers, rows)])
+        logits = summary.new_empty(summary.shape[0], self.num_experts)
+        for router, r in zip(self.routers, rows):   # each task's router scores its own rows only
+            index = r.nonzero().squeeze(1)
+            logits = logits.index_copy(0, index, router(summary.index_select(0, index)))
+        return logits
 
     def forward(self, input: torch.Tensor, used_token: RowRouting = None, sparse_routes: bool = True,
                 use_tutel: bool = False):
@@ -159,14 +166,10 @@ class TaskRoutedGate(TopKGate):
             select = select.index_select(0, order)
         ep_group = self.ep_group if drop or self.agree_on_capacity else None
         factor = factor or 1.0   # unused when nothing is dropped
-        if self.k == 1:
-            out = top1gating(select, factor, self.min_capacity, None, None, drop, False, ep_group, True, use_tutel)
-        elif self.k == 2:
-            out = top2gating(select.clone(), factor, self.min_capacity, drop, ep_group,
-                             self.top2_2nd_expert_sampling and self.training, True)
-        else:
-            out = topkgating(select, self.k, factor, self.min_capacity, drop, ep_group, sparse_routes=True)
-        _, capacity, num_experts, indices, locations, gates, _ = out
+        sampling = self.top2_2nd_expert_sampling and self.training   # adds noise to the logits it is given
+        capacity, indices, locations, gates = deepspeed_gating(
+            select.clone() if sampling else select, self.k, factor, self.min_capacity, drop, ep_group,
+            sampling)
         if order is not None:   # back to the rows' own order
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(len(order), device=order.device)
@@ -175,7 +178,7 @@ class TaskRoutedGate(TopKGate):
         if self.balance == "aux_free":   # DeepSpeed weighed the routes by the biased logits; use the router's
             gates = combine_weights(F.softmax(logits, dim=1), indices, self.k)
         task_aux, task_counts = self._per_task_balance(logits, select, used_token.task_ids, indices, gates)
-        return task_aux, capacity, num_experts, indices, locations, gates, task_counts
+        return task_aux, capacity, self.num_experts, indices, locations, gates, task_counts
 
     def _per_task_balance(self, logits: torch.Tensor, select: torch.Tensor, task_ids: torch.Tensor,
                           indices: torch.Tensor, gates: torch.Tensor):
@@ -190,20 +193,23 @@ class TaskRoutedGate(TopKGate):
         the router's probabilities (slot j holds the j-th choice, as in DeepSpeed's gating)."""
         probs = F.softmax(logits, dim=1)
         dispatched = indices.t().long()                                              # [S, k]
-        assigned = torch.where(dispatched >= 0, dispatched, select.topk(self.k, dim=1).indices)
-        z = torch.logsumexp(logits, dim=1) ** 2
+        assigned = dispatched
+        if bool((dispatched < 0).any()):   # only a capacity limit drops routes
+            assigned = torch.where(dispatched >= 0, dispatched, select.topk(self.k, dim=1).indices)
+        log_norm = torch.logsumexp(logits, dim=1)
+        z = log_norm ** 2
+        with torch.no_grad():   # H(p) = logsumexp(l) - sum(p * l): two passes over [S, N], not five
+            row_entropy = log_norm - (probs * logits).sum(1)
         aux, counts, entropy, dropped, z_loss = [], [], [], [], []
-        for task in range(self.num_tasks):
-            rows = task_ids == task
+        for rows in task_rows(task_ids, self.num_tasks):   # slices (views) for task-major rows
             aux.append(load_balancing_loss(probs[rows], assigned[rows], self.k))
             task_routes = dispatched[rows]
             kept = task_routes >= 0
-            counts.append(torch.zeros_like(probs[0]).index_add_(
-                0, task_routes[kept], torch.ones(int(kept.sum()), dtype=probs.dtype, device=probs.device)))
+            counts.append(torch.bincount(task_routes[kept], minlength=self.num_experts).to(probs.dtype))
             dropped.append((~kept).float().mean() if kept.numel() else probs.new_zeros(()))
-            p = probs[rows].detach()
-            entropy.append(-(p * p.clamp_min(1e-12).log()).sum(1).mean() if len(p) else p.new_zeros(()))
-            z_loss.append(z[rows].mean() if rows.any() else z.sum() * 0.0)
+            has_rows = len(task_routes) > 0
+            entropy.append(row_entropy[rows].mean() if has_rows else probs.new_zeros(()))
+            z_loss.append(z[rows].mean() if has_rows else z.sum() * 0.0)
         if self.balance == "aux_free" and self.training:   # the assigned routes of the step, per task
             pending = torch.zeros(self.num_tasks, self.num_experts, device=probs.device).index_put_(
                 (task_ids.view(-1, 1).expand_as(assigned), assigned), torch.ones_like(assigned, dtype=torch.float32),
@@ -213,6 +219,17 @@ class TaskRoutedGate(TopKGate):
                            "z_loss": torch.stack(z_loss), "routes": assigned.detach(),
                            "combine": gates.t().detach().float()}
         return torch.stack(aux), torch.stack(counts).detach()
+
+
+def task_rows(task_ids: torch.Tensor, num_tasks: int) -> list:
+    """Each task's rows: a slice where they are contiguous and in task order (UniTSE stacks them task-major, so
+    indexing gives views, not copies), else a boolean mask."""
+    sizes = torch.bincount(task_ids, minlength=num_tasks).tolist()
+    starts = [sum(sizes[:t]) for t in range(num_tasks)]
+    if torch.equal(task_ids, torch.repeat_interleave(torch.arange(num_tasks, device=task_ids.device),
+                                                     torch.tensor(sizes, device=task_ids.device))):
+        return [slice(start, start + size) for start, size in zip(starts, sizes)]
+    return [task_ids == task for task in range(num_tasks)]
 
 
 def combine_weights(probs: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:

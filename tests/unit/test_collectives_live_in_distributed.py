@@ -8,7 +8,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "mmolre"
 
 
 # The MoE layer's own exchanges run on the model's device, inside the model.
-ALLOWED = {PACKAGE / "distributed.py", PACKAGE / "model" / "grouped.py"}
+ALLOWED = {PACKAGE / "distributed.py", PACKAGE / "model" / "grouped.py", PACKAGE / "model" / "sparse_gating.py"}
 
 
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "gather", "gather_object", "broadcast",

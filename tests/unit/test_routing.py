@@ -167,3 +167,24 @@ def test_evaluation_has_its_own_capacity_and_drops_nothing_by_default():
     first = strict(rows, routing, True)[3]
     assert (first < 0).any()                          # an evaluation capacity, when asked for, applies
     assert torch.equal(strict(rows, routing, True)[3], first)   # with a fixed row priority: repeatable
+
+
+def test_rows_in_any_task_order_get_the_same_routes_and_statistics():
+    """Task-major rows take the slice path (views); interleaved rows the mask path: same logits, routes,
+    per-task aux losses, loads and entropies."""
+    gate = _gate()
+    rows, routing = _rows()
+    order = torch.tensor([0, 6, 1, 7, 2, 8, 3, 9, 4, 10, 5, 11])   # tasks interleaved
+    mixed = RowRouting(routing.task_ids[order], routing.time_mask[order])
+    aux_a, _, _, idx_a, _, gates_a, counts_a = gate(rows, routing)
+    stats_a = dict(gate.last_stats)
+    aux_b, _, _, idx_b, _, gates_b, counts_b = gate(rows[order], mixed)
+    stats_b = gate.last_stats
+    torch.testing.assert_close(gate.route_logits(rows[order], mixed), gate.route_logits(rows, routing)[order])
+    assert torch.equal(idx_b, idx_a[:, order]) and torch.equal(counts_a, counts_b)
+    torch.testing.assert_close(gates_b, gates_a[:, order])
+    torch.testing.assert_close(aux_a, aux_b)
+    torch.testing.assert_close(stats_a["entropy"], stats_b["entropy"])
+    probs = torch.softmax(gate.route_logits(rows, routing), 1)
+    expected = torch.stack([-(p * p.log()).sum(1).mean() for p in probs.split(6)])
+    torch.testing.assert_close(stats_a["entropy"], expected)
