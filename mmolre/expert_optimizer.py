@@ -116,8 +116,9 @@ class ExpertOptimizer:
 
     def _adamw_rows(self, state, name, weight, ids, grad, steps, lr, decay) -> None:
         """torch's single-tensor AdamW on the rows `ids` of `weight` (all rows: exactly torch's arithmetic)."""
-        avg = state["exp_avg"].setdefault(name, torch.zeros_like(weight))
-        avg_sq = state["exp_avg_sq"].setdefault(name, torch.zeros_like(weight))
+        if name not in state["exp_avg"]:   # created at the first step, as torch's AdamW creates its state
+            state["exp_avg"][name], state["exp_avg_sq"][name] = torch.zeros_like(weight), torch.zeros_like(weight)
+        avg, avg_sq = state["exp_avg"][name], state["exp_avg_sq"][name]
         whole = len(ids) == weight.shape[0]
         p, m, v = (weight.data, avg, avg_sq) if whole else (weight.data[ids], avg[ids], avg_sq[ids])
         b1, b2 = BETAS
