@@ -34,6 +34,7 @@ from .emotion_decisions import (check_tasks, choose_decisions, decides_threshold
 from .engine import compute_dtype, initialize, load_ds_config, point_tensorboard
 from .evaluate import evaluate, inputs, to_device
 from .expert_loads import EpochExpertLoads, SelectionBiasNudges, dead_experts_by_layer, routing_record
+from .host_memory import keep_freed_host_memory
 from .losses import compute_loss, zero_loss
 from .monitor import Monitor, flatten, tensorboard_dir
 from .results import assemble_results, provenance, resolve_run_dir, run_records, write_records, write_results
@@ -60,6 +61,8 @@ class Trainer:
         self.guards = StepGuards(t.on_nonfinite)   # signal handlers before the (slow) start-up
         self.info = distributed.init(t.dist_timeout)
         self.device = rank_device(self.info)
+        if self.device.type == "cpu":   # a CPU step's large temporaries reuse pages instead of faulting them in
+            keep_freed_host_memory()
         self.ep_size = self.build_expert_parallelism()
         self.run_dir = resolve_run_dir(cfg, self.info)
         point_tensorboard(ds_config, tensorboard_dir(self.run_dir))

@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "mmolre"
 # lowest first; a package (data, model) is one entry for all its modules
 LAYERS = [
     {"__init__", "config", "metrics", "losses", "lr_schedule", "monitor", "preemption", "routing_stats",
-     "distributed"},
+     "distributed", "host_memory"},
     {"data", "model"},
     {"engine", "evaluate", "checkpoint", "topology_free_state", "train_state", "expert_optimizer",
      "expert_state_files", "memory_estimate"},
