@@ -140,8 +140,13 @@ class Checkpointer:
         return tag
 
     def load_weights(self, tag: str) -> None:
-        """A tag's module weights into the engine (the test pass loads the selected checkpoint)."""
+        """A tag's weights into the engine and the expert banks (the test pass loads the selected checkpoint)."""
         checkpoint.load(self.engine, self.ckpt_dir, tag, self.info.rank, weights_only=True)
+        experts = self.engine.expert_optimizer
+        if experts:   # the banks are not module parameters: DeepSpeed's load does not see them
+            values, _ = self._read_expert_share(tag, checkpoint.read_marker(self.ckpt_dir, tag))
+            for layer, bank in experts.banks:
+                bank.load_rows({name: values[layer][f"{name}/weight"] for name in bank.tensors})
 
     def resume(self, loads) -> TrainState:
         """The latest complete checkpoint into the engine; returns its TrainState (the loads go to `loads`)."""
@@ -183,14 +188,18 @@ class Checkpointer:
         experts = self.engine.expert_optimizer
         if not experts:
             return None
-        layers = [layer for layer, _ in experts.banks]
-        values, with_moments = expert_state_files.read_share(
-            os.path.join(self.ckpt_dir, tag), layers, self.cfg.model.num_experts, self.ep_size,
-            distributed.expert_parallel_rank(self.info.rank, self.ep_size), marker["ep_size"])
+        values, with_moments = self._read_expert_share(tag, marker)
         with_moments = with_moments and fmt >= 2
         for layer, bank in experts.banks:
             experts.load_layer_state(layer, bank, values[layer], with_moments)
         return with_moments
+
+    def _read_expert_share(self, tag: str, marker: dict) -> tuple[dict, bool]:
+        """This rank's experts as the tag holds them (`expert_state_files.read_share`)."""
+        layers = [layer for layer, _ in self.engine.expert_optimizer.banks]
+        return expert_state_files.read_share(
+            os.path.join(self.ckpt_dir, tag), layers, self.cfg.model.num_experts, self.ep_size,
+            distributed.expert_parallel_rank(self.info.rank, self.ep_size), marker["ep_size"])
 
     def _restore_other_topology(self, state: TrainState, marker: dict, tag: str, fmt: int,
                                 experts_carried: bool | None) -> None:
@@ -203,9 +212,8 @@ class Checkpointer:
         restored = fmt >= 2 and topology_free_state.restore(
             self.engine, os.path.join(self.ckpt_dir, tag), marker["ep_size"], self.ep_size,
             distributed.expert_parallel_rank(info.rank, self.ep_size))
-        if restored == "weights and optimizer" and experts_carried is False:
-            restored = "weights"
-        if self.cfg.train.reshard_only and restored != "weights and optimizer":
+        experts_reset = experts_carried is False   # the experts' weights came, their optimizer state did not
+        if self.cfg.train.reshard_only and (restored != "weights and optimizer" or experts_reset):
             raise ConfigError(f"--reshard_only: {where} holds no topology-free optimizer state (written by an earlier "
                               f"version, or before the first step); resharding would reset the optimizer, so nothing "
                               f"was written. Resume it with --resume instead")
@@ -215,8 +223,11 @@ class Checkpointer:
                "format 2: its experts in DeepSpeed's files, now in expert banks" if moved else
                f"saved with world size {marker['world_size']} / expert parallel {marker['ep_size']}, now "
                f"{info.world_size} / {self.ep_size}")
-        what = ("the weights, AdamW moments and step of every parameter were carried over, regrouped by global "
-                "expert id" if restored == "weights and optimizer" else "WEIGHTS ONLY: the optimizer state was reset")
+        what = ("WEIGHTS ONLY: the optimizer state was reset" if restored != "weights and optimizer" else
+                "the dense model's weights and AdamW state were carried over, the experts' WEIGHTS ONLY: their "
+                "optimizer state was reset" if experts_reset else
+                "the weights, AdamW moments and step of every parameter were carried over, regrouped by global "
+                "expert id")
         moved_only = moved and marker["world_size"] == info.world_size and marker["ep_size"] == self.ep_size
         how = "" if moved_only else " under another topology"
         distributed.print_main(info, f"resumed from {where}{how} ({why}): {what}; the LR schedule "

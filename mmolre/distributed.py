@@ -2,7 +2,8 @@
 trainer runs.
 
 The trainer's collectives live here and nowhere else in `mmolre/` (a test enforces it; the MoE layer's own
-exchanges in `model/grouped.py` run on the model's device and are the one exception). Each helper moves its
+exchanges in `model/grouped.py` and its gate's capacity agreement in `model/sparse_gating.py` run on the
+model's device and are the exceptions). Each helper moves its
 tensor to the device the process group communicates on (`DistInfo.device`: the rank's GPU under NCCL,
 whose group has no CPU backend, the CPU under gloo) and back, and runs its collective at world size 1 too,
 so a single-GPU run exercises the same code paths as a multi-GPU one.

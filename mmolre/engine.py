@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import types
 
 import torch
@@ -58,6 +59,10 @@ def load_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
             raise ConfigError(f"--ds_config {cfg.ds_config}: remove the '{owned}' section; the trainer builds "
                               f"AdamW with MoE parameter groups and the warm-up/cosine schedule from --lr, "
                               f"--weight_decay and --warmup_ratio")
+    if ds.get("use_data_before_expert_parallelism"):
+        raise ConfigError(f"--ds_config {cfg.ds_config}: use_data_before_expert_parallelism is not supported: the "
+                          f"trainer places experts and writes their checkpoint files for DeepSpeed's default rank "
+                          f"layout (expert-parallel rank = rank % ep_size)")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2):
         raise ConfigError(f"--ds_config {cfg.ds_config}: ZeRO stage {stage}; DeepSpeed's MoE layers support "
@@ -228,8 +233,11 @@ def _add_experts_to_the_dense_norm(optimizer, experts: ExpertOptimizer) -> None:
             if for_clipping or experts.norm_squared is None:
                 return out
             dense, by_group = out
-            return dense + [experts.norm_squared.sqrt().float().reshape(1).to(dense[0].device)], by_group
+            device = dense[0].device if dense else experts.norm_squared.device
+            return dense + [experts.norm_squared.sqrt().float().reshape(1).to(device)], by_group
         optimizer.get_grads_for_norm = get_grads_for_norm
+    elif not isinstance(optimizer, torch.optim.Optimizer):   # ZeRO-0 fp32 steps the torch optimizer itself
+        raise NotImplementedError(f"the experts' share of the clipping norm is not wired into {type(optimizer)}")
 
 
 def torch_optimizer(engine) -> torch.optim.Optimizer:
@@ -239,8 +247,10 @@ def torch_optimizer(engine) -> torch.optim.Optimizer:
 
 def clip_divisor(engine) -> float:
     """What DeepSpeed divided the dense gradients by for clipping this step: (norm + 1e-6) / max_norm where that
-    exceeds 1 (ZeRO's rule), else 1."""
+    exceeds 1 (ZeRO's rule), else 1; infinite for a non-finite norm (the experts then do not step)."""
     max_norm, norm = engine.gradient_clipping(), engine.get_global_grad_norm()
+    if norm is not None and not math.isfinite(float(norm)):
+        return math.inf
     if not max_norm or norm is None:
         return 1.0
     return max(1.0, (float(norm) + 1e-6) / max_norm)

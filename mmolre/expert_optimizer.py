@@ -33,6 +33,7 @@ import torch
 from . import distributed
 
 BETAS, EPS = (0.9, 0.999), 1e-8     # torch's AdamW defaults, as the dense model's optimizer uses them
+BLOCK_VALUES = 2 ** 18              # values per block of a whole-bank update (1 MB of fp32: stays in cache)
 NO_DECAY = ("down.bias", "up.bias")
 
 
@@ -41,13 +42,14 @@ class ExpertOptimizer:
         if mode not in ("dense", "lazy"):
             raise ValueError(f"expert optimizer mode must be dense or lazy, got {mode!r}")
         self.banks = list(model.expert_banks())
-        self.mode, self.weight_decay, self.info, self.ep_size = mode, weight_decay, info, ep_size
+        self.mode, self.weight_decay, self.info = mode, weight_decay, info
         self.state = {layer: {"exp_avg": {}, "exp_avg_sq": {}, "step": torch.zeros(bank.num_local, dtype=torch.int64)}
                       for layer, bank in self.banks}
         self.stepped: dict[str, torch.Tensor] = {}   # layer -> local ids that got rows this window (after reduce)
         self.norm_squared: torch.Tensor | None = None   # this step's, while DeepSpeed computes its norm
         self.edp_group = self.ep_group = None
-        if ep_size and info.world_size > 1 and self.banks:
+        if ep_size and self.banks and torch.distributed.is_initialized():   # at world size 1 too (one GPU runs
+            # the same collectives as many)
             from deepspeed.utils import groups
             name = f"ep_size_{ep_size}"
             self.edp_group = groups._get_expert_data_parallel_group(name)
@@ -97,7 +99,11 @@ class ExpertOptimizer:
     @torch.no_grad()
     def apply_update(self, lr: float, clip_divisor: float) -> None:
         """One AdamW step of the experts with learning rate `lr`; gradients divided by `clip_divisor` first
-        (DeepSpeed's clipping: (norm + 1e-6) / max_norm when that exceeds 1, else 1)."""
+        (DeepSpeed's clipping: (norm + 1e-6) / max_norm when that exceeds 1, else 1). An infinite divisor (a
+        non-finite norm: an overflow that DeepSpeed's step did not skip) steps no expert."""
+        if not math.isfinite(clip_divisor):
+            return
+        whole_banks = []   # every expert stepped, one step count: torch's arithmetic over whole tensors
         for layer, bank in self.banks:
             state = self.state[layer]
             ids = self.stepped.get(layer)
@@ -107,15 +113,49 @@ class ExpertOptimizer:
                 continue
             state["step"][ids] += 1
             steps = state["step"][ids].double()
+            if len(ids) == bank.num_local and bool((steps == steps[0]).all()):
+                whole_banks.append((state, bank, float(steps[0])))
+                continue
             for name, t in bank.tensors.items():
                 grad = _rows_of(t.grad, ids.to(t.device), t)
                 if clip_divisor != 1.0:
                     grad.mul_(1.0 / clip_divisor)
                 decay = 0.0 if name in NO_DECAY else self.weight_decay
                 self._adamw_rows(state, name, t, ids.to(t.device), grad, steps, lr, decay)
+        if whole_banks:
+            self._adamw_whole(whole_banks, lr, clip_divisor)
+
+    def _adamw_whole(self, whole_banks: list, lr: float, clip_divisor: float) -> None:
+        """torch's single-tensor AdamW (its arithmetic exactly) on whole banks, weights with decay, biases
+        without, a block of rows at a time: the sparse gradient becomes dense one block at a time, and the
+        update's eight passes run over a block that stays in cache instead of over the whole bank."""
+        b1, b2 = BETAS
+        for state, bank, step in whole_banks:
+            step_size, bias2_sqrt = lr / (1 - b1 ** step), (1 - b2 ** step) ** 0.5
+            for name, t in bank.tensors.items():
+                if name not in state["exp_avg"]:
+                    state["exp_avg"][name], state["exp_avg_sq"][name] = torch.zeros_like(t), torch.zeros_like(t)
+                avg, avg_sq = state["exp_avg"][name], state["exp_avg_sq"][name]
+                decay = 0.0 if name in NO_DECAY else self.weight_decay
+                ids, values = _sparse_rows(t.grad, t)
+                block = max(1, BLOCK_VALUES // max(1, t[0].numel()))
+                for lo in range(0, t.shape[0], block):
+                    hi = min(lo + block, t.shape[0])
+                    a, b = torch.searchsorted(ids, torch.tensor([lo, hi], device=ids.device)).tolist()
+                    grad = t.new_zeros((hi - lo, *t.shape[1:])).index_copy_(0, ids[a:b] - lo, values[a:b])
+                    if clip_divisor != 1.0:
+                        grad.mul_(1.0 / clip_divisor)
+                    p, m, v = t.data[lo:hi], avg[lo:hi], avg_sq[lo:hi]
+                    if decay:
+                        p.mul_(1 - lr * decay)
+                    m.lerp_(grad, 1 - b1)
+                    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                    p.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(EPS), value=-step_size)
 
     def _adamw_rows(self, state, name, weight, ids, grad, steps, lr, decay) -> None:
-        """torch's single-tensor AdamW on the rows `ids` of `weight` (all rows: exactly torch's arithmetic)."""
+        """torch's single-tensor AdamW on the rows `ids` of `weight`, each row with its own step count: its
+        arithmetic on each expert as if the expert were a parameter of its own (bit for bit on CPU, where
+        torch's addcdiv computes (value * a) / b; its CUDA kernel computes value * (a / b))."""
         if name not in state["exp_avg"]:   # created at the first step, as torch's AdamW creates its state
             state["exp_avg"][name], state["exp_avg_sq"][name] = torch.zeros_like(weight), torch.zeros_like(weight)
         avg, avg_sq = state["exp_avg"][name], state["exp_avg_sq"][name]
@@ -126,17 +166,12 @@ class ExpertOptimizer:
             p.mul_(1 - lr * decay)
         m.lerp_(grad, 1 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        if whole and bool((steps == steps[0]).all()):   # one step count: torch's scalar arithmetic, exactly
-            step = float(steps[0])
-            bias1, bias2 = 1 - b1 ** step, 1 - b2 ** step
-            denom = (v.sqrt() / math.sqrt(bias2)).add_(EPS)
-            p.addcdiv_(m, denom, value=-lr / bias1)
-        else:   # per-expert step counts (lazy): torch's scalars, one per row, rounded to fp32 as torch rounds them
-            shape = (-1,) + (1,) * (weight.dim() - 1)
-            bias2_sqrt = (1 - b2 ** steps).sqrt().to(weight.dtype).view(shape).to(weight.device)
-            neg_step_size = (-lr / (1 - b1 ** steps)).to(weight.dtype).view(shape).to(weight.device)
-            denom = (v.sqrt() / bias2_sqrt).add_(EPS)
-            p.addcdiv_(m * neg_step_size, denom)
+        # torch's scalars, one per row (computed in double, rounded to fp32 as torch rounds them)
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        bias2_sqrt = (1 - b2 ** steps).sqrt().to(weight.dtype).view(shape).to(weight.device)
+        neg_step_size = (-lr / (1 - b1 ** steps)).to(weight.dtype).view(shape).to(weight.device)
+        denom = (v.sqrt() / bias2_sqrt).add_(EPS)
+        p.addcdiv_(m * neg_step_size, denom)
         if not whole:
             weight.data[ids], avg[ids], avg_sq[ids] = p, m, v
 
@@ -190,3 +225,13 @@ def _rows_of(grad: torch.Tensor | None, ids: torch.Tensor, like: torch.Tensor) -
     keep = at >= 0
     rows[at[keep]] = grad.values()[keep].to(rows.dtype)
     return rows
+
+
+def _sparse_rows(grad: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted row ids, their rows) of a sparse (or dense, or missing) gradient of `like`."""
+    if grad is None:
+        return torch.zeros(0, dtype=torch.long, device=like.device), like.new_zeros((0, *like.shape[1:]))
+    if not grad.is_sparse:
+        return torch.arange(like.shape[0], device=like.device), grad
+    grad = grad.coalesce()   # coalesced: ids sorted and unique
+    return grad.indices()[0], grad.values().to(like.dtype)

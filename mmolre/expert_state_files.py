@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 
 import torch
 
@@ -51,9 +50,9 @@ def read_share(tag_dir: str, layer_names: list[str], num_experts: int, ep_size: 
         return _from_expert_files(tag_dir, lo, hi, num_experts, saved_ep_size), True
     from . import topology_free_state
     state = topology_free_state.read(tag_dir, saved_ep_size, num_experts)
-    if state is not None:
-        return _from_per_expert_entries({k: v for k, v in state["params"].items()}, layer_names, lo, hi,
-                                        steps=state["step"]), True
+    if state is not None:   # saved before the first step, it has weights only
+        values = _from_per_expert_entries(state["params"], layer_names, lo, hi, steps=state["step"])
+        return values, all(f"{name}/exp_avg" in v for v in values.values() for name in PARAMS)
     return _from_per_expert_entries(_deepspeed_expert_files(tag_dir, layer_names), layer_names, lo, hi), False
 
 
@@ -65,14 +64,15 @@ def _from_expert_files(tag_dir: str, lo: int, hi: int, num_experts: int, saved_e
             raise FileNotFoundError(f"{tag_dir}: {PREFIX}{r}.pt (experts {r * per_file}-{(r + 1) * per_file - 1}) "
                                     f"is missing")
         saved = torch.load(path(tag_dir, r), map_location="cpu", weights_only=True, mmap=True)
+        held = (saved.get("num_experts"), saved.get("ep_size"), saved.get("ep_rank"))
+        if held != (num_experts, saved_ep_size, r):
+            raise ValueError(f"{path(tag_dir, r)}: holds (experts, ep_size, ep_rank) = {held}, the checkpoint's "
+                             f"marker says ({num_experts}, {saved_ep_size}, {r}): the file is not this checkpoint's")
         a, b = max(lo, r * per_file) - r * per_file, min(hi, (r + 1) * per_file) - r * per_file
         for layer, values in saved["layers"].items():
             for key, v in values.items():
                 parts.setdefault(layer, {}).setdefault(key, []).append(v[a:b])
     return {layer: {key: torch.cat(vs) for key, vs in values.items()} for layer, values in parts.items()}
-
-
-_PER_EXPERT = re.compile(r"^unitse\.(\w+)\.blocks\.(\d+)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(.+)$")
 
 
 def _from_per_expert_entries(entries: dict, layer_names: list[str], lo: int, hi: int, steps: int | None = None) -> dict:

@@ -2,10 +2,11 @@
 
 DeepSpeed's own checkpoint files are laid out for one topology: its ZeRO optimizer partitions for one
 data-parallel size (and it cannot reshard MoE checkpoints, DeepSpeed issue 5716), its module files in the
-engine's dtype. So each save also writes, per expert-parallel rank, `elastic_rank<r>.pt`: every parameter's
-fp32 weight (the optimizer's master under bf16) and AdamW moments, assembled from their ZeRO partitions,
-under the parameter's name on that rank, plus the AdamW step count. Ranks 0..ep-1 hold every expert once
-(DeepSpeed's expert-parallel layout), rank 0 the dense parameters too.
+engine's dtype. So each save also writes `elastic_rank0.pt`: every dense parameter's fp32 weight (the
+optimizer's master under bf16) and AdamW moments, assembled from their ZeRO partitions, plus the AdamW step
+count. The experts in banks have their own files (`expert_state_files.py`). With `--grouped_experts false`
+(experts as DeepSpeed parameters) ranks 0..ep-1 each write `elastic_rank<r>.pt` with their experts too
+(DeepSpeed's expert-parallel layout), as checkpoints of format 2 did for every run.
 
 Read back, the files become one state in DeepSpeed's per-expert form with GLOBAL expert ids (the names of a
 model at expert parallelism 1), which any topology can take its share of: `mmolre export` takes the fp32

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .experts import LowRankExpert, init_low_rank_
+from .experts import LowRankExpert
 
 PARAMS = ("down.weight", "down.bias", "up.weight", "up.bias")   # a LowRankExpert's parameters, in order
 
@@ -48,12 +48,6 @@ class ExpertBank:
             self.tensors[name] = stacked.requires_grad_(True)
         assert tuple(self.tensors) == PARAMS, tuple(self.tensors)
 
-    def numel(self) -> int:
-        return sum(t.numel() for t in self.tensors.values())
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
     def rows(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """The parameters of local experts `ids` (unique) [len(ids), *shape]; their gradients reach the bank as
         sparse rows."""
@@ -62,10 +56,6 @@ class ExpertBank:
     def expert(self, i: int) -> dict[str, torch.Tensor]:
         """Views of local expert i's parameters, named like a LowRankExpert's."""
         return {name: t[i] for name, t in self.tensors.items()}
-
-    @torch.no_grad()
-    def reset_expert(self, i: int, generator: torch.Generator | None = None) -> None:
-        init_low_rank_(*self.expert(i).values(), generator)
 
     def grad_of(self, i: int) -> dict[str, torch.Tensor | None]:
         """Local expert i's gradient per parameter (zeros where the expert got no row); None where no backward

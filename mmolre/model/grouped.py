@@ -58,9 +58,6 @@ class StackedLowRankExperts(Experts):
         """Views of local expert i's parameters, named like a LowRankExpert's."""
         return self.bank.expert(i)
 
-    def reset_expert(self, i: int, generator: torch.Generator | None = None) -> None:
-        self.bank.reset_expert(i, generator)
-
     def _apply(self, fn, recurse=True):
         """Follow the module's device moves; never its dtype casts (the bank holds fp32 masters)."""
         super()._apply(fn, recurse)

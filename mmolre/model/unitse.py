@@ -34,6 +34,12 @@ class BlockStats:
     combine: torch.Tensor         # [tasks, B, k] their combine weights
 
 
+def draw_like_deepspeeds_gate(num_experts: int) -> None:
+    """Consume the random numbers DeepSpeed's `MoE` wrapper draws for its own gate's weights (a Linear(1, N)
+    that the task routers replace), so one seed builds the same model with and without the wrapper."""
+    nn.Linear(1, num_experts, bias=False)
+
+
 class UniTSEBlock(nn.Module):
     def __init__(self, d_model: int, seq_len: int, num_experts: int, top_k: int, expert_rank: int,
                  task_rank: int, num_tasks: int, ep_size: int, dropout: float, capacity_factor: float,
@@ -48,8 +54,8 @@ class UniTSEBlock(nn.Module):
             if not grouped_experts:   # DeepSpeed's layer as it comes (its experts are ZeRO's parameters)
                 self.moe = MoE(hidden_size=1, expert=template, num_experts=num_experts, ep_size=ep_size, k=top_k,
                                min_capacity=0, drop_tokens=capacity_factor > 0, use_rts=False)
-            else:   # DeepSpeed's wrapper draws its own gate's weights (a Linear(1, N) we replace) here: so do we,
-                nn.Linear(1, num_experts, bias=False)   # and one seed builds the same model on both paths
+            else:
+                draw_like_deepspeeds_gate(num_experts)
             gate = TaskRoutedGate(d_model, seq_len, num_experts, num_tasks, top_k, capacity_factor, router_noise,
                                   uniform=uniform_gate, eval_capacity_factor=eval_capacity_factor,
                                   balance=balance, bias_rate=bias_rate, temperature=router_temperature)

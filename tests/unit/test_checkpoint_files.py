@@ -34,3 +34,21 @@ def test_what_an_interrupted_reshard_left_is_settled_before_a_tag_is_chosen(tmp_
     assert restored == ([] if new_tag_complete else ["step00000040"])
     assert (new / ("new.pt" if new_tag_complete else "old.pt")).exists()
     assert checkpoint.latest_complete(str(tmp_path)) == "step00000040"
+
+
+def test_a_format_2_state_saved_before_the_first_step_gives_expert_weights_without_moments(tmp_path):
+    """A topology-free state written before any optimizer step has weights and no AdamW moments: the experts'
+    share says so (a resume then resets their optimizer state instead of failing on the missing moments)."""
+    import torch
+    from mmolre import expert_state_files
+    from mmolre.model.expert_bank import PARAMS
+    from mmolre.model.grouped import per_expert_key
+    prefix = "unitse.text.blocks.0.moe.deepspeed_moe.experts."
+    params = {per_expert_key(prefix, g, name): {"fp32": torch.full((2,), float(g))} for g in range(2) for name in PARAMS}
+    torch.save({"step": 0, "params": params}, tmp_path / "elastic_rank0.pt")
+    values, with_moments = expert_state_files.read_share(str(tmp_path), ["text.0"], 2, 1, 0, 1)
+    assert with_moments is False
+    assert torch.equal(values["text.0"]["down.weight/weight"], torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    params = {k: {**v, "exp_avg": v["fp32"] * 0, "exp_avg_sq": v["fp32"] * 0} for k, v in params.items()}
+    torch.save({"step": 3, "params": params}, tmp_path / "elastic_rank0.pt")
+    assert expert_state_files.read_share(str(tmp_path), ["text.0"], 2, 1, 0, 1)[1] is True

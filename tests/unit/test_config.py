@@ -77,6 +77,8 @@ def _ds(tmp_path, content):
      "bfloat16 with ZeRO stage 0 is not supported with MoE layers"),
     ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "compile": {"enabled": True}},
      "remove the 'compile' section"),
+    ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "use_data_before_expert_parallelism": True},
+     "use_data_before_expert_parallelism is not supported"),
     ({"gradient_clipping": 1.0, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 0},
      "gradient_accumulation_steps must be an integer >= 1"),
 ])

@@ -89,3 +89,18 @@ def test_lazy_steps_each_expert_as_its_own_adamw_only_when_it_got_rows():
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="dense or lazy"):
         ExpertOptimizer(h.build(ep_size=1, ep_rank=0), "sparse", WD, ONE, 1)
+
+
+def test_a_non_finite_clipping_norm_steps_no_expert():
+    """An overflow DeepSpeed's step did not skip (its norm is not finite): the experts keep their weights,
+    moments and step counts instead of taking NaN gradients."""
+    model = h.build(ep_size=1, ep_rank=0, num_experts=8)
+    experts = ExpertOptimizer(model, "dense", WD, ONE, 1)
+    batch = h.step_batch(0)
+    model(batch.features, batch.masks).sentiment.pow(2).mean().backward()
+    experts.reduce_gradients()
+    before = {layer: {n: t.detach().clone() for n, t in bank.tensors.items()} for layer, bank in experts.banks}
+    experts.apply_update(LR, float("inf"))
+    for layer, bank in experts.banks:
+        assert all(torch.equal(t, before[layer][n]) for n, t in bank.tensors.items())
+        assert int(experts.state[layer]["step"].sum()) == 0 and not experts.state[layer]["exp_avg"]
