@@ -63,24 +63,29 @@ def emotion_pos_weight(cfg: RunConfig, data, device, info) -> torch.Tensor | Non
     return torch.tensor(weight, dtype=torch.float32, device=device)
 
 
-def check_memory(cfg: RunConfig, shapes: dict, ep_size: int, ds_config: dict, info, device) -> None:
-    """Refuse, on every rank alike, a run that would not fit, before the model is built (memory_estimate.py)."""
+def check_memory(cfg: RunConfig, shapes: dict, ep_size: int, ds_config: dict, info, device):
+    """Refuse, on every rank alike, a run that would not fit, before the model is built (memory_estimate.py);
+    returns the estimate."""
     from .config import ConfigError
-    from .memory_estimate import available, check_fits, estimate
+    from .memory_estimate import available, check_fits, estimate, host_at_build
     zero = ds_config.get("zero_optimization", {}).get("stage", 0)
-    bf16 = bool(ds_config.get("bf16", {}).get("enabled"))
+    bf16 = any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "bfloat16"))
     needed = estimate(cfg, shapes, ep_size, ds_config["train_micro_batch_size_per_gpu"], info.world_size, zero, bf16)
-    have, what = available(device, info.local_world_size)
-    distributed.print_main(info, f"memory per rank: about {needed.describe()}; {what}")
+    checks = [(needed, *available(device, info.local_world_size))]
+    if device.type != "cpu":   # the model is built in host memory before the engine moves it
+        checks.append((host_at_build(cfg, shapes, ep_size), *available(torch.device("cpu"), info.local_world_size)))
+    distributed.print_main(info, f"memory per rank: about {needed.describe()}; {checks[0][2]}")
     refusal = None
     if cfg.train.memory_check:
         try:
-            check_fits(needed, have, what)
+            for need, have, what in checks:
+                check_fits(need, have, what)
         except ConfigError as e:
             refusal = str(e)
     refusals = [r for r in distributed.all_gather(refusal, info) if r]   # the same verdict on every rank
     if refusals:
         raise ConfigError(refusals[0])
+    return needed
 
 
 def rank_device(info) -> torch.device:

@@ -4,16 +4,20 @@ The model is built on PyTorch's meta device (shapes, no storage) to count this r
 model (replicated on every rank; the routers' last layers grow with the expert count) and this rank's shared
 experts (num_experts / ep_size of every MoE layer). Bytes per parameter:
 
-* dense, under DeepSpeed: the weights and their gradients (in the engine's dtype), fp32 masters under bf16,
-  and AdamW's two fp32 moments plus DeepSpeed's fp32 partition, divided over the data-parallel ranks by ZeRO 1/2;
-* experts in banks (`expert_optimizer.py`): fp32 weights and two fp32 moments, plus, in a dense update, a full
-  fp32 gradient and one temporary of the same size (a lazy update touches only the experts that worked);
+* dense, under DeepSpeed: the weights and their gradients (in the engine's dtype), ZeRO's two flat copies of
+  them (the reduction bucket and the all-gather buffer), fp32 masters under bf16, and AdamW's two fp32 moments
+  plus DeepSpeed's fp32 partition, divided over the data-parallel ranks by ZeRO 1/2;
+* experts in banks (`expert_optimizer.py`): fp32 weights and two fp32 moments, plus 2 bytes of slack (their
+  gradients are sparse rows, and an update works a block of rows at a time, dense or lazy);
 * experts as DeepSpeed parameters (--grouped_experts false): as dense, without ZeRO's division (the expert
   data-parallel group is usually one rank);
 * activations at the micro batch: what autograd keeps per (utterance, task) row of every block, from the
   shapes (about 12 values per step and width, and the routed rows' 6 per expert route), doubled for the
   allocator's slack;
-* the process itself (PyTorch, DeepSpeed, the data's memory map): 0.6 GB.
+* the process itself (PyTorch, DeepSpeed, the data's memory map; on a GPU, the CUDA context): 0.6 GB.
+
+On a GPU the model is built in host memory first: its fp32 parameters, for every rank of the host at once,
+must fit there too (`host_at_build`).
 
 The constants were checked against the peak resident memory `bench/expert_scale.py` measured (its table shows
 the estimate beside it); the estimate is meant to err on the safe side by a few tens of percent.
@@ -77,14 +81,21 @@ def estimate(cfg: RunConfig, shapes: dict, ep_size: int, micro_batch: int, world
     weight = 2 if bf16 else 4
     shard = world if zero_stage >= 1 else 1
     parameters = dense * weight + experts * (4 if counts["experts_in_banks"] else weight)
-    gradients = dense * weight
+    gradients = dense * weight * 3   # the gradients, ZeRO's reduction bucket and its all-gather buffer
     optimizer = dense * (12 + (4 if bf16 else 0)) // shard
     if counts["experts_in_banks"]:
-        optimizer += experts * 8 + (experts * 8 if cfg.train.expert_optimizer == "dense" else 0)
+        optimizer += experts * (8 + 2)
     else:
         gradients += experts * weight
         optimizer += experts * (12 + (4 if bf16 else 0))
     return MemoryEstimate(parameters, gradients, optimizer, activation_bytes(cfg, shapes, micro_batch, weight))
+
+
+def host_at_build(cfg: RunConfig, shapes: dict, ep_size: int) -> MemoryEstimate:
+    """What a GPU rank holds in host memory while it builds the model (fp32, before the engine moves it)."""
+    counts = count_on_meta(cfg, shapes, ep_size)
+    return MemoryEstimate(parameters=(counts["dense"] + counts["experts"]) * 4, gradients=0, optimizer=0,
+                          activations=0)
 
 
 def activation_bytes(cfg: RunConfig, shapes: dict, micro_batch: int, bytes_per_value: int) -> int:
@@ -121,5 +132,5 @@ def check_fits(needed: MemoryEstimate, have: int, what: str) -> None:
     if needed.total > have:
         raise ConfigError(f"this run needs about {needed.describe()} per rank, more than {what}: "
                           f"{have / GB:.2f} GB per rank. Use more ranks (--ep_size spreads the experts), fewer "
-                          f"experts, a smaller --expert_rank, --expert_optimizer lazy or a smaller micro batch; "
+                          f"experts, a smaller --expert_rank or a smaller micro batch; "
                           f"--memory_check false starts anyway")

@@ -67,7 +67,7 @@ class Trainer:
         self.run_dir = resolve_run_dir(cfg, self.info)
         point_tensorboard(ds_config, tensorboard_dir(self.run_dir))
         text_tokens, self.data = load_data(cfg, self.info)
-        check_memory(cfg, self.data.shapes, self.ep_size, ds_config, self.info, self.device)
+        self.memory_estimate = check_memory(cfg, self.data.shapes, self.ep_size, ds_config, self.info, self.device)
         self.records = run_records(cfg, ds_config, self.data)
         if self.info.is_main and not t.resume:
             write_records(self.run_dir, self.records)

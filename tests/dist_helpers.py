@@ -360,3 +360,32 @@ def topology_change_resume_worker(rank: int, world: int, port: int, run_dir: str
                          "experts": {layer: {k: v.clone() for k, v in experts.layer_state(layer, bank).items()}
                                      for layer, bank in experts.banks}}
     _save_from_main(record, info, out_path)
+
+
+def selected_checkpoint_worker(rank: int, world: int, port: int, tmp: str, out_path: str):
+    """A real Trainer (launch.py's flags, tiny settings): 2 steps, save (tag A), 2 more steps, save (tag B), then
+    the test pass's load of tag A. Reports every expert bank as it was at A's save and after the load."""
+    from tests.launcher import TINY
+    from mmolre.config import parse_args
+    from mmolre.train import Trainer
+    setup(rank, world, port)
+    os.environ["MMOLRE_CACHE"] = os.path.join(tmp, "cache")
+    trainer = Trainer(parse_args([*TINY, "--output_dir", os.path.join(tmp, "runs"), "--run_name", "sel",
+                                  "--epochs", "1"], world_size=world))
+    batches = iter(trainer.loader)
+
+    def banks():
+        return {layer: {n: t.detach().clone() for n, t in bank.tensors.items()}
+                for layer, bank in trainer.engine.expert_optimizer.banks}
+
+    for _ in range(2):
+        trainer.train_step([next(batches)], None)
+    trainer.state.global_step = 2
+    tag_a, at_a = trainer.checkpointer.save(trainer.state, trainer.loads), banks()
+    for _ in range(2):
+        trainer.train_step([next(batches)], None)
+    trainer.state.global_step = 4
+    trainer.checkpointer.save(trainer.state, trainer.loads)
+    moved = banks()
+    trainer.checkpointer.load_weights(tag_a)
+    _save_from_main({"at_a": at_a, "moved": moved, "loaded": banks()}, trainer.info, out_path)

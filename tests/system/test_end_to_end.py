@@ -3,8 +3,10 @@ import csv
 import glob
 import json
 import os
+import re
 
 import pytest
+import torch
 
 from tests.launcher import run_deepspeed
 
@@ -119,3 +121,35 @@ def test_impossible_configuration_fails_at_once(tmp_path):
     proc = run_deepspeed(tmp_path, "--num_experts", "3", "--ep_size", "2", check=False)
     assert proc.returncode != 0
     assert "--num_experts 3 is not divisible by --ep_size 2" in proc.stdout + proc.stderr
+
+
+def test_a_run_that_will_not_fit_refuses_at_start_up_naming_its_estimate(tmp_path):
+    """1,048,576 experts of the tiny model need about 20 GB per rank: refused before the model is built."""
+    proc = run_deepspeed(tmp_path, "--num_experts", "1048576", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert re.search(r"this run needs about [\d.]+ GB \(parameters [\d.]+, gradients [\d.]+, optimizer [\d.]+, "
+                     r"activations [\d.]+, runtime [\d.]+\) per rank, more than [\d.]+ GB available on this host / "
+                     r"2 rank\(s\)", out), out[-3000:]
+    assert not re.search(r"^run: .* \| world", out, re.M)   # refused before the model, the engine and any step
+    assert not glob.glob(str(tmp_path / "runs" / "*" / "checkpoints" / "*"))
+
+
+def test_the_test_pass_loads_the_selected_checkpoints_experts(tmp_path):
+    """The test pass evaluates the checkpoint chosen on valid, experts included. The experts live in banks that
+    DeepSpeed's weights-only load does not see: a checkpoint older than the last step must bring them back from
+    its expert files (2 processes, expert parallelism 2: each rank its own share)."""
+    import torch.multiprocessing as mp
+    from mmolre.distributed import free_port
+    from tests import dist_helpers as h
+    out = tmp_path / "banks.pt"
+    mp.spawn(h.selected_checkpoint_worker, args=(2, free_port(), str(tmp_path), str(out)), nprocs=2, join=True)
+    ranks = torch.load(out, weights_only=False)
+    assert len(ranks) == 2
+    moved = False
+    for record in ranks:
+        for layer, saved in record["at_a"].items():
+            for name, value in saved.items():
+                moved |= not torch.equal(record["moved"][layer][name], value)
+                assert torch.equal(record["loaded"][layer][name], value), (layer, name)
+    assert moved   # the two later steps changed the experts, so the load had something to undo
