@@ -71,13 +71,17 @@ def load_balancing_loss(probs: torch.Tensor, routes: torch.Tensor, k: int) -> to
     fraction of routes assigned to expert e (k per row), P_e the mean router probability. At perfect
     balance f_e = k/N and P_e = 1/N, so the loss is 1.0 for every k.
     """
-    num_rows, num_experts = probs.shape
-    if num_rows == 0:
+    if probs.shape[0] == 0:
         return probs.new_zeros(())
+    return balance_loss_of_mean(probs.mean(0), routes, k, probs.shape[0])
+
+
+def balance_loss_of_mean(mean_probs: torch.Tensor, routes: torch.Tensor, k: int, num_rows: int) -> torch.Tensor:
+    """`load_balancing_loss` from P (the mean router probability [N] over the task's `num_rows` rows)."""
+    num_experts = mean_probs.shape[0]
     kept = routes >= 0
-    f = torch.bincount(routes[kept].long(), minlength=num_experts).to(probs.dtype) / num_rows   # O(routes), not O(S*N)
-    p = probs.mean(0)
-    return (f * p).sum() * num_experts / k
+    f = torch.bincount(routes[kept].long(), minlength=num_experts).to(mean_probs.dtype) / num_rows   # O(routes)
+    return (f * mean_probs).sum() * num_experts / k
 
 
 class TaskRoutedGate(TopKGate):
@@ -167,21 +171,22 @@ class TaskRoutedGate(TopKGate):
         ep_group = self.ep_group if drop or self.agree_on_capacity else None
         factor = factor or 1.0   # unused when nothing is dropped
         sampling = self.top2_2nd_expert_sampling and self.training   # adds noise to the logits it is given
+        probs = F.softmax(logits, dim=1)   # the router's probabilities: combine weights, balance loss, entropy
         capacity, indices, locations, gates = deepspeed_gating(
             select.clone() if sampling else select, self.k, factor, self.min_capacity, drop, ep_group,
-            sampling)
+            sampling, probs=probs if select is logits else None)   # (no bias, no reordering: the same softmax)
         if order is not None:   # back to the rows' own order
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(len(order), device=order.device)
             select, indices, locations, gates = (select.index_select(0, inverse), indices[:, inverse],
                                                  locations[:, inverse], gates[:, inverse])
         if self.balance == "aux_free":   # DeepSpeed weighed the routes by the biased logits; use the router's
-            gates = combine_weights(F.softmax(logits, dim=1), indices, self.k)
-        task_aux, task_counts = self._per_task_balance(logits, select, used_token.task_ids, indices, gates)
+            gates = combine_weights(probs, indices, self.k)
+        task_aux, task_counts = self._per_task_balance(logits, probs, select, used_token.task_ids, indices, gates)
         return task_aux, capacity, self.num_experts, indices, locations, gates, task_counts
 
-    def _per_task_balance(self, logits: torch.Tensor, select: torch.Tensor, task_ids: torch.Tensor,
-                          indices: torch.Tensor, gates: torch.Tensor):
+    def _per_task_balance(self, logits: torch.Tensor, probs: torch.Tensor, select: torch.Tensor,
+                          task_ids: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor):
         """Per task: the aux loss, the rows each expert received, the fraction of routes dropped, the router
         entropy, the z-loss; per row: the experts assigned and their combine weights.
 
@@ -191,7 +196,6 @@ class TaskRoutedGate(TopKGate):
         an over-subscribed expert's f_e at its capacity, so the pressure to move rows away from it would
         stop growing exactly where it is needed. A dropped route's assignment is its slot's choice among
         the router's probabilities (slot j holds the j-th choice, as in DeepSpeed's gating)."""
-        probs = F.softmax(logits, dim=1)
         dispatched = indices.t().long()                                              # [S, k]
         assigned = dispatched
         if bool((dispatched < 0).any()):   # only a capacity limit drops routes
@@ -201,8 +205,16 @@ class TaskRoutedGate(TopKGate):
         with torch.no_grad():   # H(p) = logsumexp(l) - sum(p * l): two passes over [S, N], not five
             row_entropy = log_norm - (probs * logits).sum(1)
         aux, counts, entropy, dropped, z_loss = [], [], [], [], []
-        for rows in task_rows(task_ids, self.num_tasks):   # slices (views) for task-major rows
-            aux.append(load_balancing_loss(probs[rows], assigned[rows], self.k))
+        tasks = task_rows(task_ids, self.num_tasks)
+        sizes = {r.stop - r.start for r in tasks if isinstance(r, slice)}
+        mean_probs = None
+        if len(sizes) == 1 and all(isinstance(r, slice) for r in tasks) and sizes != {0}:
+            # equal task-major blocks (UniTSE's rows): every task's mean in one op, whose backward is one expand
+            # instead of a zero-filled [S, N] buffer per task
+            mean_probs = probs.view(self.num_tasks, sizes.pop(), self.num_experts).mean(1)
+        for task, rows in enumerate(tasks):
+            aux.append(load_balancing_loss(probs[rows], assigned[rows], self.k) if mean_probs is None else
+                       balance_loss_of_mean(mean_probs[task], assigned[rows], self.k, rows.stop - rows.start))
             task_routes = dispatched[rows]
             kept = task_routes >= 0
             counts.append(torch.bincount(task_routes[kept], minlength=self.num_experts).to(probs.dtype))

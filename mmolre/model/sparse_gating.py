@@ -21,20 +21,21 @@ import torch
 from torch.nn import functional as F
 from deepspeed import comm as dist
 from deepspeed.comm import pg_utils
-from deepspeed.moe.sharded_moe import _capacity, gumbel_rsample, top1gating, top2gating, topkgating
+from deepspeed.moe.sharded_moe import _capacity, gumbel_rsample, top1gating, topkgating
 from deepspeed.utils import groups
 from deepspeed.utils.bwc import bwc_tensor_model_parallel_world_size
 
 
 def deepspeed_gating(logits: torch.Tensor, k: int, capacity_factor: float, min_capacity: int, drop: bool,
-                     ep_group, second_expert_sampling: bool):
+                     ep_group, second_expert_sampling: bool, probs: torch.Tensor | None = None):
     """DeepSpeed's gating of `logits` [S, E] with sparse routes: (capacity, indices [k, S] int32 (-1: dropped),
     locations [k, S] int32, combine weights [k, S] fp32). The route-based computation where it is exact, else
-    DeepSpeed's function. `logits` may be modified in place (top-2 sampling adds noise to it, as DeepSpeed's)."""
+    DeepSpeed's function. `logits` may be modified in place (top-2 sampling adds noise to it, as DeepSpeed's).
+    `probs`: softmax(logits) where the caller has it (the route-based paths then do not compute it again)."""
     if k == 1 and not drop:
-        return top1_routes(logits, ep_group)
+        return top1_routes(logits, ep_group, probs)
     if k == 2:
-        return top2_routes(logits, capacity_factor, min_capacity, drop, ep_group, second_expert_sampling)
+        return top2_routes(logits, capacity_factor, min_capacity, drop, ep_group, second_expert_sampling, probs)
     if k == 1:
         out = top1gating(logits, capacity_factor, min_capacity, None, None, drop, False, ep_group, True)
     else:
@@ -42,9 +43,9 @@ def deepspeed_gating(logits: torch.Tensor, k: int, capacity_factor: float, min_c
     return out[1], out[3], out[4], out[5]
 
 
-def top1_routes(logits: torch.Tensor, ep_group):
+def top1_routes(logits: torch.Tensor, ep_group, probs: torch.Tensor | None = None):
     """`top1gating(logits, ..., drop_tokens=False, use_rts=False, sparse_routes=True)`'s routes."""
-    gates = F.softmax(logits, dim=1)
+    gates = F.softmax(logits, dim=1) if probs is None else probs
     num_rows, num_experts = gates.shape
     expert = torch.argmax(gates, dim=1)
     counts = torch.bincount(expert, minlength=num_experts)
@@ -55,9 +56,9 @@ def top1_routes(logits: torch.Tensor, ep_group):
 
 
 def top2_routes(logits: torch.Tensor, capacity_factor: float, min_capacity: int, drop: bool, ep_group,
-                second_expert_sampling: bool):
+                second_expert_sampling: bool, probs: torch.Tensor | None = None):
     """`top2gating(logits, ..., sparse_routes=True)`'s routes."""
-    gates = F.softmax(logits, dim=1)
+    gates = F.softmax(logits, dim=1) if probs is None else probs
     num_rows, num_experts = gates.shape
     first = torch.argmax(gates, dim=1)
     if second_expert_sampling:   # the same draw, in the same place, as DeepSpeed's (the RNG stays in step)

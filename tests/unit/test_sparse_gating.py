@@ -2,6 +2,7 @@
 capacity and the gradient of the logits."""
 import pytest
 import torch
+from torch.nn import functional as F
 from deepspeed.moe.sharded_moe import top1gating, top2gating, topkgating
 
 from mmolre.model.sparse_gating import deepspeed_gating
@@ -39,12 +40,14 @@ def run(fn, logits, seed, k, factor, drop, sampling):
 def test_routes_equal_deepspeeds_gating_bit_for_bit(k, drop, sampling, rows, experts):
     factor = 1.0   # with a limit: ceil(rows / experts * k) slots per expert, which the draws overfill
     for name, logits in draws(rows, experts, seed=rows + experts):
-        ours = run(lambda x, *a: deepspeed_gating(x, a[0], a[1], 0, a[2], None, a[3]), logits, 5, k, factor, drop,
-                   sampling)
         theirs = run(deepspeed_reference, logits, 5, k, factor, drop, sampling)
-        assert ours[0] == theirs[0], (name, "capacity")
-        for what, a, b in zip(("experts", "slots", "combine weights", "logits' gradient"), ours[1:], theirs[1:]):
-            assert a.dtype == b.dtype and torch.equal(a, b), (name, what)
+        for given in (False, True):   # the softmax computed inside, or handed in by the gate
+            ours = run(lambda x, *a: deepspeed_gating(x, a[0], a[1], 0, a[2], None, a[3],
+                                                      probs=F.softmax(x, dim=1) if given else None),
+                       logits, 5, k, factor, drop, sampling)
+            assert ours[0] == theirs[0], (name, "capacity")
+            for what, a, b in zip(("experts", "slots", "combine weights", "logits' gradient"), ours[1:], theirs[1:]):
+                assert a.dtype == b.dtype and torch.equal(a, b), (name, what, given)
 
 
 def test_a_capacity_limit_drops_routes_as_deepspeed_does():
