@@ -102,11 +102,17 @@ def test_many_nodes_script_on_one_node_with_two_tasks(tmp_path):
 
 
 def test_sweep_array_and_report(tmp_path):
-    job = submit(tmp_path, "slurm/sweep_experts.sbatch", "--epochs", "1", sbatch=["--array=0-2"],
-                 env={"EXPERTS": "4 8 16", "TOP_KS": "2"})
+    """The grid, expert parallelism over every rank of the job from EP_ACROSS_NODES_FROM experts on (here 16;
+    the smaller counts keep the `--ep_size 1` passed in), EXPERT_OPTIMIZER, and `mmolre report` of the array."""
+    job = submit(tmp_path, "slurm/sweep_experts.sbatch", "--epochs", "1", "--ep_size", "1", sbatch=["--array=0-2"],
+                 env={"EXPERTS": "4 8 16", "TOP_KS": "2", "EP_ACROSS_NODES_FROM": "16", "EXPERT_OPTIMIZER": "lazy"})
     assert set(wait_done(job)) == {"COMPLETED"}, log_of(tmp_path, job)
     runs = sorted(glob.glob(str(tmp_path / "runs" / f"sweep{job}_e*_k2_s1")))
     assert [os.path.basename(r) for r in runs] == [f"sweep{job}_e{e}_k2_s1" for e in (16, 4, 8)]
+    configs = {r: json.loads((tmp_path / "runs" / r / "results.json").read_text()) for r in map(os.path.basename, runs)}
+    assert [configs[f"sweep{job}_e{e}_k2_s1"]["ep_size"] for e in (4, 8, 16)] == [1, 1, 2]
+    for r in runs:
+        assert json.loads(open(os.path.join(r, "config.json")).read())["train"]["expert_optimizer"] == "lazy"
     out = subprocess.run(["mmolre", "report", *runs, "--plot", str(tmp_path / "sweep")], capture_output=True,
                          text=True, check=True).stdout
     rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
