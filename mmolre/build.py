@@ -70,7 +70,8 @@ def check_memory(cfg: RunConfig, shapes: dict, ep_size: int, ds_config: dict, in
     from .memory_estimate import available, check_fits, estimate, host_at_build
     zero = ds_config.get("zero_optimization", {}).get("stage", 0)
     bf16 = any(ds_config.get(key, {}).get("enabled") for key in ("bf16", "bfloat16"))
-    needed = estimate(cfg, shapes, ep_size, ds_config["train_micro_batch_size_per_gpu"], info.world_size, zero, bf16)
+    needed = estimate(cfg, shapes, ep_size, ds_config["train_micro_batch_size_per_gpu"], info.world_size, zero, bf16,
+                      ds_config.get("gradient_accumulation_steps", 1))
     checks = [(needed, *available(device, info.local_world_size))]
     if device.type != "cpu":   # the model is built in host memory before the engine moves it
         checks.append((host_at_build(cfg, shapes, ep_size), *available(torch.device("cpu"), info.local_world_size)))

@@ -26,7 +26,8 @@ def checkpoint_layout(cfg: RunConfig, text_tokens, shapes: dict) -> dict:
     return {"balance": cfg.model.balance, "router_groups": cfg.train.router_lr_scale != 1.0,
             "text_encoder": cfg.model.text_encoder, "text_tokens": text_tokens.key() if text_tokens else None,
             "steps": steps_per_modality(shapes, cfg.model.temporal_steps),
-            "expert_store": "banks" if cfg.model.grouped_experts else "deepspeed"}
+            "expert_store": "banks" if cfg.model.grouped_experts else "deepspeed",
+            "expert_optimizer": cfg.train.expert_optimizer if cfg.model.grouped_experts else None}
 
 
 def check_resume_compatible(marker: dict, layout: dict, cfg: RunConfig, saved_steps: dict, where: str) -> None:
@@ -64,6 +65,11 @@ def check_resume_compatible(marker: dict, layout: dict, cfg: RunConfig, saved_st
                              "DeepSpeed's expert parameters (--grouped_experts false)")
                           + f"; this run has --grouped_experts {cfg.model.grouped_experts}. Resume with the setting "
                             f"it was saved with")
+    if marker.get("expert_optimizer") == "lazy" and layout["expert_optimizer"] == "dense":
+        raise ConfigError(f"--resume: {where} was trained with --expert_optimizer lazy, so its experts have taken "
+                          f"different numbers of AdamW steps; dense AdamW steps a bank whole only when they agree. "
+                          f"Resume with --expert_optimizer lazy (dense to lazy is allowed: each expert goes on "
+                          f"from its own step count)")
     if saved_steps != layout["steps"]:
         raise ConfigError(f"--resume: {where} was trained on {saved_steps} time steps per modality, this run has "
                           f"{layout['steps']} (--modalities, --text_max_length and --temporal_steps decide them); "

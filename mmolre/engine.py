@@ -172,6 +172,12 @@ def build_engine(model, optimizer, ds_config: dict, info: distributed.DistInfo, 
     if has_banks and ds_config.get("fp16", {}).get("enabled"):
         raise ConfigError("fp16 with the shared experts in banks (the default --grouped_experts): their loss "
                           "scaling is not implemented; use bf16 (ds_configs/zero2_bf16.json)")
+    if has_banks and any(ds_config.get(k, {}).get("check_grad_overflow") is False for k in ("bf16", "bfloat16")):
+        # without the check DeepSpeed steps bf16 through a non-finite norm (its gradients zeroed, decay and
+        # moments still applied) while the experts skip it: the two would drift apart
+        raise ConfigError("bf16 check_grad_overflow false with the shared experts in banks (the default "
+                          "--grouped_experts): the experts skip a step with a non-finite gradient norm, so the "
+                          "dense model must skip it too; remove the key (DeepSpeed's default is true)")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            lr_scheduler=lr_scheduler)
     experts = ExpertOptimizer(model, expert_mode, weight_decay, info, ep_size)   # after: the groups exist now

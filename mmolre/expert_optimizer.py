@@ -117,11 +117,14 @@ class ExpertOptimizer:
                 whole_banks.append((state, bank, float(steps[0])))
                 continue
             for name, t in bank.tensors.items():
-                grad = _rows_of(t.grad, ids.to(t.device), t)
-                if clip_divisor != 1.0:
-                    grad.mul_(1.0 / clip_divisor)
                 decay = 0.0 if name in NO_DECAY else self.weight_decay
-                self._adamw_rows(state, name, t, ids.to(t.device), grad, steps, lr, decay)
+                block = max(1, BLOCK_VALUES // max(1, t[0].numel()))   # a block of rows: bounded temporaries
+                for lo in range(0, len(ids), block):
+                    rows = ids[lo:lo + block].to(t.device)
+                    grad = _rows_of(t.grad, rows, t)
+                    if clip_divisor != 1.0:
+                        grad.mul_(1.0 / clip_divisor)
+                    self._adamw_rows(state, name, t, rows, grad, steps[lo:lo + block], lr, decay)
         if whole_banks:
             self._adamw_whole(whole_banks, lr, clip_divisor)
 

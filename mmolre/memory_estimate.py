@@ -7,8 +7,10 @@ experts (num_experts / ep_size of every MoE layer). Bytes per parameter:
 * dense, under DeepSpeed: the weights and their gradients (in the engine's dtype), ZeRO's two flat copies of
   them (the reduction bucket and the all-gather buffer), fp32 masters under bf16, and AdamW's two fp32 moments
   plus DeepSpeed's fp32 partition, divided over the data-parallel ranks by ZeRO 1/2;
-* experts in banks (`expert_optimizer.py`): fp32 weights and two fp32 moments, plus 2 bytes of slack (their
-  gradients are sparse rows, and an update works a block of rows at a time, dense or lazy);
+* experts in banks (`expert_optimizer.py`): fp32 weights and two fp32 moments, plus 2 bytes of slack (an
+  update works a block of rows at a time, dense or lazy); their gradients are sparse, one row per route (the
+  rows of every rank of the expert-parallel group that may reach this rank's experts, per micro batch and
+  layer, kept over the accumulation window), plus two coalesced copies while they are reduced;
 * experts as DeepSpeed parameters (--grouped_experts false): as dense, without ZeRO's division (the expert
   data-parallel group is usually one rank);
 * activations at the micro batch: what autograd keeps per (utterance, task) row of every block, from the
@@ -17,7 +19,7 @@ experts (num_experts / ep_size of every MoE layer). Bytes per parameter:
 * the process itself (PyTorch, DeepSpeed, the data's memory map; on a GPU, the CUDA context): 0.6 GB.
 
 On a GPU the model is built in host memory first: its fp32 parameters, for every rank of the host at once,
-must fit there too (`host_at_build`).
+must fit there too (`host_at_build`; a pretrained text encoder twice, its loaded state beside the model).
 
 The constants were checked against the peak resident memory `bench/expert_scale.py` measured (its table shows
 the estimate beside it); the estimate is meant to err on the safe side by a few tens of percent.
@@ -71,11 +73,11 @@ def count_on_meta(cfg: RunConfig, shapes: dict, ep_size: int) -> dict[str, int]:
     experts = sum(t.numel() for _, block in model.moe_blocks() for t in block.shared_expert_tensors())
     in_banks = any(True for _ in model.expert_banks())
     dense = sum(p.numel() for p in model.parameters()) + text - (0 if in_banks else experts)
-    return {"dense": dense, "experts": experts, "experts_in_banks": in_banks}
+    return {"dense": dense, "experts": experts, "experts_in_banks": in_banks, "text": text}
 
 
 def estimate(cfg: RunConfig, shapes: dict, ep_size: int, micro_batch: int, world: int, zero_stage: int,
-             bf16: bool) -> MemoryEstimate:
+             bf16: bool, grad_accum: int = 1) -> MemoryEstimate:
     counts = count_on_meta(cfg, shapes, ep_size)
     dense, experts = counts["dense"], counts["experts"]
     weight = 2 if bf16 else 4
@@ -85,17 +87,29 @@ def estimate(cfg: RunConfig, shapes: dict, ep_size: int, micro_batch: int, world
     optimizer = dense * (12 + (4 if bf16 else 0)) // shard
     if counts["experts_in_banks"]:
         optimizer += experts * (8 + 2)
+        gradients += sparse_expert_gradient_bytes(cfg, experts, ep_size, micro_batch, grad_accum)
     else:
         gradients += experts * weight
         optimizer += experts * (12 + (4 if bf16 else 0))
     return MemoryEstimate(parameters, gradients, optimizer, activation_bytes(cfg, shapes, micro_batch, weight))
 
 
+def sparse_expert_gradient_bytes(cfg: RunConfig, experts: int, ep_size: int, micro_batch: int,
+                                 grad_accum: int) -> int:
+    """The banks' sparse gradients: a row of one expert's size per route that may reach this rank (every rank of
+    the expert-parallel group routes micro_batch rows per task), uncoalesced over the accumulation window, plus
+    the two coalesced copies the reduction makes (at most one row per local expert each)."""
+    m = cfg.model
+    num_local = max(1, m.num_experts // ep_size)
+    routes = micro_batch * (1 if m.model == "hard_sharing" else 2) * m.effective_top_k * ep_size * grad_accum
+    return int(4 * experts / num_local * (routes + 2 * min(num_local, routes)))
+
+
 def host_at_build(cfg: RunConfig, shapes: dict, ep_size: int) -> MemoryEstimate:
     """What a GPU rank holds in host memory while it builds the model (fp32, before the engine moves it)."""
     counts = count_on_meta(cfg, shapes, ep_size)
-    return MemoryEstimate(parameters=(counts["dense"] + counts["experts"]) * 4, gradients=0, optimizer=0,
-                          activations=0)
+    fp32 = (counts["dense"] + counts["experts"] + counts["text"]) * 4
+    return MemoryEstimate(parameters=fp32, gradients=0, optimizer=0, activations=0)
 
 
 def activation_bytes(cfg: RunConfig, shapes: dict, micro_batch: int, bytes_per_value: int) -> int:

@@ -81,6 +81,15 @@ def test_switching_where_the_experts_live_is_refused():
         check({**marker, "expert_store": "deepspeed"}, cfg())
 
 
+def test_lazy_to_dense_expert_adamw_is_refused_but_dense_to_lazy_is_not():
+    marker = {**fixture_marker(), "format": 3, "expert_store": "banks", "expert_optimizer": "lazy"}
+    check(marker, cfg("--expert_optimizer", "lazy"))
+    with pytest.raises(ConfigError, match=r"trained with --expert_optimizer lazy.*Resume with --expert_optimizer lazy"):
+        check(marker, cfg())
+    check({**marker, "expert_optimizer": "dense"}, cfg("--expert_optimizer", "lazy"))
+    check({k: v for k, v in marker.items() if k != "expert_optimizer"}, cfg())   # markers before the key
+
+
 def test_other_time_steps_per_modality_are_refused():
     marker = fixture_marker()
     with pytest.raises(ConfigError, match=r"trained on \{'text': 50, 'audio': 50, 'vision': 50\} time steps per "

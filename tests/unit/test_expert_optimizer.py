@@ -3,6 +3,7 @@ lazy is torch's AdamW applied to each expert as its own parameter, stepped only 
 import pytest
 import torch
 
+from mmolre import expert_optimizer
 from mmolre.distributed import DistInfo
 from mmolre.expert_optimizer import ExpertOptimizer
 from tests import dist_helpers as h
@@ -49,7 +50,10 @@ def test_dense_is_torchs_adamw_bit_for_bit():
     assert all(bool((experts.state[layer]["step"] == 4).all()) for layer in banks)
 
 
-def test_lazy_steps_each_expert_as_its_own_adamw_only_when_it_got_rows():
+@pytest.mark.parametrize("block_values", [None, 1])   # 1: every row in a block of its own
+def test_lazy_steps_each_expert_as_its_own_adamw_only_when_it_got_rows(block_values, monkeypatch):
+    if block_values:
+        monkeypatch.setattr(expert_optimizer, "BLOCK_VALUES", block_values)
     model = h.build(ep_size=1, ep_rank=0, num_experts=16, top_k=1)
     experts = ExpertOptimizer(model, "lazy", WD, ONE, 1)
     banks = dict(experts.banks)
@@ -104,3 +108,13 @@ def test_a_non_finite_clipping_norm_steps_no_expert():
     for layer, bank in experts.banks:
         assert all(torch.equal(t, before[layer][n]) for n, t in bank.tensors.items())
         assert int(experts.state[layer]["step"].sum()) == 0 and not experts.state[layer]["exp_avg"]
+
+
+@pytest.mark.parametrize("key", ["bf16", "bfloat16"])
+def test_bf16_without_deepspeeds_overflow_check_is_refused_with_banks(key):
+    """DeepSpeed would step the dense model through a non-finite norm that the experts skip."""
+    from mmolre.config import ConfigError
+    from mmolre.engine import build_engine
+    model = h.build(ep_size=1, ep_rank=0, num_experts=8)
+    with pytest.raises(ConfigError, match="check_grad_overflow false with the shared experts in banks"):
+        build_engine(model, None, {key: {"enabled": True, "check_grad_overflow": False}}, ONE, 1)

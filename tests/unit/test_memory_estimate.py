@@ -3,7 +3,8 @@ not fit."""
 import pytest
 
 from mmolre.config import ConfigError, parse_args
-from mmolre.memory_estimate import GB, MemoryEstimate, check_fits, count_on_meta, estimate, host_at_build
+from mmolre.memory_estimate import (GB, MemoryEstimate, check_fits, count_on_meta, estimate, host_at_build,
+                                    sparse_expert_gradient_bytes)
 from mmolre.model import MMoLRE, count_parameters
 
 SHAPES = {"text": (50, 64), "audio": (50, 74), "vision": (50, 35)}
@@ -49,3 +50,16 @@ def test_a_gpu_rank_also_needs_its_fp32_model_in_host_memory_while_it_builds():
     built = host_at_build(c, SHAPES, 2)
     assert built.total == (counts["dense"] + counts["experts"]) * 4 + built.runtime
     assert built.total < estimate(c, SHAPES, 2, 32, 2, 2, False).total   # no gradients, moments or activations
+
+
+def test_the_banks_sparse_gradients_count_the_routes_over_the_accumulation_window():
+    """One row of an expert's size per route that may reach this rank, kept over the window, plus two coalesced
+    copies of at most one row per local expert (reviewer's case: accumulation with every expert routed)."""
+    c = cfg("--num_experts", "1024")
+    per_expert = 6 * (4 * 64 * 16 + 16 + 64)        # 6 MoE layers of the default low-rank expert
+    experts = 512 * per_expert                      # this rank's, ep 2
+    routes = 32 * 2 * 2 * 2                         # micro batch x tasks x top-2 x the ep group's ranks
+    assert sparse_expert_gradient_bytes(c, experts, 2, 32, 1) == 4 * per_expert * (routes + 2 * routes)
+    assert sparse_expert_gradient_bytes(c, experts, 2, 32, 4) == 4 * per_expert * (4 * routes + 2 * 512)
+    one, four = (estimate(c, SHAPES, 2, 32, 2, 2, False, grad_accum=a) for a in (1, 4))
+    assert four.gradients - one.gradients == 4 * per_expert * (3 * routes + 2 * (512 - routes))
