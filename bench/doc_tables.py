@@ -125,7 +125,36 @@ def routing_study() -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"default_run": default_run, "moe_block_measures": moe_block_measures, "routing_study": routing_study}
+def expert_scale_targets() -> str:
+    """The expert-scale targets measured before the experts moved into banks and after, dense and lazy."""
+    def load(name):
+        path = os.path.join(ROOT, "bench", "results", f"{name}.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return {r["experts"]: r for r in json.load(f)["rows"]}
+    runs = {"before (DeepSpeed's ZeRO steps and saves every expert)": load("expert_scale_before"),
+            "now, `--expert_optimizer dense` (default)": load("expert_scale"),
+            "now, `--expert_optimizer lazy`": load("expert_scale_lazy")}
+    runs = {k: v for k, v in runs.items() if v}
+
+    def ratio(rows):
+        return rows[16384]["samples_per_s"] / rows[1024]["samples_per_s"]
+
+    def copy_ratio(row):   # checkpoint bytes over one copy of fp32 weights + AdamW's two moments
+        return row["bytes"] / (12 * (row["params"]["dense"] + row["params"]["expert"]))
+    lines = ["| | samples/s at 16,384 experts / at 1,024 (target ≥ 0.5) | most files one rank writes per "
+             "checkpoint, any count (target ≤ 8) | checkpoint bytes / one copy of weights + optimizer state at "
+             "16,384 (target ≤ 1.15) | save / load s at 16,384 | largest count measured |", "|---|---|---|---|---|---|"]
+    for name, rows in runs.items():
+        most = max(max(int(v) for v in r["files_per_rank"].values()) for r in rows.values())
+        big = rows[16384]
+        lines.append(f"| {name} | {ratio(rows):.3f} | {most:,} | {copy_ratio(big):.2f} | {big['save_s']:.1f} / "
+                     f"{big['load_s']:.1f} | {max(rows):,} |")
+    return "\n".join(lines)
+
+
+RENDERERS = {"expert_scale_targets": expert_scale_targets, "default_run": default_run, "moe_block_measures": moe_block_measures, "routing_study": routing_study}
 
 
 def _table(text: str, n: int, source: str) -> str:

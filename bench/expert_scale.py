@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import statistics
 import sys
 import tempfile
@@ -38,8 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.commands import ROOT, command_line, passthrough_parser  # noqa: E402
 
 PHASES = ("forward_backward", "gradient_reduction", "clipping_norm", "optimizer", "zeroing", "bookkeeping")
-DEFAULT_EXPERTS = "8,64,512,1024,4096,16384,32768"
-DEFAULT_FIT = "32768:8:2"   # experts:rank:blocks for counts whose default model would not fit in 24 GB
+DEFAULT_EXPERTS = "8,64,512,1024,4096,16384,32768,65536,131072"
+DEFAULT_FIT = "65536:8:2,131072:4:2"   # experts:rank:blocks for counts whose default model would not fit in 24 GB
 
 
 class PhaseClock:
@@ -174,6 +173,7 @@ def train_worker(rank: int, world: int, port: int, flags: list[str], out_dir: st
         names = os.listdir(tag_dir)
         cfg = trainer.cfg.model
         record = {"built_s": built, "steps": per_step, "save_s": save_s, "peak_rss_gb": max(rss),
+                  "estimate_gb": trainer.memory_estimate.total / 1024 ** 3,
                   "files": len(names), "bytes": sum(os.path.getsize(os.path.join(tag_dir, n)) for n in names),
                   "files_per_rank": _files_per_rank(tag_dir, world, cfg.num_experts, trainer.ep_size),
                   "params": trainer.params, "samples_per_step": trainer.geometry.samples_per_step}
@@ -230,16 +230,71 @@ def markdown(rows: list[dict], command: str) -> str:
              "modalities = 6 MoE layers) unless the row says otherwise; micro batch 32 (64 rows per task and MoE "
              "layer per step); step phases are the mean over the timed steps on rank 0.", "",
              "| experts | model | expert params | s / step | samples/s | fwd+bwd | grad reduction | clip norm | "
-             "optimizer | zeroing | bookkeeping | peak RSS / rank | ckpt files (max per rank) | ckpt GB | save s | "
-             "load s | resume s |", "|" + "---|" * 17]
+             "optimizer | zeroing | bookkeeping | peak RSS / rank (start-up estimate) | ckpt files (max per rank) | "
+             "ckpt GB | save s | load s | resume s |", "|" + "---|" * 17]
     for r in rows:
         p = r["phases_s"]
         lines.append(
             f"| {r['experts']:,} | {r['model']} | {r['params']['expert'] / 1e6:.1f} M | {r['step_s']:.2f} | "
             f"{r['samples_per_s']:.1f} | " + " | ".join(f"{p[k]:.3f}" for k in PHASES)
-            + f" | {r['peak_rss_gb']:.1f} GB | {r['files']:,} ({max(r['files_per_rank'].values()):,}) | "
+            + f" | {r['peak_rss_gb']:.1f} GB{estimate(r)} | {r['files']:,} ({max(r['files_per_rank'].values()):,}) | "
               f"{r['bytes'] / 1e9:.2f} | {r['save_s']:.1f} | {r['load_s']:.1f} | {r['resume_s']:.1f} |")
     return "\n".join(lines)
+
+
+def estimate(row: dict) -> str:
+    return f" ({row['estimate_gb']:.1f})" if "estimate_gb" in row else ""   # runs before the estimate existed
+
+
+DENSE_CHECKPOINT_BYTES = 28   # per dense parameter: DeepSpeed's module file (4), ZeRO's fp32 partition and two
+#                               moments (12) and the topology-free copy of weight and moments (12)
+
+
+def projection(rows: list[dict], ranks: int = 64, ep: int = 64, experts: int = 262144,
+               client_gbps: float = 1.0, aggregate_gbps: float = 50.0) -> dict:
+    """The measured per-parameter costs carried, on paper, to `ranks` ranks with expert parallelism `ep` and
+    `experts` experts per layer (the default model), on a parallel file system of `client_gbps` per rank and
+    `aggregate_gbps` in all. Dense parameters grow with the expert count (each router's last layer is d x N):
+    a linear fit of the measured default-model rows gives them."""
+    default = [r for r in rows if r["model"] == "default"]
+    if len(default) < 2:
+        return None   # the fit of the dense parameters needs two counts
+    a, b = default[0], default[-1]
+    per_expert = b["params"]["per_expert"]
+    slope = (b["params"]["dense"] - a["params"]["dense"]) / (b["experts"] - a["experts"])
+    dense = a["params"]["dense"] + slope * (experts - a["experts"])
+    layers = b["params"]["expert"] // (b["experts"] * per_expert)
+    local = experts // ep * layers * per_expert                      # this rank's expert parameters
+    measured = (b["bytes"] - DENSE_CHECKPOINT_BYTES * b["params"]["dense"]) / b["params"]["expert"]   # per expert param
+    expert_file = local * measured
+    dense_shard = dense * 12 / ranks                                 # ZeRO's fp32 partition and moments
+    rank0_extra = dense * (4 + 12)                                    # DeepSpeed's module file, topology-free copy
+    files = 3 * ranks + 4
+    total = ranks * (expert_file + dense_shard) + rank0_extra
+    return {"ranks": ranks, "ep_size": ep, "experts": experts, "expert_params_per_rank": local,
+            "dense_params": int(dense), "bytes_per_expert_param_measured": measured,
+            "bytes_per_rank": expert_file + dense_shard, "bytes_rank0": expert_file + dense_shard + rank0_extra,
+            "files": files, "bytes_total": total, "client_gbps": client_gbps, "aggregate_gbps": aggregate_gbps,
+            "save_s": max((expert_file + dense_shard + rank0_extra) / (client_gbps * 1e9),
+                          total / (aggregate_gbps * 1e9)),
+            "deepspeed_files": experts * layers + ranks + 1}
+
+
+def projection_markdown(p: dict) -> str:
+    return "\n".join([
+        f"On paper: {p['ranks']} ranks, expert parallelism {p['ep_size']}, {p['experts']:,} experts per MoE layer "
+        f"(the default model), a parallel file system of {p['client_gbps']:g} GB/s per rank and "
+        f"{p['aggregate_gbps']:g} GB/s in all; {p['bytes_per_expert_param_measured']:.1f} bytes per expert parameter "
+        f"as measured at the largest default-model count above.", "",
+        "| per checkpoint | expert params per rank | dense params (every rank) | bytes per rank | bytes on rank 0 | "
+        "files | seconds to save | DeepSpeed's per-expert layout: files |", "|---|---|---|---|---|---|---|---|",
+        f"| | {p['expert_params_per_rank'] / 1e6:.0f} M | {p['dense_params'] / 1e6:.0f} M | "
+        f"{p['bytes_per_rank'] / 1e9:.2f} GB | {p['bytes_rank0'] / 1e9:.2f} GB | {p['files']:,} | {p['save_s']:.1f} | "
+        f"{p['deepspeed_files']:,} |"])
+
+
+def count_label(experts: int) -> str:
+    return f"{experts // 1024}k" if experts >= 1024 and experts % 1024 == 0 else str(experts)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -251,14 +306,17 @@ def plot(rows: list[dict], path: str) -> None:
     bottom = [0.0] * len(rows)
     for phase in PHASES:
         ys = [r["phases_s"][phase] for r in rows]
-        a.bar([str(x) for x in xs], ys, bottom=bottom, label=phase.replace("_", " "))
+        a.bar([count_label(x) for x in xs], ys, bottom=bottom, label=phase.replace("_", " "))
         bottom = [u + v for u, v in zip(bottom, ys)]
     a.set(xlabel="shared experts per MoE layer", ylabel="seconds per optimizer step", title="a training step")
     a.legend(fontsize=7)
     b.plot(xs, [r["bytes"] / 1e9 for r in rows], marker="o", label="checkpoint GB")
-    b.plot(xs, [r["files"] / 1000 for r in rows], marker="s", label="checkpoint files (thousands)")
-    b.set(xscale="log", xlabel="shared experts per MoE layer", title="a checkpoint")
-    b.legend(fontsize=7)
+    b.set(xscale="log", xlabel="shared experts per MoE layer", ylabel="GB", title="a checkpoint")
+    files = b.twinx()   # files span 9 to 10^5: their own log axis
+    files.plot(xs, [r["files"] for r in rows], marker="s", color="tab:orange", label="checkpoint files")
+    files.set(yscale="log", ylabel="files", ylim=(1, 10 ** 6))
+    lines = b.get_legend_handles_labels()[0] + files.get_legend_handles_labels()[0]
+    b.legend(lines, [h.get_label() for h in lines], fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -288,8 +346,13 @@ def main(argv=None) -> int:
               flush=True)
         with open(args.out + ".json", "w") as f:   # after every count: a long run keeps what it measured
             json.dump({"command": command_line(__file__, argv), "rows": rows}, f, indent=1)
+    record = {"command": command_line(__file__, argv), "rows": rows, "projection": projection(rows)}
+    with open(args.out + ".json", "w") as f:
+        json.dump(record, f, indent=1)
     with open(args.out + ".md", "w") as f:
         f.write(markdown(rows, command_line(__file__, argv)) + "\n")
+        if record["projection"]:
+            f.write("\n" + projection_markdown(record["projection"]) + "\n")
     plot(rows, args.out + ".png")
     print(markdown(rows, command_line(__file__, argv)))
     return 0
