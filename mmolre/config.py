@@ -333,8 +333,9 @@ def _validate_pairings(cfg: RunConfig) -> None:
     if m.balance == "aux_free" and m.dense_mixture:
         raise ConfigError("--balance aux_free needs routed experts: with --routers false or --model mmoe every "
                           "row visits every expert, so there is no choice to bias")
-    if m.balance == "aux_free" and m.capacity_factor > 0 and m.top_k >= 3:
-        raise ConfigError("--balance aux_free with --capacity_factor > 0 and --top_k >= 3: DeepSpeed's top-k gating "
+    if m.balance == "aux_free" and max(m.capacity_factor, m.eval_capacity_factor) > 0 and m.top_k >= 3:
+        raise ConfigError("--balance aux_free with --capacity_factor or --eval_capacity_factor > 0 and --top_k >= 3: "
+                          "DeepSpeed's top-k gating "
                           "gives an over-subscribed expert's slots to the rows of highest (here: biased) probability, "
                           "and the bias is per task, so one task would be favoured; use top-1/2 or no capacity")
     if t.expert_optimizer == "lazy" and not m.grouped_experts:

@@ -55,7 +55,7 @@ def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, devic
     earlier evaluation's predictions of this split (rank 0), whose routes the routing stability compares."""
     engine.eval()
     batches = eval_batches(data.splits[split], engine.train_micro_batch_size_per_gpu(), info.rank, info.world_size)
-    local = predict_batches(lambda batch: engine(*inputs(to_device(batch, device, dtype))), batches)
+    local = predict_batches(lambda batch: engine(*padded_inputs(to_device(batch, device, dtype))), batches)
     engine.train()
     gathered = distributed.gather_to_main(local, info)
     preds, summary = None, None
@@ -109,3 +109,8 @@ def _score(preds: dict, cfg: RunConfig) -> tuple[float, dict]:
 
 def inputs(batch: Batch):
     return batch.features, batch.masks
+
+
+def padded_inputs(batch: Batch):
+    """An evaluation batch's inputs with which rows are real: padding rows then take no expert slot."""
+    return batch.features, batch.masks, batch.valid

@@ -89,6 +89,16 @@ class SelectionBiasNudges:
         self.info = info
         self.gates = [block.moe.deepspeed_moe.gate for _, block in model.moe_blocks()
                       if block.moe is not None and balance == "aux_free"]
+        self.marks: list = [None] * len(self.gates)
+
+    def before_micro_batch(self) -> None:
+        """Mark the routes counted so far in the window (a skipped micro batch is dropped back to this mark)."""
+        self.marks = [g.pending_counts for g in self.gates]
+
+    def drop_micro_batch(self) -> None:
+        """A skipped (non-finite) micro batch's routes leave the window's counts, as its gradient does."""
+        for gate, mark in zip(self.gates, self.marks):
+            gate.pending_counts = mark
 
     def after_step(self, stepped: bool) -> None:
         if not self.gates:

@@ -146,5 +146,5 @@ def predict(model_path: str, data_path: str, split: str, cache_dir: str, batch_s
                              f"{payload['shapes'][m]}")
     ds = SplitDataset(hf[split], modalities, payload["normalisation"],
                       text_hidden=payload["shapes"]["text"][1] if tokens else None)
-    preds = predict_batches(lambda batch: model(batch.features, batch.masks), eval_batches(ds, batch_size, 0, 1))
+    preds = predict_batches(lambda batch: model(batch.features, batch.masks, batch.valid), eval_batches(ds, batch_size, 0, 1))
     return preds, payload

@@ -12,8 +12,10 @@ Natural logarithms throughout (nats); None where a statistic is undefined (no ro
   the six). Each of a row's k routes counts 1/k. ln 2 is the most a balanced binary label allows.
 * Both are plug-in estimates, biased upwards when the experts are many for the rows (about (N-1)/(2n) nats
   for MI with a binary label): each comes with a `*_chance` value, the same statistic with the labels
-  shuffled (MI) or the rows' tasks shuffled (divergence), and `*_excess`, the difference: what routing
-  shows beyond what N experts and n rows give by chance.
+  shuffled (MI) or the rows' tasks shuffled (divergence), the mean over CHANCE_DRAWS shuffles, with
+  `*_chance_std` their standard deviation (so that an excess within it reads as permutation noise), and
+  `*_excess`, the value minus the chance level: what routing shows beyond what N experts and n rows give by
+  chance.
 * `stability`: the fraction of utterances whose top-k set is the same as at the previous evaluation.
 * `max_combine_weight`: the mean over rows of the largest combine weight (top-k, k >= 2: 1/k = flat, 1 = one
   expert decides; top-1: the chosen expert's probability, 1/N = flat).
@@ -24,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 
 from .config import TASKS
+
+CHANCE_DRAWS = 20   # shuffles averaged for a chance level
 
 
 def expert_distribution(routes: np.ndarray, num_experts: int) -> np.ndarray:
@@ -65,19 +69,26 @@ def stability(routes: np.ndarray, previous: np.ndarray) -> float:
     return float((np.sort(routes, 1) == np.sort(previous, 1)).all(1).mean()) if len(routes) else None
 
 
-def _shuffled_mi(routes: np.ndarray, labels: np.ndarray, num_experts: int, rng) -> float | None:
-    return mutual_information(routes, rng.permutation(labels), num_experts)
+def _shuffled_mi(routes: np.ndarray, labels: list[np.ndarray], num_experts: int, rng) -> list[float]:
+    """Chance level of the mean MI over `labels` (one label or the six emotions): one value per shuffle."""
+    return [float(np.mean([mutual_information(routes, rng.permutation(y), num_experts) for y in labels]))
+            for _ in range(CHANCE_DRAWS)]
 
 
-def _shuffled_divergence(a: np.ndarray, b: np.ndarray, num_experts: int, rng) -> float:
-    """The divergence of two groups of a's and b's sizes drawn from their pooled rows: chance level."""
-    pooled = rng.permutation(np.concatenate([a, b]))
-    return js_divergence(expert_distribution(pooled[:len(a)], num_experts),
-                         expert_distribution(pooled[len(a):], num_experts))
+def _shuffled_divergence(a: np.ndarray, b: np.ndarray, num_experts: int, rng) -> list[float]:
+    """The divergence of two groups of a's and b's sizes drawn from their pooled rows, one value per shuffle."""
+    draws = []
+    for _ in range(CHANCE_DRAWS):
+        pooled = rng.permutation(np.concatenate([a, b]))
+        draws.append(js_divergence(expert_distribution(pooled[:len(a)], num_experts),
+                                   expert_distribution(pooled[len(a):], num_experts)))
+    return draws
 
 
-def _with_chance(stats: dict, name: str, value, chance) -> None:
+def _with_chance(stats: dict, name: str, value, draws: list[float] | None) -> None:
+    chance = float(np.mean(draws)) if draws else None
     stats[name], stats[f"{name}_chance"] = value, chance
+    stats[f"{name}_chance_std"] = float(np.std(draws, ddof=1)) if draws and len(draws) > 1 else None
     stats[f"{name}_excess"] = None if value is None or chance is None else value - chance
 
 
@@ -104,14 +115,13 @@ def specialisation_statistics(routes: np.ndarray, combine: np.ndarray, layer_nam
             if task in ("sentiment", "shared"):
                 sign = (sentiment >= 0).astype(np.int64)
                 _with_chance(stats, "label_mi", mutual_information(r, sign, num_experts),
-                             _shuffled_mi(r, sign, num_experts, rng))
+                             _shuffled_mi(r, [sign], num_experts, rng))
             else:
                 rows = has_emotion.astype(bool)
                 present = [(emotions[rows, j] > 0).astype(np.int64) for j in range(emotions.shape[1])]
                 mi = [mutual_information(r[rows], y, num_experts) for y in present] if rows.any() else []
-                chance = [_shuffled_mi(r[rows], y, num_experts, rng) for y in present] if rows.any() else []
                 _with_chance(stats, "label_mi", float(np.mean(mi)) if mi else None,
-                             float(np.mean(chance)) if chance else None)
+                             _shuffled_mi(r[rows], present, num_experts, rng) if rows.any() else None)
             if previous is not None:
                 stats["stability"] = stability(r, previous[:, li, ti])
             entry[task] = stats
@@ -127,13 +137,14 @@ def headline(summary: dict, dead: dict | None = None) -> dict:
         return float(np.mean(values)) if values else None
     per_task = [v for layer in summary.values() for v in layer.values() if isinstance(v, dict)]
     out = {name: mean([layer.get(name) for layer in summary.values()])
-           for name in ("task_divergence", "task_divergence_chance", "task_divergence_excess")}
+           for name in ("task_divergence", "task_divergence_chance", "task_divergence_chance_std",
+                        "task_divergence_excess")}
     out |= {"max_combine_weight": mean([t["max_combine_weight"] for t in per_task]),
             "load_max_over_mean": mean([t["load_max_over_mean"] for t in per_task]),
             "stability": mean([t.get("stability") for t in per_task])}
     for task in (*TASKS, "shared"):
-        for name in ("label_mi", "label_mi_chance", "label_mi_excess"):
-            values = [layer[task][name] for layer in summary.values() if task in layer]
+        for name in ("label_mi", "label_mi_chance", "label_mi_chance_std", "label_mi_excess"):
+            values = [layer[task].get(name) for layer in summary.values() if task in layer]
             if values:
                 out[f"{task}_{name}"] = mean(values)
     if dead is not None:

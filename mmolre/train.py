@@ -194,17 +194,20 @@ class Trainer:
         for position, batch in enumerate(window):
             start = time.perf_counter()
             batch = to_device(batch, self.device, self.dtype)
+            self.nudges.before_micro_batch()
             out = self.engine(*inputs(batch))
             t = self.cfg.train
             loss = compute_loss(out, batch, self.aux_weight, t.emotion_loss_weight, t.tasks, t.router_z_loss,
                                 self.pos_weight)
-            self.loads.add(out.expert_load)
             loss.total = self.guards.inject_faults(loss.total, info, state.global_step)
             nonfinite, stop_now = self.guards.agree(loss.total, info)
             stop = stop or stop_now
-            if nonfinite:
+            if nonfinite:   # skipped: no gradient, and its routes count neither for the epoch nor for aux_free
                 self.guards.nonfinite(loss.total, batch, info, self.position())
                 state.skipped_nonfinite += 1
+                self.nudges.drop_micro_batch()
+            else:
+                self.loads.add(out.expert_load)
             if position == len(window) - 1:    # DeepSpeed applies the window's update in this micro batch's step()
                 assert self.engine.is_gradient_accumulation_boundary(), "windows out of step with DeepSpeed's"
                 lr = learning_rates(self.engine)   # the LRs this step applies (the scheduler moves on in step())

@@ -389,3 +389,44 @@ def selected_checkpoint_worker(rank: int, world: int, port: int, tmp: str, out_p
     moved = banks()
     trainer.checkpointer.load_weights(tag_a)
     _save_from_main({"at_a": at_a, "moved": moved, "loaded": banks()}, trainer.info, out_path)
+
+
+def padded_eval_batch(rank: int):
+    """Rank 0: rows 0-3 of the fixed batch; rank 1: rows 4-5 and two padding rows as evaluation pads its last
+    batch (zero features, empty masks, valid False)."""
+    from mmolre.data.loader import Batch
+    b = slice_batch(fixed_batch(), 4 * rank, 4 * rank + 4)
+    if rank == 0:
+        return b
+    real = torch.tensor([True, True, False, False])
+    return Batch(b.ids[:2] + ["", ""], {m: x * real.view(-1, *[1] * (x.dim() - 1)) for m, x in b.features.items()},
+                 {m: x & real[:, None] for m, x in b.masks.items()}, b.sentiment, b.emotions, b.has_emotion, real)
+
+
+def eval_padding_worker(rank: int, world: int, port: int, out_path: str):
+    """world=2, ep=2, an evaluation capacity: rank 1 holds padding rows, so the ranks' real rows (and their
+    capacities) differ; each rank's predictions of its real rows."""
+    from mmolre.engine import build_engine, optimizer_groups
+    info = setup(rank, world, port)
+    model = build(ep_size=world, ep_rank=rank, eval_capacity_factor=0.5)
+    opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=1e-3)
+    engine = build_engine(model, opt, ds_config(0), info, world)
+    engine.eval()
+    batch = padded_eval_batch(rank)
+    with torch.no_grad():
+        out = engine(batch.features, batch.masks, batch.valid)
+    _save_from_main({"sentiment": out.sentiment[batch.valid], "emotion": out.emotion_logits[batch.valid],
+                     "dropped": out.dropped_fraction}, info, out_path)
+
+
+def eval_padding_reference(out_path: str):
+    """One process, ep 1: each rank's real rows evaluated as a batch of their own."""
+    model = build(ep_size=1, ep_rank=0, eval_capacity_factor=0.5).eval()
+    records = []
+    with torch.no_grad():
+        for lo, hi in ((0, 4), (4, 6)):
+            b = slice_batch(fixed_batch(), lo, hi)
+            out = model(b.features, b.masks)
+            records.append({"sentiment": out.sentiment, "emotion": out.emotion_logits,
+                            "dropped": out.dropped_fraction})
+    torch.save(records, out_path)

@@ -109,7 +109,9 @@ class MMoLRE(nn.Module):
                 block.reset_shared_expert(
                     local_id, torch.Generator().manual_seed(seed * 1_000_003 + layer_idx * 10_007 + global_id))
 
-    def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> ModelOutput:
+    def forward(self, features: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                real: torch.Tensor | None = None) -> ModelOutput:
+        """`real` [B] bool: which samples are real where a batch is padded (None: all); padding gets no route."""
         masks = dict(masks)   # the front ends replace some (the caller's stay as they were)
         streams: dict[str, list[torch.Tensor]] = {}
         stats: list[BlockStats] = []
@@ -120,7 +122,7 @@ class MMoLRE(nn.Module):
             if m in self.frontends:
                 x, masks[m] = self.frontends[m](x, masks[m])
             x = self.encoders[m](x)
-            streams[m], s = self.unitse[m](x, masks[m])
+            streams[m], s = self.unitse[m](x, masks[m], real)
             stats.extend(s)
         fused, weights = [], []
         for stream, fusion in enumerate(self.fusion):

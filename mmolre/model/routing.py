@@ -32,13 +32,15 @@ from torch import nn
 from torch.nn import functional as F
 from deepspeed.moe.sharded_moe import TopKGate
 
-from .sparse_gating import deepspeed_gating
+from .sparse_gating import agreed_maximum, deepspeed_gating
 
 
 class RowRouting(NamedTuple):
-    """What the gate needs beyond the rows: each row's task id [S] and time mask [S, T]."""
+    """What the gate needs beyond the rows: each row's task id [S] and time mask [S, T], and, where a batch
+    is padded (evaluation's last batches), which rows are real [S] bool (None: all)."""
     task_ids: torch.Tensor
     time_mask: torch.Tensor
+    real: torch.Tensor | None = None
 
 
 class Router(nn.Module):
@@ -161,7 +163,25 @@ class TaskRoutedGate(TopKGate):
         select = logits   # what chooses the experts; the combine weights come from `logits`
         if self.balance == "aux_free":
             select = logits + self.selection_bias[used_token.task_ids]
+        probs = F.softmax(logits, dim=1)   # the router's probabilities: combine weights, balance loss, entropy
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        real = used_token.real
+        if factor > 0 and real is not None and not bool(real.all()):
+            capacity, indices, locations, gates = self._route_real_rows(select, logits, probs, factor, real)
+        else:
+            capacity, indices, locations, gates = self._route(select, logits, probs, factor)
+        if factor > 0 and not self.training and self.ep_group is not None:
+            # padded or not, every rank of the group sizes its dispatch buffers alike (its own rows' capacity
+            # decided which routes it dropped)
+            capacity = agreed_maximum(capacity, self.ep_group, logits.device)
+        if self.balance == "aux_free":   # DeepSpeed weighed the routes by the biased logits; use the router's
+            gates = combine_weights(probs, indices, self.k)
+        task_aux, task_counts = self._per_task_balance(logits, probs, select, used_token.task_ids, indices, gates,
+                                                       real)
+        return task_aux, capacity, self.num_experts, indices, locations, gates, task_counts
+
+    def _route(self, select: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, factor: float):
+        """DeepSpeed's gating of every row: (capacity, indices, locations, combine weights)."""
         drop = factor > 0
         order = None
         if drop:
@@ -171,22 +191,31 @@ class TaskRoutedGate(TopKGate):
         ep_group = self.ep_group if drop or self.agree_on_capacity else None
         factor = factor or 1.0   # unused when nothing is dropped
         sampling = self.top2_2nd_expert_sampling and self.training   # adds noise to the logits it is given
-        probs = F.softmax(logits, dim=1)   # the router's probabilities: combine weights, balance loss, entropy
         capacity, indices, locations, gates = deepspeed_gating(
             select.clone() if sampling else select, self.k, factor, self.min_capacity, drop, ep_group,
             sampling, probs=probs if select is logits else None)   # (no bias, no reordering: the same softmax)
         if order is not None:   # back to the rows' own order
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(len(order), device=order.device)
-            select, indices, locations, gates = (select.index_select(0, inverse), indices[:, inverse],
-                                                 locations[:, inverse], gates[:, inverse])
-        if self.balance == "aux_free":   # DeepSpeed weighed the routes by the biased logits; use the router's
-            gates = combine_weights(probs, indices, self.k)
-        task_aux, task_counts = self._per_task_balance(logits, probs, select, used_token.task_ids, indices, gates)
-        return task_aux, capacity, self.num_experts, indices, locations, gates, task_counts
+            indices, locations, gates = indices[:, inverse], locations[:, inverse], gates[:, inverse]
+        return capacity, indices, locations, gates
+
+    def _route_real_rows(self, select, logits, probs, factor: float, real: torch.Tensor):
+        """A padded batch under a capacity limit: only the real rows are gated (their capacity, their order),
+        so the padding takes no slot and the real rows' routes do not depend on how many padding rows there
+        are; padding rows get no route (-1, weight 0)."""
+        rows = real.nonzero().squeeze(1)
+        sub = (select.index_select(0, rows), logits.index_select(0, rows), probs.index_select(0, rows))
+        capacity, sub_indices, sub_locations, sub_gates = self._route(*sub, factor)
+        k, n = sub_indices.shape[0], logits.shape[0]
+        indices = sub_indices.new_full((k, n), -1).index_copy(1, rows, sub_indices)
+        locations = sub_locations.new_zeros((k, n)).index_copy(1, rows, sub_locations)
+        gates = sub_gates.new_zeros((k, n)).index_copy(1, rows, sub_gates)
+        return capacity, indices, locations, gates
 
     def _per_task_balance(self, logits: torch.Tensor, probs: torch.Tensor, select: torch.Tensor,
-                          task_ids: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor):
+                          task_ids: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
+                          real: torch.Tensor | None = None):
         """Per task: the aux loss, the rows each expert received, the fraction of routes dropped, the router
         entropy, the z-loss; per row: the experts assigned and their combine weights.
 
@@ -218,6 +247,8 @@ class TaskRoutedGate(TopKGate):
             task_routes = dispatched[rows]
             kept = task_routes >= 0
             counts.append(torch.bincount(task_routes[kept], minlength=self.num_experts).to(probs.dtype))
+            if real is not None:   # of the real rows' routes (padding has none to drop)
+                kept = kept[real[rows]]
             dropped.append((~kept).float().mean() if kept.numel() else probs.new_zeros(()))
             has_rows = len(task_routes) > 0
             entropy.append(row_entropy[rows].mean() if has_rows else probs.new_zeros(()))

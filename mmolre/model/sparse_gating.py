@@ -103,3 +103,14 @@ def _agreed_capacity(counts: torch.Tensor, ep_group) -> torch.Tensor:
         tp = 1 if groups.mpu is None else bwc_tensor_model_parallel_world_size(mpu=groups.mpu)
         capacity = torch.ceil(capacity / tp).mul(tp).to(capacity.dtype)
     return capacity
+
+
+def agreed_maximum(capacity: torch.Tensor, ep_group, device: torch.device) -> torch.Tensor:
+    """The largest capacity over the expert-parallel group (a collective: every rank of the group calls it;
+    on the rank's device, which NCCL needs, returned where it was)."""
+    if not pg_utils.is_parallel(ep_group):
+        return capacity
+    capacity = torch.as_tensor(capacity)
+    agreed = capacity.to(device=device, copy=True)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=ep_group)
+    return agreed.to(capacity.device)

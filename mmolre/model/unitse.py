@@ -107,15 +107,16 @@ class UniTSEBlock(nn.Module):
     def reset_shared_expert(self, i: int, generator: torch.Generator) -> None:
         init_low_rank_(*self.shared_expert(i).values(), generator)
 
-    def forward(self, streams: list[torch.Tensor], time_mask: torch.Tensor):
-        """streams: one [B, T, d] tensor per task; time_mask: [B, T] bool."""
+    def forward(self, streams: list[torch.Tensor], time_mask: torch.Tensor, real: torch.Tensor | None = None):
+        """streams: one [B, T, d] tensor per task; time_mask: [B, T] bool; real: [B] bool or None (all real)."""
         batch = streams[0].shape[0]
         keep = time_mask.unsqueeze(-1).to(streams[0].dtype)
         updates = [torch.zeros_like(x) for x in streams]
         if self.moe is not None:
             rows = torch.cat(streams, 0) * keep.repeat(self.num_tasks, 1, 1)  # [tasks*B, T, d], task-major;
             task_ids = torch.arange(self.num_tasks, device=rows.device).repeat_interleave(batch)  # experts see
-            routing = RowRouting(task_ids, time_mask.repeat(self.num_tasks, 1))             # zeros past the end
+            routing = RowRouting(task_ids, time_mask.repeat(self.num_tasks, 1),             # zeros past the end
+                                 None if real is None else real.repeat(self.num_tasks))
             shared, aux, load = self.moe(rows.reshape(rows.shape[0], -1), routing)
             updates = [u + s for u, s in zip(updates, shared.view_as(rows).split(batch, 0))]
             g = self.moe.deepspeed_moe.gate.last_stats
@@ -140,10 +141,10 @@ class UniTSE(nn.Module):
         self.num_tasks = block_kwargs["num_tasks"]
         self.blocks = nn.ModuleList(UniTSEBlock(**block_kwargs) for _ in range(num_blocks))
 
-    def forward(self, x: torch.Tensor, time_mask: torch.Tensor):
+    def forward(self, x: torch.Tensor, time_mask: torch.Tensor, real: torch.Tensor | None = None):
         streams = [x] * self.num_tasks
         stats = []
         for block in self.blocks:
-            streams, s = block(streams, time_mask)
+            streams, s = block(streams, time_mask, real)
             stats.append(s)
         return streams, stats

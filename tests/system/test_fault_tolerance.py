@@ -283,6 +283,18 @@ def test_a_nan_loss_can_be_skipped_and_counted(tmp_path, accumulation):
     assert r["test"]["sentiment"]["mae"] == r["test"]["sentiment"]["mae"]   # finite, not NaN
 
 
+def test_a_skipped_micro_batch_adds_no_routes_to_the_epochs_loads(tmp_path):
+    """Inside an accumulation window a skipped micro batch contributes no gradient and no routes: the epoch's
+    loads (dead experts) and aux_free's counts leave it out (issue 23; before, its routes were counted)."""
+    run_deepspeed(tmp_path, "--run_name", "skip", "--epochs", "1", "--on_nonfinite", "skip", "--grad_accum", "2",
+                  "--balance", "aux_free", "--save_every", "2", "--keep_checkpoints", "20",
+                  env={"MMOLRE_FAULT_NAN_STEP": "3"})
+    tag = tmp_path / "runs" / "skip" / "checkpoints" / "step00000002"   # micro batches 1-4, the 3rd skipped
+    load = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["train_state"]["epoch_load"]
+    routes_per_micro_batch = 8 * 2 * 2   # per layer and task: micro batch 8 on each of 2 ranks, top-2, no capacity
+    assert torch.equal(load.sum(-1), torch.full(load.shape[:2], 3.0 * routes_per_micro_batch))
+
+
 def test_a_dead_rank_ends_the_run_in_bounded_time(tmp_path):
     run = tmp_path / "runs" / "dead"
     proc = start_deepspeed(tmp_path, "--run_name", "dead", "--epochs", "20", "--dist_timeout", "30",

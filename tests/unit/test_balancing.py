@@ -138,6 +138,7 @@ def test_the_routers_get_their_own_learning_rate():
     (["--balance", "aux_free", "--routers", "false"], "needs routed experts"),
     (["--router_temperature", "0"], "must be > 0"),
     (["--balance", "aux_free", "--capacity_factor", "1.0", "--top_k", "3"], "one task would be favoured"),
+    (["--balance", "aux_free", "--eval_capacity_factor", "1.0", "--top_k", "3"], "one task would be favoured"),
 ])
 def test_balancing_flags_are_checked(argv, message):
     with pytest.raises(ConfigError, match=message):

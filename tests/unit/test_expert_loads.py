@@ -68,3 +68,20 @@ def test_aux_free_biases_move_after_an_applied_step_only():
     rate = gate.bias_rate
     assert torch.equal(gate.selection_bias, torch.tensor([[-rate, rate, rate, rate], [0., 0., 0., 0.]]))
     assert SelectionBiasNudges(model, "aux", ONE).gates == []
+
+
+def test_a_skipped_micro_batchs_routes_leave_the_windows_aux_free_counts():
+    model = MMoLRE(ModelConfig(d_model=8, blocks=1, num_experts=4, expert_rank=2, balance="aux_free"),
+                   {"text": (5, 6)})
+    nudges = SelectionBiasNudges(model, "aux_free", ONE)
+    gate = nudges.gates[0]
+    first, skipped = torch.tensor([[4., 0., 0., 0.], [1., 1., 1., 1.]]), torch.tensor([[0., 0., 0., 8.]] * 2)
+    nudges.before_micro_batch()
+    gate.pending_counts = first                      # what a micro batch's forward adds
+    nudges.before_micro_batch()
+    gate.pending_counts = first + skipped
+    nudges.drop_micro_batch()                        # its loss was not finite
+    assert torch.equal(gate.pending_counts, first)
+    nudges.after_step(stepped=True)
+    rate = gate.bias_rate
+    assert torch.equal(gate.selection_bias, torch.tensor([[-rate, rate, rate, rate], [0., 0., 0., 0.]]))

@@ -188,3 +188,28 @@ def test_rows_in_any_task_order_get_the_same_routes_and_statistics():
     probs = torch.softmax(gate.route_logits(rows, routing), 1)
     expected = torch.stack([-(p * p.log()).sum(1).mean() for p in probs.split(6)])
     torch.testing.assert_close(stats_a["entropy"], expected)
+
+
+@pytest.mark.parametrize("k", [1, 2])   # DeepSpeed's own top-1 with a capacity; the route-based top-2
+def test_evaluation_padding_takes_no_slot_and_changes_no_real_rows_prediction(k):
+    """Under --eval_capacity_factor the padding rows evaluation adds (zero features, empty masks) are not
+    routed: the real rows are predicted as in a batch of their own, whatever the padding (issue 23: they took
+    slots and raised the capacity, so predictions changed with world size and micro batch)."""
+    from mmolre.config import ModelConfig
+    from mmolre.model import MMoLRE
+    torch.manual_seed(0)
+    model = MMoLRE(ModelConfig(d_model=8, blocks=1, num_experts=4, expert_rank=2, top_k=k, dropout=0.0,
+                               eval_capacity_factor=0.5), {"text": (5, 6)}).eval()
+    x = torch.randn(6, 5, 6, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    alone = model({"text": x}, {"text": mask})
+    assert alone.dropped_fraction.sum() > 0                      # the capacity binds
+    for pad in (1, 2, 5):
+        padded_x, padded_mask = torch.cat([x, torch.zeros(pad, 5, 6)]), torch.cat([mask, torch.zeros(pad, 5).bool()])
+        real = torch.arange(6 + pad) < 6
+        padded = model({"text": padded_x}, {"text": padded_mask}, real)
+        assert torch.equal(padded.sentiment[:6], alone.sentiment), pad
+        assert torch.equal(padded.emotion_logits[:6], alone.emotion_logits), pad
+        assert torch.equal(padded.dropped_fraction, alone.dropped_fraction), pad
+    unmarked = model({"text": padded_x}, {"text": padded_mask})  # the padding routed: real rows' slots change
+    assert not torch.equal(unmarked.sentiment[:6], alone.sentiment)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from mmolre.routing_stats import (dead_experts, expert_distribution, headline, js_divergence,
+from mmolre.routing_stats import (CHANCE_DRAWS, dead_experts, expert_distribution, headline, js_divergence,
                                   mutual_information, specialisation_statistics, stability)
 
 N = 4
@@ -86,3 +86,24 @@ def test_chance_levels_separate_specialisation_from_many_experts_and_few_rows():
     t = specialisation_statistics(by_sign, np.ones(blind.shape), ["text.0"], experts, sentiment, np.zeros((n, 6)),
                         np.zeros(n))["text.0"]["sentiment"]
     assert t["label_mi"] == pytest.approx(math.log(2), abs=1e-3) and t["label_mi_excess"] > 0.6
+
+
+def test_a_chance_level_is_the_mean_of_many_shuffles_with_its_spread():
+    """One shuffle's chance level is itself noisy; the mean of CHANCE_DRAWS shuffles comes with their standard
+    deviation, close to that of many more shuffles; for label-blind routing the excess is within the spread (issue 23)."""
+    rng = np.random.default_rng(2)
+    n, experts = 400, 64
+    sentiment = rng.choice([-1.0, 1.0], n)
+    blind = rng.integers(0, experts, (n, 1, 2, 1))
+    s = specialisation_statistics(blind, np.ones(blind.shape), ["text.0"], experts, sentiment, np.zeros((n, 6)),
+                                  np.zeros(n))["text.0"]
+    mi = s["sentiment"]
+    assert 0.005 < mi["label_mi_chance_std"] < 0.05 and 0.0 < s["task_divergence_chance_std"] < 0.05
+    sign = (sentiment >= 0).astype(np.int64)
+    many = [mutual_information(blind[:, 0, 0], np.random.default_rng(k).permutation(sign), experts)
+            for k in range(300)]   # the chance level, closely: 300 shuffles of another generator
+    assert abs(mi["label_mi_chance"] - np.mean(many)) < 3 * np.std(many) / CHANCE_DRAWS ** 0.5
+    assert mi["label_mi_chance_std"] == pytest.approx(np.std(many), rel=0.5)
+    assert abs(mi["label_mi_excess"]) < 3 * mi["label_mi_chance_std"]   # blind routing: within the noise
+    h = headline({"text.0": s})
+    assert h["sentiment_label_mi_chance_std"] == mi["label_mi_chance_std"]
