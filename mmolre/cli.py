@@ -124,6 +124,15 @@ def _report(args) -> int:
     return 0
 
 
+def _bclstm(args) -> int:
+    from .data.bclstm import convert
+    report = convert(args.npz, args.labels, args.out, args.dev_fraction, args.split_seed)
+    sizes = " / ".join(f"{report['samples'][s]} ({report['videos'][s]} videos)" for s in ("train", "valid", "test"))
+    print(f"wrote {args.out}: text, audio, vision [*, 1, 50] (bc-LSTM unimodal features), poria's split: {sizes} "
+          f"train/valid/test")
+    return 0
+
+
 def _featurize(args) -> int:
     from .data.featurize import FeaturizeOptions, featurize
     opts = FeaturizeOptions(text_encoder=args.text_encoder, max_length=args.max_length, batch_size=args.batch_size,
@@ -205,7 +214,7 @@ def _add_model_commands(sub) -> None:
 
 
 def _add_data_commands(sub) -> None:
-    """Datasets: synthetic, featurize, data inspect|verify."""
+    """Datasets: synthetic, featurize, bclstm, data inspect|verify."""
     syn = sub.add_parser("synthetic", help="write the synthetic dataset as an MMSA-schema pickle")
     syn.add_argument("out")
     syn.add_argument("--like", choices=["mosi-aligned", "mosi-unaligned", "mosei-aligned", "mosei-unaligned"],
@@ -216,6 +225,15 @@ def _add_data_commands(sub) -> None:
     syn.add_argument("--seed", type=int, default=0)
     syn.set_defaults(func=_synthetic)
     _add_featurize(sub)
+    bc = sub.add_parser("bclstm", help="the released bc-LSTM unimodal MOSI features (poria's split only) -> a "
+                                       "trimodal MMSA-schema pickle")
+    bc.add_argument("npz", help="mosi_bclstm_unimodal_50d.npz (shared/data/real/mosi/)")
+    bc.add_argument("labels", help="mosi_labels.csv: the real-valued sentiment, joined by id")
+    bc.add_argument("out", help="the pickle to write")
+    bc.add_argument("--dev_fraction", type=float, default=0.2, help="share of poria's train videos kept for "
+                                                                    "validation")
+    bc.add_argument("--split_seed", type=int, default=0)
+    bc.set_defaults(func=_bclstm)
     data = sub.add_parser("data", help="look at a dataset file").add_subparsers(dest="data_command", required=True)
     ins = data.add_parser("inspect", help="splits, sizes, shapes, dtypes, labels, NaN/inf counts of a pickle")
     ins.add_argument("path")
