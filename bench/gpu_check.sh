@@ -55,8 +55,8 @@ check fp32_zero0_clip     train fp32_zero0_clip ds_configs/zero0.json
 
 export_predict() {
   local run="$out/runs/bf16_grouped"
-  python -m mmolre.cli export "$run" "$out/bf16.pt" &&
-  python -m mmolre.cli predict "$out/bf16.pt" "$(python -c "import json; print(json.load(open('$run/data_meta.json'))['sources']['synthetic'])")" \
+  python -m mmolre.cli export "$run" "$out/bf16_model" &&
+  python -m mmolre.cli predict "$out/bf16_model" "$(python -c "import json; print(json.load(open('$run/data_meta.json'))['sources']['synthetic'])")" \
     --out "$out/bf16_predictions.csv" &&
   python - "$run" "$out/bf16_predictions.csv" <<'EOF'
 import csv, sys

@@ -51,23 +51,23 @@ def _synthetic(args) -> int:
 
 def _export(args) -> int:
     from .export import export
-    payload = export(args.run_dir, args.out, args.tag)
-    n = sum(v.numel() for v in payload["state_dict"].values())
-    print(f"wrote {args.out}: checkpoint {payload['checkpoint']} of {args.run_dir}, {n:,} parameters (fp32)")
+    config = export(args.run_dir, args.out, args.tag)
+    n = sum(v.numel() for v in config["state_dict"].values())
+    print(f"wrote {args.out}/: model.safetensors ({n:,} fp32 parameters), config.json, README.md; checkpoint "
+          f"{config['checkpoint']} of {args.run_dir}")
     return 0
 
 
 def _predict(args) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from .config import default_cache_dir
-    from .export import predict
     from .results import write_predictions
-    preds, payload = predict(args.model, args.data, args.split, args.cache_dir or default_cache_dir())
-    thresholds = payload.get("emotion_thresholds")
-    write_predictions(args.out, preds, thresholds)
-    how = ("emotion decisions <emotion>_pred at the thresholds chosen on the validation split" if thresholds else
-           "no emotion thresholds in this export (not the selected checkpoint of a finished run with emotion "
-           "labels, or an export of an earlier version): emotion probabilities only")
+    from .shared_model import load_model
+    model = load_model(args.model, trust_pickle=args.trust_pickle)
+    preds = model.predict(args.data, args.split, args.cache_dir)
+    write_predictions(args.out, preds, model.thresholds)
+    how = ("emotion decisions <emotion>_pred at the thresholds chosen on the validation split" if model.thresholds
+           else "no emotion thresholds in this export (not the selected checkpoint of a finished run with emotion "
+                "labels, or an export of an earlier version): emotion probabilities only")
     print(f"wrote {args.out}: {len(preds['ids'])} predictions for split {args.split!r} of {args.data}; {how}")
     return 0
 
@@ -199,14 +199,18 @@ def _add_run_commands(sub) -> None:
 
 def _add_model_commands(sub) -> None:
     """A trained model out of its run, and predictions from it: export, predict."""
-    exp = sub.add_parser("export", help="write one consolidated fp32 model file from a run's checkpoint")
+    exp = sub.add_parser("export", help="write a shareable model directory (model.safetensors, config.json, "
+                                        "README.md; no pickle) from a run's checkpoint")
     exp.add_argument("run_dir")
-    exp.add_argument("out")
+    exp.add_argument("out", help="the directory to write")
     exp.add_argument("--tag", default="best", help="'best' (validation's choice), 'latest', or a tag name")
     exp.set_defaults(func=_export)
     pred = sub.add_parser("predict", help="predict with an exported model on CPU")
-    pred.add_argument("model")
-    pred.add_argument("data", help="an MMSA-schema pickle")
+    pred.add_argument("model", help="a directory `mmolre export` wrote")
+    pred.add_argument("data", help="an MMSA-schema pickle (opening a pickle runs code: use files you trust)")
+    pred.add_argument("--trust_pickle", action="store_true",
+                      help="load an earlier version's export, one torch pickle (.pt): unpickling runs any code the "
+                           "file names, so only for a file you trust")
     pred.add_argument("--split", default="test", choices=["train", "valid", "test"])
     pred.add_argument("--out", default="predictions.csv")
     pred.add_argument("--cache_dir", default=None, help="Arrow cache directory (default: as for training)")

@@ -1,14 +1,13 @@
-"""A consolidated model for inference without DeepSpeed's engine, launcher or process group.
+"""`mmolre export`: a run's checkpoint -> a model directory people can share (`shared_model.py`).
 
-`export` reads a run's checkpoint files directly: the dense weights from DeepSpeed's
-`mp_rank_00_model_states.pt` (and, as fp32 masters, from the topology-free state, `topology_free_state.py`:
-a bf16 run's model files hold bf16 copies), and every shared expert's fp32 weights by global expert id (from
-`expert_state_rank<r>.pt`, `expert_state_files.py`; or, for --grouped_experts false and earlier checkpoints,
-from DeepSpeed's per-expert files), so the export does not depend on how many ranks trained it. It writes one
-fp32 file with the model configuration, the feature shapes and the train-split normalisation. `predict` builds the model with expert
-parallelism 1 and runs it on CPU. A model trained with `--finetune_text` holds its text encoder's weights;
-`export` and `predict` need the encoder's directory (its architecture and tokenizer) where the run's config
-names it (an absolute path).
+It reads the checkpoint files directly, without DeepSpeed's engine, launcher or process group: the dense
+weights from DeepSpeed's `mp_rank_00_model_states.pt` (and, as fp32 masters, from the topology-free state,
+`topology_free_state.py`: a bf16 run's model files hold bf16 copies), and every shared expert's fp32 weights
+by global expert id (from `expert_state_rank<r>.pt`, `expert_state_files.py`; or, for --grouped_experts false
+and earlier checkpoints, from DeepSpeed's per-expert files), so the export does not depend on how many ranks
+trained it. A model trained with `--finetune_text` holds its text encoder's weights; loading it needs the
+encoder's directory (its architecture and tokenizer) where the run's config names it (an absolute path), and
+the tokenizer's hash in config.json says whether the one found is the one trained with.
 """
 from __future__ import annotations
 
@@ -19,16 +18,11 @@ import warnings
 
 import torch
 
-from . import checkpoint, expert_state_files, topology_free_state
+from . import checkpoint, expert_state_files, shared_model, topology_free_state
+from .version import __version__
 from .config import saved_model_config
-from .data.cache import build_cache, load_cache
-from .data.loader import SplitDataset, eval_batches
-from .data.tokens import TextTokens
-from .evaluate import predict_batches
 from .model import MMoLRE
 from .model.grouped import per_expert_key
-
-FORMAT = "mmolre-export-1"
 
 
 def _tag(run_dir: str, tag: str) -> str:
@@ -48,7 +42,9 @@ def _tag(run_dir: str, tag: str) -> str:
     return tag
 
 
-def export(run_dir: str, out_path: str, tag: str = "best") -> dict:
+def export(run_dir: str, out_dir: str, tag: str = "best") -> dict:
+    """Write the model directory `out_dir` from checkpoint `tag` (best, latest or a tag); returns its config
+    and the fp32 weights (`state_dict`)."""
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
     with open(os.path.join(run_dir, "data_meta.json")) as f:
@@ -81,13 +77,55 @@ def export(run_dir: str, out_path: str, tag: str = "best") -> dict:
     if os.path.isfile(decisions):
         with open(decisions) as f:
             thresholds = json.load(f)["thresholds"]
-    payload = {"format": FORMAT, "model_config": cfg["model"], "shapes": data_meta["shapes"],
-               "emotion_thresholds": thresholds,
-               "normalisation": data_meta["normalisation"], "synthetic": data_meta["synthetic"],
-               "source_run": os.path.abspath(run_dir), "checkpoint": tag,
-               "state_dict": {k: v.float() for k, v in full_state_dict(model).items()}}
-    torch.save(payload, out_path)
-    return payload
+    config = {"model_config": cfg["model"], "shapes": data_meta["shapes"], "normalisation": data_meta["normalisation"],
+              "emotion_thresholds": thresholds, "synthetic": data_meta["synthetic"],
+              "data": {name: os.path.basename(path) for name, path in data_meta.get("sources", {}).items()},
+              "text_encoder": _text_encoder(model_cfg, data_meta), "source_run": os.path.abspath(run_dir),
+              "checkpoint": tag, "versions": _versions()}
+    state = {k: v.float() for k, v in full_state_dict(model).items()}
+    shared_model.write(out_dir, state, config, model_card(run_dir, config))
+    return {**config, "state_dict": state}
+
+
+def _text_encoder(model_cfg, data_meta: dict) -> dict | None:
+    """The fine-tuned encoder by name and its tokenizer's hash (the cache key of the token ids it reads)."""
+    if not model_cfg.finetune_text:
+        return None
+    from .data.tokens import TextTokens
+    tokens = TextTokens(model_cfg.text_encoder, data_meta["shapes"]["text"][0])
+    return {"name": model_cfg.text_encoder, "tokenizer_sha256_12": tokens.key(), "max_length": tokens.max_length}
+
+
+def _versions() -> dict:
+    import deepspeed
+    return {"mmolre": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__}
+
+
+def model_card(run_dir: str, config: dict) -> str:
+    """A short README.md: what the model is, the data it was trained on, its test table, how to load it."""
+    path = os.path.join(run_dir, "results.json")
+    results = json.load(open(path)) if os.path.isfile(path) else {}
+    m = config["model_config"]
+    lines = ["# MMoLRE model", "",
+             f"Multimodal mixture of low-rank experts (`mmolre` {config['versions']['mmolre']}): sentiment "
+             f"regression and six-emotion recognition from {', '.join(config['shapes'])}; {m.get('num_experts')} "
+             f"shared experts, top-{m.get('top_k')}, checkpoint `{config['checkpoint']}` of run "
+             f"`{os.path.basename(config['source_run'])}`.", ""]
+    if config["synthetic"]:
+        lines += ["**Trained on synthetic data**: its numbers say nothing about real MOSI/MOSEI.", ""]
+    else:
+        lines += ["Trained on: " + ", ".join(f"{n} (`{f}`)" for n, f in config["data"].items()) + ".", ""]
+    test = results.get("test", {})
+    if test.get("sentiment"):
+        names = [k for k in ("mae", "corr", "has0_acc2", "non0_acc2", "acc7") if k in test["sentiment"]]
+        lines += ["Test split (selected on validation):", "", "| " + " | ".join(names) + " |",
+                  "|" + "---|" * len(names), "| " + " | ".join(f"{test['sentiment'][k]:.4f}" for k in names) + " |"]
+        if test.get("emotion"):
+            lines += ["", f"Emotions (threshold 0.5): micro-F1 {test['emotion']['micro_f1']:.4f}"]
+        lines.append("")
+    lines += ["```python", "from mmolre import load_model", "model = load_model(\"this directory\")",
+              "out = model.predict(\"data.pkl\", split=\"test\")   # or a dict of arrays [N, T, F]", "```", ""]
+    return "\n".join(lines)
 
 
 def full_state_dict(model: MMoLRE) -> dict[str, torch.Tensor]:
@@ -117,34 +155,3 @@ def _load_fp32_state(model: MMoLRE, tag_dir: str, marker: dict) -> bool:
         raise ValueError(f"{tag_dir}: the topology-free state does not match the model: missing "
                          f"{sorted(set(missing) - buffers)[:5]}, unexpected {unexpected[:5]}")
     return True
-
-
-def load_exported(path: str) -> tuple[MMoLRE, dict]:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an mmolre export (format {payload.get('format')!r})")
-    cfg = saved_model_config(payload["model_config"])
-    model = MMoLRE(cfg, {m: tuple(v) for m, v in payload["shapes"].items()}, ep_size=1)
-    model.load_state_dict(payload["state_dict"])
-    return model.eval(), payload
-
-
-@torch.no_grad()
-def predict(model_path: str, data_path: str, split: str, cache_dir: str, batch_size: int = 64) -> tuple[dict, dict]:
-    """Predictions for one split of an MMSA-schema pickle (ids, sentiment, emotion probabilities, labels), and
-    the export's payload (its emotion thresholds decide `<emotion>_pred`)."""
-    model, payload = load_exported(model_path)
-    cfg = model.cfg
-    # a model with its own text encoder reads the transcripts, tokenized as in training
-    tokens = TextTokens(cfg.text_encoder, payload["shapes"]["text"][0]) if cfg.finetune_text else None
-    hf, meta = load_cache(build_cache(data_path, cache_dir, text_tokens=tokens))
-    modalities = list(payload["shapes"])
-    for m in modalities:
-        expected = list(payload["shapes"][m])[:1] if tokens and m == "text" else list(payload["shapes"][m])  # ids
-        if m not in meta["shapes"] or meta["shapes"][m] != expected:
-            raise ValueError(f"{data_path}: modality {m!r} has shape {meta['shapes'].get(m)}, the model expects "
-                             f"{payload['shapes'][m]}")
-    ds = SplitDataset(hf[split], modalities, payload["normalisation"],
-                      text_hidden=payload["shapes"]["text"][1] if tokens else None)
-    preds = predict_batches(lambda batch: model(batch.features, batch.masks, batch.valid), eval_batches(ds, batch_size, 0, 1))
-    return preds, payload

@@ -12,7 +12,8 @@ import time
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, distributed
+from . import checkpoint, distributed
+from .version import __version__
 from .config import EMOTIONS, ConfigError, RunConfig
 from .emotion_decisions import labelled_emotions
 from .metrics import baselines

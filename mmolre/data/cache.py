@@ -22,7 +22,7 @@ from datasets.arrow_writer import ArrowWriter
 
 from ..config import EMOTIONS, MODALITIES
 from .emotions import JOIN_TOLERANCE, check_join, join_emotions, read_emotion_labels
-from .schema import EMOTION_KEY, LENGTH_KEYS, SPLITS, DataError, check_dataset, decode_id
+from .schema import EMOTION_KEY, LENGTH_KEYS, SPLITS, DataError, check_dataset, check_split, decode_id
 from .tokens import TextTokens, tokenize, transcripts
 
 CACHE_FORMAT = 4   # 4: lengths from MMSA's text_bert attention mask (a format-3 cache counted padding as valid)
@@ -105,6 +105,22 @@ def _split_columns(data: dict, modalities: list[str]) -> dict:
         cols[f"{m}_length"] = (np.asarray(data[lkey]).reshape(-1).astype(np.int32) if lkey in data
                                else np.full(n, arr.shape[1], np.int32))
     return cols
+
+
+def in_memory_split(arrays: dict, modalities: list[str], where: str = "arrays") -> datasets.Dataset:
+    """Arrays laid out as one split of the MMSA schema (the modalities [N, T, F]; optional `id`,
+    `<modality>_lengths`, `regression_labels`, `emotion_labels`) as the Arrow split the loader reads, in
+    memory, after the schema's checks: what the training cache would hold for them."""
+    missing = [m for m in modalities if m not in arrays]
+    if missing:
+        raise DataError(f"{where}: missing modalities {missing} (the model reads {modalities})")
+    n = len(arrays[modalities[0]])
+    data = {"id": np.array([str(i) for i in range(n)]), "regression_labels": np.zeros(n, np.float32),
+            **{k: np.array(v, copy=True) for k, v in arrays.items()}}
+    check_split(where, "predict", data, modalities)   # shapes, lengths, ids; non-finite values -> 0 (counted)
+    cols = _split_columns(data, modalities)
+    shapes = {m: tuple(cols[m].shape[1:]) for m in modalities}
+    return datasets.Dataset.from_dict(cols, features=_features(shapes, None))
 
 
 def _normalisation(train: dict, modalities: list[str]) -> dict:

@@ -37,7 +37,7 @@ def test_bf16_with_two_processes_and_expert_parallelism_trains(bf16_run):
 
 
 def test_export_of_a_bf16_run_takes_the_fp32_master_weights(bf16_run, tmp_path):
-    payload = export(str(bf16_run), str(tmp_path / "model.pt"), tag="latest")
+    payload = export(str(bf16_run), str(tmp_path / "model"), tag="latest")
     tag, module = final_weights(bf16_run)
     assert payload["checkpoint"] == tag
     exported = payload["state_dict"]

@@ -231,10 +231,11 @@ def test_a_resume_applies_this_runs_weight_decay_to_the_restored_optimizer(refer
 
 def test_export_then_predict_matches_the_trainers_test_predictions(reference, tmp_path):
     tmp, ref = reference
-    model = tmp_path / "model.pt"
+    model = tmp_path / "model"
     env = environment(tmp)
     cli = [sys.executable, "-m", "mmolre.cli"]
     subprocess.run([*cli, "export", str(ref), str(model)], cwd=ROOT, env=env, check=True, capture_output=True)
+    assert sorted(p.name for p in model.iterdir()) == ["README.md", "config.json", "model.safetensors"]   # no pickle
     source = json.loads((ref / "data_meta.json").read_text())["sources"]["synthetic"]
     out = tmp_path / "pred.csv"
     subprocess.run([*cli, "predict", str(model), source, "--out", str(out)], cwd=ROOT,
@@ -251,12 +252,47 @@ def test_export_then_predict_matches_the_trainers_test_predictions(reference, tm
     decisions = json.loads((ref / "results.json").read_text())["emotion_decisions"]
     assert decisions["chosen_on"] == "valid" and set(decisions["thresholds"]) == {"happy", "sad", "anger",
                                                                                    "surprise", "disgust", "fear"}
-    assert torch.load(model, weights_only=False)["emotion_thresholds"] == decisions["thresholds"]
+    assert json.loads((model / "config.json").read_text())["emotion_thresholds"] == decisions["thresholds"]
     for rows in (trainer, exported):   # (their probabilities agree to 1e-4, so compare each with its own)
         for row in rows.values():
             for e, t in decisions["thresholds"].items():
                 assert int(row[f"{e}_pred"]) == int(float(row[f"{e}_prob"]) > t)
     assert {"majority", "prevalence", "best_constant"} <= set(decisions["baselines"])
+    assert "synthetic data" in (model / "README.md").read_text()   # the model card says what it learned from
+
+
+def test_the_python_api_predicts_like_the_cli_on_a_file_and_on_arrays(reference, tmp_path, monkeypatch):
+    """`from mmolre import load_model`: the same predictions from the MMSA file and from its arrays; an
+    earlier version's pickle export loads only when trusted."""
+    import pickle
+    import numpy as np
+    import mmolre
+    tmp, ref = reference
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from mmolre.export import export
+    config = export(str(ref), str(tmp_path / "model"))
+    model = mmolre.load_model(str(tmp_path / "model"))
+    source = json.loads((ref / "data_meta.json").read_text())["sources"]["synthetic"]
+    from_file = model.predict(source, split="test", cache_dir=str(tmp / "cache"))
+    with open(source, "rb") as f:   # our own file
+        test = pickle.load(f)["test"]
+    arrays = {k: test[k] for k in ("id", "text", "audio", "vision", "audio_lengths", "vision_lengths",
+                                   "regression_labels") if k in test}
+    from_arrays = model.predict(arrays)
+    order = np.argsort(from_arrays["ids"])
+    assert list(np.asarray(from_file["ids"])[np.argsort(from_file["ids"])]) == list(np.asarray(from_arrays["ids"])[order])
+    np.testing.assert_allclose(np.asarray(from_arrays["sentiment_pred"])[order],
+                               np.asarray(from_file["sentiment_pred"])[np.argsort(from_file["ids"])], atol=1e-5)
+    assert from_file["emotion_pred"].shape == (len(from_file["ids"]), 6)
+    legacy = tmp_path / "model.pt"   # the single-pickle format of earlier versions
+    state = config.pop("state_dict")
+    torch.save({**{k: v for k, v in config.items() if k != "format"}, "format": "mmolre-export-1",
+                "state_dict": state}, legacy)
+    with pytest.raises(ValueError, match="is a torch pickle .* opening it runs any code"):
+        mmolre.load_model(str(legacy))
+    with pytest.warns(UserWarning, match="unpickling"):
+        trusted = mmolre.load_model(str(legacy), trust_pickle=True)
+    np.testing.assert_allclose(trusted.predict(arrays)["sentiment_pred"], from_arrays["sentiment_pred"], atol=0)
 
 
 def test_a_nan_loss_stops_the_run_naming_step_and_samples(tmp_path):

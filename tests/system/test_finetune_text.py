@@ -72,8 +72,8 @@ def test_export_then_predict_reads_the_transcripts_like_the_trainer(finetuned, t
     tmp, data, run, _ = finetuned
     env = {**environment(tmp_path), "WORLD_SIZE": "", "RANK": ""}
     cli = [sys.executable, "-m", "mmolre.cli"]
-    subprocess.run([*cli, "export", str(run), str(tmp_path / "model.pt")], cwd=ROOT, env=env, check=True)
-    subprocess.run([*cli, "predict", str(tmp_path / "model.pt"), data, "--out", str(tmp_path / "pred.csv")],
+    subprocess.run([*cli, "export", str(run), str(tmp_path / "model")], cwd=ROOT, env=env, check=True)
+    subprocess.run([*cli, "predict", str(tmp_path / "model"), data, "--out", str(tmp_path / "pred.csv")],
                    cwd=ROOT, env=env, check=True)
     trainer = {r["id"]: r for r in csv.DictReader(open(run / "predictions_test.csv"))}
     exported = {r["id"]: r for r in csv.DictReader(open(tmp_path / "pred.csv"))}
