@@ -22,7 +22,6 @@ from . import checkpoint, expert_state_files, shared_model, topology_free_state
 from .version import __version__
 from .config import saved_model_config
 from .model import MMoLRE
-from .model.grouped import per_expert_key
 
 
 def _tag(run_dir: str, tag: str) -> str:
@@ -82,7 +81,7 @@ def export(run_dir: str, out_dir: str, tag: str = "best") -> dict:
               "data": {name: os.path.basename(path) for name, path in data_meta.get("sources", {}).items()},
               "text_encoder": _text_encoder(model_cfg, data_meta), "source_run": os.path.abspath(run_dir),
               "checkpoint": tag, "versions": _versions()}
-    state = {k: v.float() for k, v in full_state_dict(model).items()}
+    state = {k: v.float() for k, v in shared_model.full_state_dict(model).items()}
     shared_model.write(out_dir, state, config, model_card(run_dir, config))
     return {**config, "state_dict": state}
 
@@ -126,20 +125,6 @@ def model_card(run_dir: str, config: dict) -> str:
     lines += ["```python", "from mmolre import load_model", "model = load_model(\"this directory\")",
               "out = model.predict(\"data.pkl\", split=\"test\")   # or a dict of arrays [N, T, F]", "```", ""]
     return "\n".join(lines)
-
-
-def full_state_dict(model: MMoLRE) -> dict[str, torch.Tensor]:
-    """The model's state dict with its experts in banks too, under DeepSpeed's per-expert keys (at expert
-    parallelism 1 the local ids are the global ones): the form exports have always had."""
-    state = dict(model.state_dict())
-    for layer, block in model.moe_blocks():
-        if block.expert_bank is None:
-            continue
-        prefix = next(name for name, m in model.named_modules() if m is block.shared_experts) + "."
-        for i in range(block.expert_bank.num_local):
-            for name, value in block.expert_bank.expert(i).items():
-                state[per_expert_key(prefix, i, name)] = value.detach()
-    return state
 
 
 def _load_fp32_state(model: MMoLRE, tag_dir: str, marker: dict) -> bool:

@@ -71,8 +71,12 @@ def stability(routes: np.ndarray, previous: np.ndarray) -> float:
 
 def _shuffled_mi(routes: np.ndarray, labels: list[np.ndarray], num_experts: int, rng) -> list[float]:
     """Chance level of the mean MI over `labels` (one label or the six emotions): one value per shuffle."""
-    return [float(np.mean([mutual_information(routes, rng.permutation(y), num_experts) for y in labels]))
-            for _ in range(CHANCE_DRAWS)]
+    draws = []
+    for _ in range(CHANCE_DRAWS):
+        values = [v for y in labels if (v := mutual_information(routes, rng.permutation(y), num_experts)) is not None]
+        if values:
+            draws.append(float(np.mean(values)))
+    return draws
 
 
 def _shuffled_divergence(a: np.ndarray, b: np.ndarray, num_experts: int, rng) -> list[float]:

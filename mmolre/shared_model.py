@@ -30,6 +30,7 @@ import torch
 
 from .config import EMOTIONS, saved_model_config
 from .model import MMoLRE
+from .model.grouped import per_expert_key
 
 FORMAT = "mmolre-model-2"
 PICKLE_FORMAT = "mmolre-export-1"   # one torch pickle, written before the directory
@@ -80,6 +81,20 @@ def read(path: str, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor]
     return state, payload
 
 
+def full_state_dict(model: MMoLRE) -> dict[str, torch.Tensor]:
+    """The model's state dict with its experts in banks too, under DeepSpeed's per-expert keys (at expert
+    parallelism 1 the local ids are the global ones): the form exports have always had."""
+    state = dict(model.state_dict())
+    for layer, block in model.moe_blocks():
+        if block.expert_bank is None:
+            continue
+        prefix = next(name for name, m in model.named_modules() if m is block.shared_experts) + "."
+        for i in range(block.expert_bank.num_local):
+            for name, value in block.expert_bank.expert(i).items():
+                state[per_expert_key(prefix, i, name)] = value.detach()
+    return state
+
+
 class LoadedModel:
     """An exported model on CPU, in evaluation mode, with the emotion thresholds it was exported with."""
 
@@ -91,9 +106,11 @@ class LoadedModel:
     @torch.no_grad()
     def predict(self, data, split: str = "test", cache_dir: str | None = None, batch_size: int = 64) -> dict:
         """Predictions for `data`: arrays {modality: [N, T, F], optional "<m>_lengths", "id", labels}, an
-        MMSA-schema file (one `split` of it, through the Arrow cache), or a prepared `SplitDataset`. Returns
-        ids, sentiment_pred, emotion_prob [N, 6], the labels where given and, with thresholds,
-        emotion_pred [N, 6] (0/1) at the thresholds chosen on valid."""
+        MMSA-schema file (one `split` of it, through the Arrow cache), or a prepared `SplitDataset`. Arrays
+        without "<m>_lengths" count every step as valid (pass the lengths of padded sequences). Returns ids,
+        sentiment_pred, emotion_prob [N, 6], the labels where given and, with thresholds, emotion_pred [N, 6]
+        (0/1) at the thresholds chosen on valid. Under an evaluation capacity (eval_capacity_factor > 0) a
+        prediction depends on the rows that share its batch of `batch_size`."""
         from .data.loader import SplitDataset, eval_batches
         from .evaluate import predict_batches
         dataset = data if isinstance(data, SplitDataset) else self._dataset(data, split, cache_dir)
@@ -135,5 +152,16 @@ def load_model(path: str, trust_pickle: bool = False) -> LoadedModel:
     state, config = read(path, trust_pickle)
     model = MMoLRE(saved_model_config(config["model_config"]), {m: tuple(v) for m, v in config["shapes"].items()},
                    ep_size=1)
+    missing = sorted(set(full_state_dict(model)) - set(state))   # the experts' keys too, which a strict load skips
+    if missing:
+        raise ValueError(f"{path}: {WEIGHTS} lacks {len(missing)} weight(s) of this model, e.g. {missing[:3]}")
     model.load_state_dict(state)
+    encoder = config.get("text_encoder")
+    if encoder:   # the tokenizer found under the recorded name must be the one the model was trained with
+        from .data.tokens import TextTokens
+        found = TextTokens(encoder["name"], encoder["max_length"]).key()
+        if found != encoder["tokenizer_sha256_12"]:
+            raise ValueError(f"{path}: the tokenizer at {encoder['name']!r} is not the one this model was trained "
+                             f"with (hash {found}, config.json [key 'text_encoder'] says "
+                             f"{encoder['tokenizer_sha256_12']})")
     return LoadedModel(model.eval(), config)

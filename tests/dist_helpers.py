@@ -403,12 +403,13 @@ def padded_eval_batch(rank: int):
                  {m: x & real[:, None] for m, x in b.masks.items()}, b.sentiment, b.emotions, b.has_emotion, real)
 
 
-def eval_padding_worker(rank: int, world: int, port: int, out_path: str):
+def eval_padding_worker(rank: int, world: int, port: int, out_path: str, grouped: bool = True):
     """world=2, ep=2, an evaluation capacity: rank 1 holds padding rows, so the ranks' real rows (and their
-    capacities) differ; each rank's predictions of its real rows."""
+    capacities) differ; each rank's predictions of its real rows. grouped False: DeepSpeed's MOELayer, whose
+    all-to-all buffers [experts, capacity, d] must have one shape on every rank."""
     from mmolre.engine import build_engine, optimizer_groups
     info = setup(rank, world, port)
-    model = build(ep_size=world, ep_rank=rank, eval_capacity_factor=0.5)
+    model = build(ep_size=world, ep_rank=rank, eval_capacity_factor=0.5, grouped_experts=grouped)
     opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=1e-3)
     engine = build_engine(model, opt, ds_config(0), info, world)
     engine.eval()
@@ -417,6 +418,10 @@ def eval_padding_worker(rank: int, world: int, port: int, out_path: str):
         out = engine(batch.features, batch.masks, batch.valid)
     _save_from_main({"sentiment": out.sentiment[batch.valid], "emotion": out.emotion_logits[batch.valid],
                      "dropped": out.dropped_fraction}, info, out_path)
+
+
+def eval_padding_worker_deepspeed_layer(rank: int, world: int, port: int, out_path: str):
+    eval_padding_worker(rank, world, port, out_path, grouped=False)
 
 
 def eval_padding_reference(out_path: str):

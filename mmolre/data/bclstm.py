@@ -80,6 +80,9 @@ def convert(npz: str, labels: str, out: str, dev_fraction: float = 0.2, split_se
     split_of = {"test": [], "train": []}
     for i, row in rows:
         split_of[str(arrays["poria_split"][i])].append((i, row))
+    both = {r.video for _, r in split_of["train"]} & {r.video for _, r in split_of["test"]}
+    if both:   # poria's split is by video: a video on both sides would leak
+        raise DataError(f"{npz} [key 'poria_split']: videos with clips in both train and test: {sorted(both)[:5]}")
     videos = sorted({row.video for _, row in split_of["train"]})
     random.Random(split_seed).shuffle(videos)
     dev = set(videos[:max(1, round(dev_fraction * len(videos)))])

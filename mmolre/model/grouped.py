@@ -68,13 +68,15 @@ class StackedLowRankExperts(Experts):
     @staticmethod
     def _take_per_expert_keys(module, state_dict, prefix, *args) -> None:
         """Per-expert keys with LOCAL ids (an ep-1 export: global = local) into the bank."""
-        values = {}
-        for name in PARAMS:
-            keys = [per_expert_key(prefix, i, name) for i in range(module.num_local_experts)]
-            if all(k in state_dict for k in keys):
-                values[name] = torch.stack([state_dict.pop(k) for k in keys])
-        if len(values) == len(PARAMS):
-            module.bank.load_rows(values)
+        keys = {name: [per_expert_key(prefix, i, name) for i in range(module.num_local_experts)] for name in PARAMS}
+        present = [k for ks in keys.values() for k in ks if k in state_dict]
+        if not present:   # e.g. DeepSpeed's module states: the banks are loaded from the expert state files
+            return
+        missing = [k for ks in keys.values() for k in ks if k not in state_dict]
+        if missing:   # a partial set would leave experts at their initialisation, unseen by a strict load
+            raise KeyError(f"per-expert weights incomplete under {prefix!r}: {len(missing)} missing, e.g. "
+                           f"{missing[:3]}")
+        module.bank.load_rows({name: torch.stack([state_dict.pop(k) for k in ks]) for name, ks in keys.items()})
 
     def forward_rows(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """rows [n, T*d] for local expert local_ids [n] (-1: padding, output 0) -> [n, T*d]."""

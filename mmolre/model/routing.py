@@ -170,7 +170,7 @@ class TaskRoutedGate(TopKGate):
             capacity, indices, locations, gates = self._route_real_rows(select, logits, probs, factor, real)
         else:
             capacity, indices, locations, gates = self._route(select, logits, probs, factor)
-        if factor > 0 and not self.training and self.ep_group is not None:
+        if factor > 0 and not self.training and self.agree_on_capacity and self.ep_group is not None:
             # padded or not, every rank of the group sizes its dispatch buffers alike (its own rows' capacity
             # decided which routes it dropped)
             capacity = agreed_maximum(capacity, self.ep_group, logits.device)

@@ -190,12 +190,14 @@ def test_lazy_expert_steps_under_expert_parallelism_match_one_process(lazy_run, 
         assert all(torch.equal(mine[k], first[k]) for k in mine)
 
 
-def test_evaluation_padding_under_a_capacity_changes_no_real_prediction(tmp_path):
+@pytest.mark.parametrize("worker", [h.eval_padding_worker, h.eval_padding_worker_deepspeed_layer],
+                         ids=["expert-banks", "deepspeed-moe-layer"])
+def test_evaluation_padding_under_a_capacity_changes_no_real_prediction(tmp_path, worker):
     """--eval_capacity_factor with ep 2 where one rank's last batch is half padding: the padding takes no slot,
     each rank drops by its own real rows' capacity and the ranks agree on the dispatch buffers (else the
     all-to-all would not match), so every real row is predicted as one process predicts it in a batch of
     its own rows (issue 23)."""
-    ranks = _spawn(h.eval_padding_worker, tmp_path / "ep2.pt")
+    ranks = _spawn(worker, tmp_path / "ep2.pt")
     ctx = mp.get_context("spawn")
     proc = ctx.Process(target=h.eval_padding_reference, args=(str(tmp_path / "ep1.pt"),))
     proc.start()

@@ -80,3 +80,10 @@ def test_export_then_predict_reads_the_transcripts_like_the_trainer(finetuned, t
     assert trainer.keys() == exported.keys() and len(trainer) == 8
     for sid, row in trainer.items():
         assert float(exported[sid]["sentiment_pred"]) == pytest.approx(float(row["sentiment_pred"]), abs=1e-4), sid
+    import json   # another tokenizer under the recorded name is refused, not used
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    config["text_encoder"]["tokenizer_sha256_12"] = "0" * 12
+    (tmp_path / "model" / "config.json").write_text(json.dumps(config))
+    proc = subprocess.run([*cli, "predict", str(tmp_path / "model"), data, "--out", str(tmp_path / "p2.csv")],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not the one this model was trained with" in proc.stderr

@@ -55,6 +55,7 @@ def test_poria_split_with_a_valid_split_carved_by_video_and_real_labels(tmp_path
     ("binary disagrees", r"\[key 'binary_label_ge0', sample 'v0_2'\]: 0, but the label table's sentiment is 2.0"),
     ("non-finite", r"\[key 'audio', sample 'v0_3'\]: non-finite values"),
     ("object array", r"\[key 'poria_split'\]: Object arrays cannot be loaded"),
+    ("video on both sides", r"\[key 'poria_split'\]: videos with clips in both train and test: \['v0'\]"),
 ])
 def test_bad_input_is_refused_naming_file_key_and_sample(tmp_path, case, message):
     if case == "unknown id":
@@ -71,8 +72,12 @@ def test_bad_input_is_refused_naming_file_key_and_sample(tmp_path, case, message
         audio = arrays["audio"].copy()
         audio[2, 7] = np.nan
         npz, labels, _ = write_inputs(tmp_path, audio=audio)
-    else:
+    elif case == "object array":
         npz, labels, _ = write_inputs(tmp_path, poria_split=np.array(poria_splits(), dtype=object))
+    else:
+        split = np.array(poria_splits())
+        split[2] = "test"   # v0's third clip
+        npz, labels, _ = write_inputs(tmp_path, poria_split=split)
     with pytest.raises(DataError, match=message):
         convert(npz, labels, str(tmp_path / "out.pkl"))
     assert not (tmp_path / "out.pkl").exists()

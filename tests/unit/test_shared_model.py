@@ -8,7 +8,7 @@ import torch
 
 from mmolre import shared_model
 from mmolre.config import ModelConfig
-from mmolre.export import full_state_dict
+from mmolre.shared_model import full_state_dict
 from mmolre.model import MMoLRE
 from dataclasses import asdict
 
@@ -60,3 +60,17 @@ def test_what_is_not_a_model_directory_is_refused_with_a_reason(tmp_path):
     (tmp_path / "model" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"missing modalities \['audio'\]"):
         shared_model.load_model(str(tmp_path / "model")).predict({"text": np.zeros((2, 5, 6), np.float32)})
+
+
+def test_weights_missing_from_the_file_are_refused_not_left_at_their_initialisation(tmp_path):
+    from safetensors.torch import load_file, save_file
+    write_model(tmp_path)
+    weights = tmp_path / "model" / "model.safetensors"
+    state = load_file(weights)
+    expert_key = next(k for k in state if "deepspeed_experts" in k)
+    save_file({k: v for k, v in state.items() if k != expert_key}, weights, metadata={"format": shared_model.FORMAT})
+    with pytest.raises(ValueError, match="lacks 1 weight"):
+        shared_model.load_model(str(tmp_path / "model"))
+    model = MMoLRE(ModelConfig(d_model=8, blocks=1, num_experts=4, expert_rank=2, dropout=0.0), SHAPES)
+    with pytest.raises(KeyError, match="per-expert weights incomplete"):   # the bank's own load refuses it too
+        model.load_state_dict({k: v for k, v in state.items() if k != expert_key}, strict=False)
