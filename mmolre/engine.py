@@ -93,15 +93,16 @@ def load_ds_config(cfg: TrainConfig, world_size: int, on_gpu: bool) -> dict:
         raise ConfigError(f"--ds_config {cfg.ds_config}: train_batch_size {ds['train_batch_size']} != micro batch "
                           f"{ds['train_micro_batch_size_per_gpu']} x accumulation {ds['gradient_accumulation_steps']}"
                           f" x world size {world_size} = {implied}; remove train_batch_size or make them agree")
+    deepspeed_monitors_off(ds)
     return ds
 
 
-def point_tensorboard(ds: dict, tensorboard_dir: str | None) -> None:
-    """DeepSpeed's own TensorBoard events go beside ours, under the run directory."""
-    tb = ds.get("tensorboard")
-    if tb is not None:
-        tb["enabled"] = bool(tb.get("enabled")) and tensorboard_dir is not None
-        tb["output_path"], tb["job_name"] = tensorboard_dir or "", "deepspeed"
+def deepspeed_monitors_off(ds: dict) -> None:
+    """One TensorBoard run per training run, with one x-axis: this trainer's monitor logs the losses and the
+    learning rates in optimizer steps; DeepSpeed's would add a second run (`Train/Samples/...`, x-axis in
+    samples) beside it. Its other monitors (csv, wandb, comet) stay as configured."""
+    if ds.get("tensorboard", {}).get("enabled"):
+        ds["tensorboard"] = {**ds["tensorboard"], "enabled": False}
 
 
 def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:

@@ -46,6 +46,18 @@ class Monitor:
                     for e, c in enumerate(counts):
                         self.writer.add_scalar(f"{prefix}/rows/expert_{e:03d}", float(c), step)
 
+    def hparams(self, hparams: dict, metrics: dict[str, float], step: int) -> None:
+        """The run's hyper-parameters and final metrics for TensorBoard's HParams tab, written into this run's
+        own event file (SummaryWriter.add_hparams would start a second run beside it); the metrics are also
+        scalars, which is where the tab reads their values."""
+        if not self.writer:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+        file_writer = self.writer._get_file_writer()
+        for summary in hparams_summaries(hparams, metrics):   # the experiment, session start and session end
+            file_writer.add_summary(summary)
+        self.scalars(metrics, step)
+
     def fusion(self, modalities: list[str], weights: np.ndarray, step: int) -> None:
         """weights: [tasks, M] mean modality weight per task."""
         if self.writer:

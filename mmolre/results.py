@@ -94,6 +94,27 @@ def assemble_results(cfg: RunConfig, data, *, world_size: int, ep_size: int, par
     }
 
 
+def hparams_record(cfg: RunConfig, results: dict) -> tuple[dict, dict[str, float]]:
+    """For TensorBoard's HParams tab: the flags that differ from their defaults plus experts, top-k, balance,
+    world size and expert parallelism; and the final metrics (valid loss at the selected epoch, test)."""
+    from dataclasses import fields
+    hparams = {}
+    for section in (cfg.data, cfg.model, cfg.train):
+        default = type(section)()
+        for f in fields(section):
+            value = getattr(section, f.name)
+            if value != getattr(default, f.name):
+                hparams[f.name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    hparams.update(num_experts=cfg.model.num_experts, top_k=cfg.model.top_k, balance=cfg.model.balance,
+                   world_size=results["world_size"], ep_size=results["ep_size"])
+    best = results["history"][results["best_epoch"] - 1] if results.get("best_epoch") else {}
+    test = results["test"]
+    metrics = {"hparams/valid_loss": best.get("valid_loss"),
+               **{f"hparams/test_{k}": test.get("sentiment", {}).get(k) for k in ("mae", "corr", "has0_acc2")},
+               "hparams/test_emotion_micro_f1": test.get("emotion", {}).get("micro_f1")}
+    return hparams, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
 def write_results(run_dir: str, results: dict, test_predictions: dict, thresholds: dict | None) -> None:
     """predictions_test.csv and results.json, then the test table on stdout."""
     write_predictions(os.path.join(run_dir, "predictions_test.csv"), test_predictions, thresholds)

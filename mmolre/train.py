@@ -31,13 +31,14 @@ from .config import RunConfig
 from .data import train_loader
 from .emotion_decisions import (check_tasks, choose_decisions, decides_thresholds, has_emotion_labels,
                                 labelled_emotions, write_thresholds)
-from .engine import compute_dtype, initialize, load_ds_config, point_tensorboard
+from .engine import compute_dtype, initialize, load_ds_config
 from .evaluate import evaluate, inputs, to_device
 from .expert_loads import EpochExpertLoads, SelectionBiasNudges, dead_experts_by_layer, routing_record
 from .host_memory import keep_freed_host_memory
 from .losses import compute_loss, zero_loss
 from .monitor import Monitor, flatten, tensorboard_dir
-from .results import assemble_results, provenance, resolve_run_dir, run_records, write_records, write_results
+from .results import (assemble_results, hparams_record, provenance, resolve_run_dir, run_records, write_records,
+                      write_results)
 from .step_guards import NonFiniteLoss, StepGuards
 from .step_metrics import StepMetrics, learning_rates
 from .train_state import TrainState
@@ -65,7 +66,6 @@ class Trainer:
             keep_freed_host_memory()
         self.ep_size = self.build_expert_parallelism()
         self.run_dir = resolve_run_dir(cfg, self.info)
-        point_tensorboard(ds_config, tensorboard_dir(self.run_dir))
         text_tokens, self.data = load_data(cfg, self.info)
         self.memory_estimate = check_memory(cfg, self.data.shapes, self.ep_size, ds_config, self.info, self.device)
         self.records = run_records(cfg, ds_config, self.data)
@@ -135,10 +135,7 @@ class Trainer:
         try:
             result = self._run()
         finally:
-            self.monitor.close()
-            deepspeed_tb = getattr(getattr(self.engine.monitor, "tb_monitor", None), "summary_writer", None)
-            if deepspeed_tb is not None:   # DeepSpeed's own events: the process may leave without teardown
-                deepspeed_tb.flush()
+            self.monitor.close()   # (DeepSpeed's own TensorBoard monitor is off: engine.deepspeed_monitors_off)
         # Only after a run that ended well: a rank that raised alone must exit at once (the launcher then
         # ends the others), not wait in a barrier its peers never reach.
         distributed.shutdown(self.info)
@@ -293,6 +290,7 @@ class Trainer:
                                    params=self.params, state=state, test=test, decisions=decisions,
                                    made_by=provenance())
         write_results(self.run_dir, results, test.predictions, decisions and decisions["thresholds"])
+        self.monitor.hparams(*hparams_record(self.cfg, results), state.global_step)
         return results
 
 

@@ -81,6 +81,28 @@ def test_tensorboard_has_per_task_aux_losses_and_routing(first_run):
         assert tag in tags
 
 
+def test_one_tensorboard_run_with_the_runs_hyper_parameters_and_final_metrics(first_run):
+    """Issue 24: one run per training run (DeepSpeed's own monitor off), and the HParams tab's records in it,
+    read back from the event file: the hyper-parameters and the final metrics, equal to results.json's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+    _, _, run, _ = first_run
+    event_dirs = {root for root, _, files in os.walk(run / "tensorboard")
+                  if any(f.startswith("events.out.tfevents") for f in files)}
+    assert event_dirs == {str(run / "tensorboard")}
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    hparams = {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    r = json.loads((run / "results.json").read_text())
+    assert hparams["num_experts"] == r["num_experts"] and hparams["world_size"] == 2 and hparams["ep_size"] == 2
+    assert hparams["balance"] == "aux" and hparams["top_k"] == r["top_k"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {m.name.tag for m in experiment.metric_infos} >= {"hparams/valid_loss", "hparams/test_mae"}
+    assert acc.Scalars("hparams/test_mae")[-1].value == pytest.approx(r["test"]["sentiment"]["mae"], rel=1e-6)
+
+
 def test_checkpoint_holds_experts_per_global_id_in_one_file_per_rank(first_run):
     """3 modalities x 2 blocks = 6 MoE layers, 8 experts each, expert parallelism 2: each rank's file holds its
     4 experts of every layer (global ids 0-3 and 4-7), weights, moments and step counts; no per-expert file."""

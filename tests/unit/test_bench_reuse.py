@@ -10,19 +10,18 @@ sys.path.insert(0, ROOT)
 
 from bench.reuse import StaleRunError, finished_run  # noqa: E402
 from mmolre.config import parse_args  # noqa: E402
-from mmolre.engine import load_ds_config, point_tensorboard  # noqa: E402
+from mmolre.engine import load_ds_config  # noqa: E402
 
 FLAGS = ["--dataset", "mosi", "--data_path", "data/mosi.pkl", "--modalities", "text", "--seed", "2"]
 
 
 def finished(run_dir, flags, world_size=1, edit=None, start_in=None, monkeypatch=None):
     """A run directory as train.py leaves it: config.json (the validated flags, started from `start_in`, and
-    the resolved DeepSpeed config pointed at the run) and results.json."""
+    the resolved DeepSpeed config) and results.json."""
     if start_in:
         monkeypatch.chdir(start_in)   # the trainer records --ds_config absolute when started elsewhere
     cfg = parse_args(flags)
     ds = load_ds_config(cfg.train, world_size, on_gpu=False)
-    point_tensorboard(ds, os.path.join(run_dir, "tensorboard"))
     config = {**cfg.to_dict(), "ds_config": ds}
     if edit:
         edit(config)

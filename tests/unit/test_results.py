@@ -65,3 +65,18 @@ def test_the_table_says_synthetic_and_shows_the_decision_rules():
                                      "baselines": {"best_constant": e}}}
     table = format_table(results)
     assert "test metrics (SYNTHETIC DATA)" in table and "| MMoLRE, one threshold (valid) | 0.4000 |" in table
+
+
+def test_the_hparams_record_holds_the_changed_flags_the_layout_and_the_final_metrics():
+    from mmolre.config import parse_args
+    from mmolre.results import hparams_record
+    cfg = parse_args(["--num_experts", "64", "--lr", "0.003", "--modalities", "text,audio"])
+    results = {"world_size": 2, "ep_size": 2, "best_epoch": 2,
+               "history": [{"valid_loss": 1.5}, {"valid_loss": 1.25}],
+               "test": {"sentiment": {"mae": 0.5, "corr": 0.75, "has0_acc2": 0.8}}}
+    hparams, metrics = hparams_record(cfg, results)
+    assert hparams["num_experts"] == 64 and hparams["lr"] == 0.003 and hparams["modalities"] == "text,audio"
+    assert hparams["world_size"] == 2 and hparams["ep_size"] == 2 and hparams["top_k"] == cfg.model.top_k
+    assert "epochs" not in hparams and "dropout" not in hparams   # at their defaults: left out
+    assert metrics == {"hparams/valid_loss": 1.25, "hparams/test_mae": 0.5, "hparams/test_corr": 0.75,
+                       "hparams/test_has0_acc2": 0.8}   # no emotion labels: no emotion metric
