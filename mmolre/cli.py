@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 
 
@@ -34,6 +33,7 @@ def _show(args) -> int:
 
 
 def _synthetic(args) -> int:
+    from .data.schema import write_dataset
     from .data.synthetic import generate, generate_like
     if args.like:
         data = generate_like(args.like, 1.0 if args.scale is None else args.scale, args.seed)
@@ -41,8 +41,7 @@ def _synthetic(args) -> int:
     else:
         scale = 0.5 if args.scale is None else args.scale
         data, what = generate(scale, args.seed), "synthetic MOSEI-like data (the embedded default)"
-    with open(args.out, "wb") as f:
-        pickle.dump(data, f, protocol=4)
+    write_dataset(data, args.out)
     shapes = ", ".join(f"{m} {tuple(data['train'][m].shape[1:])}" for m in ("text", "audio", "vision"))
     sizes = " / ".join(str(len(data[s]["id"])) for s in ("train", "valid", "test"))
     print(f"wrote {args.out}: {what}; {sizes} train/valid/test; {shapes}")

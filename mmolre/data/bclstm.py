@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import random
 
 import numpy as np
 
 from .featurize import read_label_table
-from .schema import ID_SEPARATOR, SPLITS, DataError
+from .schema import ID_SEPARATOR, SPLITS, DataError, write_dataset
 
 MODALITY_KEYS = {"text": "text", "audio": "audio", "vision": "video"}   # schema name -> npz key
 DIM = 50
@@ -105,9 +104,5 @@ def convert(npz: str, labels: str, out: str, dev_fraction: float = 0.2, split_se
               "samples": {s: len(parts[s]) for s in SPLITS},
               "videos": {s: len({r.video for _, r in parts[s]}) for s in SPLITS}}
     data["config"] = {"bclstm": report}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        pickle.dump(data, f, protocol=4)
-    os.replace(tmp, out)
+    write_dataset(data, out)
     return report

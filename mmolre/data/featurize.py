@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import os
-import pickle
 import random
 from dataclasses import dataclass, field
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from ..config import EMOTIONS
 from .emotions import clip_column, table_intensities
-from .schema import EMOTION_KEY, ID_SEPARATOR, SPLITS, DataError
+from .schema import EMOTION_KEY, ID_SEPARATOR, SPLITS, DataError, write_dataset
 
 MODE_ALIASES = {"train": "train", "valid": "valid", "dev": "valid", "val": "valid", "test": "test"}
 OUT_OF_FOLD = ("none", "")
@@ -209,11 +208,7 @@ def featurize(table: str, out: str, opts: FeaturizeOptions) -> dict:
               "split_seed": opts.split_seed, "samples": {s: len(selection.splits[s]) for s in SPLITS},
               "left_out": {reason: {"count": len(ids), "ids": ids} for reason, ids in selection.left_out.items()}}
     data["config"] = {"featurize": report}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        pickle.dump(data, f, protocol=4)
-    os.replace(tmp, out)
+    write_dataset(data, out)
     return report
 
 

@@ -11,6 +11,8 @@ aligned to those tokens, the same mask holds for them),
 """
 from __future__ import annotations
 
+import os
+import pickle
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +32,16 @@ class DataError(ValueError):
 def where(path: str, split: str, key: str, sample: str | None = None) -> str:
     loc = f"{path} [split '{split}', key '{key}'"
     return loc + (f", sample '{sample}']" if sample is not None else "]")
+
+
+def write_dataset(data: dict, out: str) -> None:
+    """An MMSA-schema dict to `out` (a pickle: the field's format), written whole before it replaces any file
+    there, so a reader never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        pickle.dump(data, f, protocol=4)
+    os.replace(tmp, out)
 
 
 def decode_id(raw) -> str:

@@ -15,13 +15,12 @@ None of its numbers say anything about accuracy on real data.
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..config import EMOTIONS
-from .schema import ID_SEPARATOR
+from .schema import ID_SEPARATOR, write_dataset
 
 VERSION = 2
 MOSEI_SPLITS = {"train": 16326, "valid": 1871, "test": 4659}
@@ -125,11 +124,7 @@ def ensure_synthetic(cache_dir: str, scale: float) -> str:
     """Write the synthetic pickle under cache_dir once (atomically) and return its path."""
     path = os.path.join(cache_dir, "synthetic", file_name(scale))
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            pickle.dump(generate(scale), f, protocol=4)
-        os.replace(tmp, path)
+        write_dataset(generate(scale), path)
     return path
 
 
