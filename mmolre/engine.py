@@ -244,6 +244,8 @@ def _add_experts_to_the_dense_norm(optimizer, experts: ExpertOptimizer) -> None:
             return dense + [experts.norm_squared.sqrt().float().reshape(1).to(device)], by_group
         optimizer.get_grads_for_norm = get_grads_for_norm
     elif not isinstance(optimizer, torch.optim.Optimizer):   # ZeRO-0 fp32 steps the torch optimizer itself
+        # every config load_ds_config accepts lands above; another DeepSpeed wrapper (a new release) would
+        # clip by the dense norm alone, so it stops here instead of training with a wrong clipping coefficient
         raise NotImplementedError(f"the experts' share of the clipping norm is not wired into {type(optimizer)}")
 
 

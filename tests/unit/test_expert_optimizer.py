@@ -118,3 +118,12 @@ def test_bf16_without_deepspeeds_overflow_check_is_refused_with_banks(key):
     model = h.build(ep_size=1, ep_rank=0, num_experts=8)
     with pytest.raises(ConfigError, match="check_grad_overflow false with the shared experts in banks"):
         build_engine(model, None, {key: {"enabled": True, "check_grad_overflow": False}}, ONE, 1)
+
+
+def test_a_deepspeed_optimizer_wrapper_the_experts_norm_is_not_wired_into_is_refused():
+    """Every accepted config clips by the whole model's norm; an unknown wrapper stops instead of clipping by
+    the dense norm alone (a torch optimizer, ZeRO-0 fp32, needs nothing: clip_by_global_norm counts them)."""
+    from mmolre.engine import _add_experts_to_the_dense_norm
+    with pytest.raises(NotImplementedError, match="not wired into"):
+        _add_experts_to_the_dense_norm(object(), None)
+    _add_experts_to_the_dense_norm(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), None)

@@ -68,16 +68,21 @@ def test_dead_experts_are_those_no_task_used_over_the_window():
     assert dead_experts(load).tolist() == [2, 0]
 
 
+def label_blind(seed: int, n: int = 400, experts: int = 64):
+    """Routes drawn without regard to the labels (one layer, two tasks, top-1) and their statistics."""
+    rng = np.random.default_rng(seed)
+    sentiment = rng.choice([-1.0, 1.0], n)
+    blind = rng.integers(0, experts, (n, 1, 2, 1))
+    stats = specialisation_statistics(blind, np.ones(blind.shape), ["text.0"], experts, sentiment,
+                                      np.zeros((n, 6)), np.zeros(n))["text.0"]
+    return rng, n, experts, sentiment, blind, stats
+
+
 def test_chance_levels_separate_specialisation_from_many_experts_and_few_rows():
     """With 64 experts and 400 rows a label-blind routing still shows a plug-in MI of about 0.1 nats; its
     shuffled chance level is as large, so the excess is about 0, while a sign-specialised routing keeps an
     excess near ln 2."""
-    rng = np.random.default_rng(1)
-    n, experts = 400, 64
-    sentiment = rng.choice([-1.0, 1.0], n)
-    blind = rng.integers(0, experts, (n, 1, 2, 1))
-    s = specialisation_statistics(blind, np.ones(blind.shape), ["text.0"], experts, sentiment, np.zeros((n, 6)),
-                        np.zeros(n))["text.0"]
+    rng, n, experts, sentiment, blind, s = label_blind(seed=1)
     assert s["sentiment"]["label_mi"] > 0.08 and abs(s["sentiment"]["label_mi_excess"]) < 0.05
     assert s["task_divergence"] > 0.02 and abs(s["task_divergence_excess"]) < 0.02
     assert s["emotion"]["label_mi"] is None            # no emotion labels: undefined, not 0
@@ -91,12 +96,7 @@ def test_chance_levels_separate_specialisation_from_many_experts_and_few_rows():
 def test_a_chance_level_is_the_mean_of_many_shuffles_with_its_spread():
     """One shuffle's chance level is itself noisy; the mean of CHANCE_DRAWS shuffles comes with their standard
     deviation, close to that of many more shuffles; for label-blind routing the excess is within the spread (issue 23)."""
-    rng = np.random.default_rng(2)
-    n, experts = 400, 64
-    sentiment = rng.choice([-1.0, 1.0], n)
-    blind = rng.integers(0, experts, (n, 1, 2, 1))
-    s = specialisation_statistics(blind, np.ones(blind.shape), ["text.0"], experts, sentiment, np.zeros((n, 6)),
-                                  np.zeros(n))["text.0"]
+    _, n, experts, sentiment, blind, s = label_blind(seed=2)
     mi = s["sentiment"]
     assert 0.005 < mi["label_mi_chance_std"] < 0.05 and 0.0 < s["task_divergence_chance_std"] < 0.05
     sign = (sentiment >= 0).astype(np.int64)
