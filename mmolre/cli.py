@@ -2,13 +2,14 @@
 
     mmolre show RUN_DIR                 print a finished run's test table from its results.json
     mmolre synthetic OUT.pkl [--like NAME] [--scale]  synthetic data as an MMSA-schema pickle
-    mmolre export RUN_DIR OUT.pt        one consolidated fp32 model file (all experts, config, normalisation)
-    mmolre predict MODEL.pt DATA.pkl    run an exported model on CPU, no DeepSpeed engine or launcher
+    mmolre export RUN_DIR OUT_DIR       a shareable model directory: model.safetensors, config.json, README.md
+    mmolre predict MODEL_DIR DATA       run an exported model on CPU, no DeepSpeed engine or launcher
     mmolre report RUN_DIR...            group runs (experts, top-k, ... ), mean ± std over seeds, figures
     mmolre reshard RUN_DIR --world_size N --ep_size E   lay the latest checkpoint out for another topology
     mmolre featurize TABLE OUT.pkl      transcripts -> a text-only MMSA-schema dataset (a HF text encoder)
     mmolre data inspect PATH            splits, sizes, shapes, dtypes, label statistics, NaN/inf counts
     mmolre data verify PATH             the file's SHA-256 against the hashes MMSA publishes
+    mmolre data convert FILE.pkl OUT_DIR  the checked dataset as Arrow files (no pickle) for --data_path
 """
 from __future__ import annotations
 
@@ -165,6 +166,19 @@ def _data_verify(args) -> int:
     return 1
 
 
+def _data_convert(args) -> int:
+    from .data.converted import convert
+    tolerance = {} if args.emotion_join_tolerance is None else {"join_tolerance": args.emotion_join_tolerance}
+    meta = convert(args.pkl, args.out, args.emotion_labels, **tolerance)
+    sizes = " / ".join(str(meta["splits"][s]["samples"]) for s in ("train", "valid", "test"))
+    shapes = ", ".join(f"{m} {tuple(meta['shapes'][m])}" for m in meta["modalities"])
+    replaced = {s: r["nonfinite_replaced"] for s, r in meta["splits"].items() if r["nonfinite_replaced"]}
+    print(f"wrote {args.out}/: train/valid/test.arrow and meta.json ({sizes} train/valid/test; {shapes})"
+          + (f"; non-finite feature values replaced by 0: {replaced}" if replaced else "")
+          + f"\ntrain on it with --data_path {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmolre", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,13 +251,21 @@ def _add_data_commands(sub) -> None:
                                                                     "validation")
     bc.add_argument("--split_seed", type=int, default=0)
     bc.set_defaults(func=_bclstm)
-    data = sub.add_parser("data", help="look at a dataset file").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="look at, verify or convert a dataset file").add_subparsers(dest="data_command", required=True)
     ins = data.add_parser("inspect", help="splits, sizes, shapes, dtypes, labels, NaN/inf counts of a pickle")
     ins.add_argument("path")
     ins.set_defaults(func=_data_inspect)
     ver = data.add_parser("verify", help="check a pickle's SHA-256 against MMSA's published hashes")
     ver.add_argument("path")
     ver.set_defaults(func=_data_verify)
+    conv = data.add_parser("convert", help="a pickle, checked as for training, as Arrow files that --data_path "
+                                           "reads (no pickle: safe to share and to open)")
+    conv.add_argument("pkl", help="an MMSA-schema pickle (opening it runs code: convert files you trust)")
+    conv.add_argument("out", help="the directory to write (new or empty)")
+    conv.add_argument("--emotion_labels", default=None, help="join these emotion labels (as launch.py does)")
+    conv.add_argument("--emotion_join_tolerance", type=float, default=None,
+                      help="as launch.py's flag (default: the same)")
+    conv.set_defaults(func=_data_convert)
 
 
 def _add_featurize(sub) -> None:

@@ -28,8 +28,9 @@ def default_cache_dir() -> str:
 class DataConfig:
     dataset: str = _help("'synthetic' (the embedded, generated default), 'mosi', 'mosei' or 'mmsa' (any "
                          "MMSA-schema pickle); several joined by '+' train together", default="synthetic")
-    data_path: Optional[str] = _help("an MMSA pickle or a directory holding one, per non-synthetic dataset, "
-                                     "comma-separated in --dataset's order", default=None)
+    data_path: Optional[str] = _help("an MMSA pickle, a directory holding one, or a dataset `mmolre data convert` "
+                                     "wrote, per non-synthetic dataset, comma-separated in --dataset's order",
+                                     default=None)
     alignment: str = _help("which pickle a --data_path directory provides: 'aligned' (aligned_50.pkl) or "
                            "'unaligned' (unaligned_50.pkl)", default="aligned")
     emotion_labels: Optional[str] = _help("MOSEI emotion labels joined by (video, clip): an SDK "

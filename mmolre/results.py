@@ -77,7 +77,8 @@ def assemble_results(cfg: RunConfig, data, *, world_size: int, ep_size: int, par
         "world_size": world_size, "ep_size": ep_size, "num_experts": m.num_experts, "top_k": m.top_k,
         "best_epoch": state.best_epoch, "best_checkpoint": state.best_tag, "global_step": state.global_step,
         "params": params,
-        "data": {name: {k: meta.get(k) for k in ("source", "sha256", "modalities", "shapes", "splits")}
+        "data": {name: {k: meta[k] for k in ("source", "converted_from", "sha256", "modalities", "shapes", "splits")
+                        if k in meta}
                  | {"emotion_labels": (meta.get("emotion_labels") or {}).get("summary")}
                  for name, meta in data.sources.items()},
         "train": {"seconds": state.train_seconds, "samples": state.train_samples,

@@ -122,7 +122,8 @@ class LoadedModel:
         return preds
 
     def _dataset(self, data, split: str, cache_dir: str | None):
-        from .data.cache import build_cache, in_memory_split, load_cache
+        from .data.cache import in_memory_split, load_cache
+        from .data.converted import ensure_arrow
         from .data.loader import SplitDataset
         from .data.tokens import TextTokens
         cfg, shapes = self.model.cfg, self.config["shapes"]
@@ -137,7 +138,7 @@ class LoadedModel:
             if cache_dir is None:
                 from .config import default_cache_dir
                 cache_dir = default_cache_dir()
-            splits, meta = load_cache(build_cache(str(data), cache_dir, text_tokens=tokens))
+            splits, meta = load_cache(ensure_arrow(str(data), cache_dir, text_tokens=tokens))
             hf, where, found = splits[split], str(data), meta["shapes"]
         for m in self.modalities:
             expected = list(shapes[m])[:1] if tokens and m == "text" else list(shapes[m])   # token ids: steps only

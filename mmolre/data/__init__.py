@@ -8,7 +8,8 @@ import datasets
 import numpy as np
 
 from ..config import MODALITIES, DataConfig
-from .cache import build_cache, cache_path_for, load_cache
+from .cache import load_cache
+from .converted import arrow_dir, ensure_arrow
 from .loader import Batch, SplitDataset, eval_batches, train_loader
 from .schema import SPLITS, DataError
 from .tokens import TextTokens
@@ -40,14 +41,14 @@ def prepare(cfg: DataConfig, builds: bool, barrier: Callable[[], None],
     if builds:
         try:
             for src in resolve_sources(cfg):
-                build_cache(src.path, cfg.cache_dir, {"synthetic": src.name == "synthetic"}, src.emotion_labels,
+                ensure_arrow(src.path, cfg.cache_dir, {"synthetic": src.name == "synthetic"}, src.emotion_labels,
                             cfg.emotion_join_tolerance, text_tokens)
         except Exception as e:  # let the other ranks leave the barrier before failing
             error = e
     barrier()
     if error is not None:
         raise error
-    loaded = [(src, *load_cache(cache_path_for(src.path, cfg.cache_dir, src.emotion_labels, text_tokens)))
+    loaded = [(src, *load_cache(arrow_dir(src.path, cfg.cache_dir, src.emotion_labels, text_tokens)))
               for src in resolve_sources(cfg)]
     modalities = choose_modalities(cfg, loaded)
     token_text = text_tokens is not None and "text" in modalities

@@ -156,6 +156,16 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
     if os.path.exists(os.path.join(target, "meta.json")):
         _check_cached_join(source, target, join_tolerance)
         return target
+    write_cache(source, target, known_sha256(source, cache_dir), extra_meta, emotion_labels, join_tolerance,
+                text_tokens)
+    return target
+
+
+def write_cache(source: str, target: str, sha256: str, extra_meta: dict | None = None,
+                emotion_labels: str | None = None, join_tolerance: float = JOIN_TOLERANCE,
+                text_tokens: TextTokens | None = None) -> None:
+    """Read, check and convert the pickle `source` into the Arrow directory `target` (written beside it, then
+    renamed into place, so a reader never sees half of it)."""
     raw = load_pickle(source)
     if not isinstance(raw, dict):
         raise DataError(f"{source}: expected a dict with splits {SPLITS}, got {type(raw).__name__}")
@@ -179,16 +189,15 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
         for s, (ids, lengths, _) in tokens.items():
             columns[s]["text_ids"], columns[s]["text_length"] = ids, lengths
         token_meta = {"max_length": text_tokens.max_length, "truncated": {s: int(t[2]) for s, t in tokens.items()}}
-    tmp = f"{target}.tmp{os.getpid()}"
+    tmp = f"{target.rstrip(os.sep)}.tmp{os.getpid()}"
     _write_arrow(tmp, columns, _features(shapes, text_tokens.max_length if text_tokens else None))
-    meta = _meta(source, cache_dir, shapes, token_meta, join, emotion_labels, columns["train"], modalities, reports)
+    meta = _meta(source, sha256, shapes, token_meta, join, emotion_labels, columns["train"], modalities, reports)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump({**meta, **(extra_meta or {})}, f, indent=1)
     try:
         os.replace(tmp, target)
     except OSError:  # another node on a shared file system finished first
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _check_cached_join(source: str, target: str, join_tolerance: float) -> None:
@@ -222,12 +231,12 @@ def _write_arrow(directory: str, columns: dict, features: datasets.Features) -> 
         writer.finalize()
 
 
-def _meta(source, cache_dir, shapes, token_meta, join, emotion_labels, train, modalities, reports) -> dict:
+def _meta(source, sha256, shapes, token_meta, join, emotion_labels, train, modalities, reports) -> dict:
     """meta.json: where the data came from, its shapes, the train split's normalisation, what validation did."""
     all_shapes = {m: list(v) for m, v in shapes.items()}
     if token_meta:   # token ids; their width is the encoder's, which the cache does not fix (module docstring)
         all_shapes = {"text": [token_meta["max_length"]], **all_shapes}
-    return {"source": os.path.abspath(source), "sha256": known_sha256(source, cache_dir), "format": CACHE_FORMAT,
+    return {"source": os.path.abspath(source), "sha256": sha256, "format": CACHE_FORMAT,
             "modalities": [m for m in MODALITIES if m in all_shapes], "shapes": all_shapes,
             "text_tokens": token_meta,
             "emotion_labels": None if join is None else {
@@ -245,5 +254,7 @@ def load_cache(target: str) -> tuple[datasets.DatasetDict, dict]:
     """Memory-map a built cache; returns the splits and meta.json."""
     with open(os.path.join(target, "meta.json")) as f:
         meta = json.load(f)
+    if "converted_by" in meta:   # a dataset `mmolre data convert` wrote: what was read is this directory
+        meta = {**meta, "source": os.path.abspath(target), "converted_from": meta["source"]}
     splits = {s: datasets.Dataset.from_file(os.path.join(target, f"{s}.arrow"), in_memory=False) for s in SPLITS}
     return datasets.DatasetDict(splits), meta

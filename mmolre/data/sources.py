@@ -4,6 +4,7 @@
     --dataset mosi --data_path MOSI/Processed             a directory: its aligned_50.pkl (--alignment)
     --dataset mosei --data_path unaligned_50.pkl --emotion_labels CMU_MOSEI_Labels.csd
     --dataset mosi+mosei --data_path A.pkl,B_dir          one path per dataset, in the same order
+    --dataset mosi --data_path mosi_arrow/                a dataset `mmolre data convert` wrote (no pickle)
 
 'mosi', 'mosei' and 'mmsa' (any other MMSA-schema pickle) read the same format; the name labels the
 dataset in mixed runs and decides where `--emotion_labels` go (the MOSEI sources, or the only source).
@@ -24,7 +25,7 @@ NAMES = ("synthetic",) + MMSA_NAMES
 @dataclass(frozen=True)
 class Source:
     name: str
-    path: str                            # an MMSA-schema pickle
+    path: str                            # an MMSA-schema pickle, or a converted dataset's directory
     emotion_labels: str | None = None    # joined onto it by (video, clip)
 
 
@@ -66,8 +67,10 @@ def resolve_sources(cfg: DataConfig) -> list[Source]:
 
 
 def mmsa_file(path: str, alignment: str) -> str:
-    """A pickle as given, or MMSA's file inside a dataset directory (also under its Processed/)."""
-    if os.path.isfile(path):
+    """A pickle as given, a dataset `mmolre data convert` wrote (a directory with meta.json), or MMSA's file
+    inside a dataset directory (also under its Processed/)."""
+    from .converted import is_converted
+    if os.path.isfile(path) or is_converted(path):
         return path
     if not os.path.isdir(path):
         raise DataError(f"--data_path: no such file or directory {path!r}")
