@@ -136,7 +136,7 @@ def valid_curve(run: str, start_wall: float) -> list[dict]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(os.path.join(run, "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
-    tag = next(t for t in acc.Tags()["scalars"] if t.startswith("valid/") and t.endswith("sentiment/mae"))
+    tag = next(t for t in acc.Tags()["scalars"] if t.startswith("metrics/valid/") and t.endswith("sentiment/mae"))
     return [{"seconds": e.wall_time - start_wall, "mae": e.value} for e in acc.Scalars(tag)]
 
 

@@ -7,6 +7,7 @@ import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 from .config import TASKS
+from .tensorboard_tags import MODALITY_WEIGHTS, MOE
 
 # Above this many experts, per-expert scalars would flood TensorBoard; the histogram and the
 # max/mean ratio still show the load.
@@ -31,7 +32,7 @@ class Monitor:
         streams = TASKS if aux.shape[1] == len(TASKS) else ("shared",)
         for li, layer in enumerate(layer_names):
             for ti, task in enumerate(streams):
-                prefix = f"moe/{layer}/{task}"
+                prefix = f"{MOE}/{layer}/{task}"
                 counts = load[li, ti]
                 self.writer.add_scalar(f"{prefix}/dropped_fraction", float(dropped[li, ti]), step)
                 self.writer.add_scalar(f"{prefix}/aux_loss", float(aux[li, ti]), step)
@@ -63,7 +64,7 @@ class Monitor:
         if self.writer:
             for ti, task in enumerate(TASKS):
                 for mi, m in enumerate(modalities):
-                    self.writer.add_scalar(f"fusion/{task}/{m}", float(weights[ti, mi]), step)
+                    self.writer.add_scalar(f"{MODALITY_WEIGHTS}/{task}/{m}", float(weights[ti, mi]), step)
 
     def flush(self) -> None:
         if self.writer:

@@ -18,6 +18,7 @@ from .config import EMOTIONS, ConfigError, RunConfig
 from .emotion_decisions import labelled_emotions
 from .metrics import baselines
 from .routing_stats import headline
+from .tensorboard_tags import FINAL
 
 SYNTHETIC_NOTICE = "SYNTHETIC DATA: these numbers say nothing about accuracy on real MOSI/MOSEI."
 
@@ -110,9 +111,9 @@ def hparams_record(cfg: RunConfig, results: dict) -> tuple[dict, dict[str, float
                    world_size=results["world_size"], ep_size=results["ep_size"])
     best = results["history"][results["best_epoch"] - 1] if results.get("best_epoch") else {}
     test = results["test"]
-    metrics = {"hparams/valid_loss": best.get("valid_loss"),
-               **{f"hparams/test_{k}": test.get("sentiment", {}).get(k) for k in ("mae", "corr", "has0_acc2")},
-               "hparams/test_emotion_micro_f1": test.get("emotion", {}).get("micro_f1")}
+    metrics = {f"{FINAL}/valid_loss": best.get("valid_loss"),
+               **{f"{FINAL}/test_{k}": test.get("sentiment", {}).get(k) for k in ("mae", "corr", "has0_acc2")},
+               f"{FINAL}/test_emotion_micro_f1": test.get("emotion", {}).get("micro_f1")}
     return hparams, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 

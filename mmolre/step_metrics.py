@@ -13,15 +13,16 @@ import torch
 from . import distributed
 from .losses import LossParts
 from .monitor import Monitor
+from .tensorboard_tags import LOSSES, TRAIN
 
 
 def learning_rates(engine) -> dict[str, float]:
     """The model's LR and, with --finetune_text, the text encoder's (its own groups, warm-up and peak)."""
     groups = engine.lr_scheduler.optimizer.param_groups
-    out = {"train/lr": groups[0]["lr"]}
+    out = {f"{TRAIN}/lr": groups[0]["lr"]}
     text = [g["lr"] for g in groups if str(g.get("name", "")).startswith("text_")]
     if text:
-        out["train/lr_text"] = text[0]
+        out[f"{TRAIN}/lr_text"] = text[0]
     return out
 
 
@@ -82,15 +83,15 @@ class StepMetrics:
         info = self.info
         losses = (distributed.all_reduce_sum(window, info) / (info.world_size * count)).cpu()
         aux, entropy, dropped, weights, load = reduce_routing_over_ranks(out, info)
-        self.monitor.scalars({"loss/total": losses[0], "loss/sentiment": losses[1],
-                              **({"loss/emotion": losses[2]} if self.has_emotions else {}),
-                              "loss/aux": losses[3], "loss/router_z": losses[4], **lr,
-                              "train/samples": state.train_samples,
-                              "train/samples_per_s": self.samples_per_step * self.log_steps
+        self.monitor.scalars({f"{LOSSES}/total": losses[0], f"{LOSSES}/sentiment": losses[1],
+                              **({f"{LOSSES}/emotion": losses[2]} if self.has_emotions else {}),
+                              f"{LOSSES}/aux": losses[3], f"{LOSSES}/router_z": losses[4], **lr,
+                              f"{TRAIN}/samples": state.train_samples,
+                              f"{TRAIN}/samples_per_s": self.samples_per_step * self.log_steps
                               / max(self.log_seconds, 1e-9),
-                              "train/epoch": state.epoch}, step)
+                              f"{TRAIN}/epoch": state.epoch}, step)
         if grad_norm is not None:
-            self.monitor.scalars({"train/grad_norm": grad_norm}, step)
+            self.monitor.scalars({f"{TRAIN}/grad_norm": grad_norm}, step)
         self.monitor.routing(out.layer_names, aux, load, entropy, dropped, step)
         self.monitor.fusion(self.modalities, weights, step)
         if bar is not None:

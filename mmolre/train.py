@@ -37,6 +37,7 @@ from .expert_loads import EpochExpertLoads, SelectionBiasNudges, dead_experts_by
 from .host_memory import keep_freed_host_memory
 from .losses import compute_loss, zero_loss
 from .monitor import Monitor, flatten, tensorboard_dir
+from .tensorboard_tags import ROUTING, TEST, VALID
 from .results import (assemble_results, hparams_record, provenance, resolve_run_dir, run_records, write_records,
                       write_results)
 from .step_guards import NonFiniteLoss, StepGuards
@@ -258,8 +259,8 @@ class Trainer:
                 print_main(info, warning)
         state.history.append({"epoch": state.epoch, "step": state.global_step, "valid_loss": valid.loss,
                               "valid": valid.metrics, **routing})
-        self.monitor.scalars(flatten("valid", valid.metrics), state.global_step)
-        self.monitor.scalars(flatten("routing", {**(routing.get("routing") or {}),
+        self.monitor.scalars(flatten(VALID, valid.metrics), state.global_step)
+        self.monitor.scalars(flatten(ROUTING, {**(routing.get("routing") or {}),
                                                  "dead_experts": routing.get("dead_experts", {})}), state.global_step)
         tag = checkpoint.tag_for(state.global_step)
         state.record_validation(tag, valid.loss)
@@ -278,7 +279,7 @@ class Trainer:
         decide = decides_thresholds(self.cfg.train, self.data)
         valid = evaluate(self.engine, self.data, "valid", self.cfg, info, self.device, self.dtype) if decide else None
         test = evaluate(self.engine, self.data, "test", self.cfg, info, self.device, self.dtype)
-        self.monitor.scalars(flatten("test", test.metrics), state.global_step)
+        self.monitor.scalars(flatten(TEST, test.metrics), state.global_step)
         if not info.is_main:
             return None
         decisions = None

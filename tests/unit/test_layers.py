@@ -8,7 +8,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "mmolre"
 
 # lowest first; a package (data, model) is one entry for all its modules
 LAYERS = [
-    {"version", "config", "metrics", "losses", "lr_schedule", "monitor", "preemption", "routing_stats",
+    {"version", "config", "tensorboard_tags", "metrics", "losses", "lr_schedule", "monitor", "preemption", "routing_stats",
      "distributed", "host_memory"},
     {"data", "model"},
     {"engine", "evaluate", "checkpoint", "topology_free_state", "train_state", "expert_optimizer",

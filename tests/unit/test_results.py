@@ -78,5 +78,5 @@ def test_the_hparams_record_holds_the_changed_flags_the_layout_and_the_final_met
     assert hparams["num_experts"] == 64 and hparams["lr"] == 0.003 and hparams["modalities"] == "text,audio"
     assert hparams["world_size"] == 2 and hparams["ep_size"] == 2 and hparams["top_k"] == cfg.model.top_k
     assert "epochs" not in hparams and "dropout" not in hparams   # at their defaults: left out
-    assert metrics == {"hparams/valid_loss": 1.25, "hparams/test_mae": 0.5, "hparams/test_corr": 0.75,
-                       "hparams/test_has0_acc2": 0.8}   # no emotion labels: no emotion metric
+    assert metrics == {"metrics/final/valid_loss": 1.25, "metrics/final/test_mae": 0.5, "metrics/final/test_corr": 0.75,
+                       "metrics/final/test_has0_acc2": 0.8}   # no emotion labels: no emotion metric

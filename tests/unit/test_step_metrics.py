@@ -46,7 +46,7 @@ def test_a_steps_losses_are_the_mean_of_its_counted_micro_batches_and_reach_tens
     assert abs(value["train/grad_norm"] - 0.7) < 1e-6 and value["train/samples"] == 640
     aux, _, _, weights, load = reduce_routing_over_ranks(out, ONE)
     assert abs(value["moe/text.0/sentiment/aux_loss"] - aux[0, 0]) < 1e-6
-    assert abs(value["fusion/emotion/audio"] - weights[1, 1]) < 1e-6
+    assert abs(value["modality_weight/emotion/audio"] - weights[1, 1]) < 1e-6
     assert load[0, 0].sum() == 3 * 2                             # 3 utterances x top-2 for each task
     assert metrics.log_steps == 0 and metrics.log_seconds == 0.0  # throughput restarts after each log
 
