@@ -96,14 +96,22 @@ def assemble_results(cfg: RunConfig, data, *, world_size: int, ep_size: int, par
     }
 
 
+# where a run is written, how often it logs or saves, how it handles faults: flags that name or run a run but do not
+# change what it learns, left out of the HParams table so that its columns are the ones a sweep varies
+NOT_HYPER_PARAMETERS = {"output_dir", "run_name", "resume", "reshard_only", "cache_dir", "ds_config", "log_every",
+                        "save_every", "keep_checkpoints", "on_nonfinite", "dist_timeout", "memory_check"}
+
+
 def hparams_record(cfg: RunConfig, results: dict) -> tuple[dict, dict[str, float]]:
-    """For TensorBoard's HParams tab: the flags that differ from their defaults plus experts, top-k, balance,
-    world size and expert parallelism; and the final metrics (valid loss at the selected epoch, test)."""
+    """For TensorBoard's HParams tab: the flags that differ from their defaults (but NOT_HYPER_PARAMETERS) plus
+    experts, top-k, balance, world size and expert parallelism; and the final metrics (valid loss at the selected epoch, test)."""
     from dataclasses import fields
     hparams = {}
     for section in (cfg.data, cfg.model, cfg.train):
         default = type(section)()
         for f in fields(section):
+            if f.name in NOT_HYPER_PARAMETERS:
+                continue
             value = getattr(section, f.name)
             if value != getattr(default, f.name):
                 hparams[f.name] = value if isinstance(value, (bool, int, float, str)) else str(value)

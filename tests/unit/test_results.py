@@ -70,7 +70,8 @@ def test_the_table_says_synthetic_and_shows_the_decision_rules():
 def test_the_hparams_record_holds_the_changed_flags_the_layout_and_the_final_metrics():
     from mmolre.config import parse_args
     from mmolre.results import hparams_record
-    cfg = parse_args(["--num_experts", "64", "--lr", "0.003", "--modalities", "text,audio"])
+    cfg = parse_args(["--num_experts", "64", "--lr", "0.003", "--modalities", "text,audio", "--run_name", "sweep_3",
+                      "--output_dir", "/scratch/runs", "--log_every", "7"])
     results = {"world_size": 2, "ep_size": 2, "best_epoch": 2,
                "history": [{"valid_loss": 1.5}, {"valid_loss": 1.25}],
                "test": {"sentiment": {"mae": 0.5, "corr": 0.75, "has0_acc2": 0.8}}}
@@ -78,5 +79,6 @@ def test_the_hparams_record_holds_the_changed_flags_the_layout_and_the_final_met
     assert hparams["num_experts"] == 64 and hparams["lr"] == 0.003 and hparams["modalities"] == "text,audio"
     assert hparams["world_size"] == 2 and hparams["ep_size"] == 2 and hparams["top_k"] == cfg.model.top_k
     assert "epochs" not in hparams and "dropout" not in hparams   # at their defaults: left out
+    assert not {"run_name", "output_dir", "log_every"} & set(hparams)   # name or run a run: not hyper-parameters
     assert metrics == {"metrics/final/valid_loss": 1.25, "metrics/final/test_mae": 0.5, "metrics/final/test_corr": 0.75,
                        "metrics/final/test_has0_acc2": 0.8}   # no emotion labels: no emotion metric
