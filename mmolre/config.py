@@ -81,6 +81,10 @@ class ModelConfig:
                          "gradient) or 'none'", default="aux")
     balance_bias_rate: float = _help("aux_free: how far each step moves an expert's selection bias (chosen "
                                      "on MOSEI's dev split: README 'Routing study')", default=1e-2)
+    balance_bias_update: str = _help("aux_free: 'sign' (DeepSeek-V3: +/- rate below/above the task's mean load) "
+                                     "or 'relative' (rate x the load error in units of the mean load: a route "
+                                     "costs rate x experts / routes per step, so the push keeps pace with the "
+                                     "expert count)", default="sign")
     router_temperature: float = _help("the routers' logits are divided by this before the softmax and the "
                                       "top-k choice (< 1: sharper combine weights)", default=1.0)
     grouped_experts: bool = _help("compute all local experts in one batched call on occupied slots only "
@@ -139,6 +143,9 @@ class TrainConfig:
     max_steps: int = _help("stop after this many optimizer steps in total (0: no limit); a step is one "
                            "accumulation window; a resume under another world size trains the same samples",
                            default=0)
+    patience: int = _help("early stopping: end training after this many epochs without a lower validation loss "
+                          "(0: train every epoch); the test uses the best epoch's checkpoint either way",
+                          default=0)
     batch_size: int = _help("micro batch per rank (0: train_micro_batch_size_per_gpu of --ds_config)",
                             default=0)
     grad_accum: int = _help("micro batches accumulated per optimizer step (0: gradient_accumulation_steps of "
@@ -290,7 +297,8 @@ def _validate_model(m: ModelConfig) -> None:
             raise ConfigError(f"--{flag} must be >= 0 (0 = no dropping), got {getattr(m, flag)}")
     for flag, (value, allowed) in {"--model": (m.model, ("mmolre", "hard_sharing", "mmoe")),
                                    "--fusion": (m.fusion, ("adaptive", "concat")),
-                                   "--balance": (m.balance, ("aux", "aux_free", "none"))}.items():
+                                   "--balance": (m.balance, ("aux", "aux_free", "none")),
+                                   "--balance_bias_update": (m.balance_bias_update, ("sign", "relative"))}.items():
         if value not in allowed:
             raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
     if m.model == "mmolre" and not (m.shared_experts or m.task_experts):
@@ -303,8 +311,8 @@ def _validate_model(m: ModelConfig) -> None:
 def _validate_training(t: TrainConfig) -> None:
     if t.epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {t.epochs}")
-    if t.max_steps < 0 or t.batch_size < 0 or t.grad_accum < 0:
-        raise ConfigError("--max_steps, --batch_size and --grad_accum must be >= 0")
+    if t.max_steps < 0 or t.batch_size < 0 or t.grad_accum < 0 or t.patience < 0:
+        raise ConfigError("--max_steps, --batch_size, --grad_accum and --patience must be >= 0")
     if t.lr <= 0:
         raise ConfigError(f"--lr must be > 0, got {t.lr}")
     for flag, (value, allowed) in {"--tasks": (t.tasks, ("both", "sentiment", "emotion")),

@@ -61,10 +61,22 @@ def dead_experts_by_layer(load: np.ndarray | None, layer_names: list[str]) -> di
     return dict(zip(layer_names, dead_experts(load).tolist()))
 
 
-def routing_record(valid, dead: dict | None, num_experts: int, epoch: int) -> tuple[dict, dict | None, str | None]:
-    """An epoch's routing record for the history (validation's specialisation statistics, the dead experts of the
-    epoch's training steps), the validation routes by id to keep for the next epoch's stability (int16 keeps
-    checkpoints small), and a warning when experts received no row. `valid`: rank 0's EvalResult."""
+def epoch_load_record(load: np.ndarray | None, layer_names: list[str]) -> dict:
+    """What the epoch's training loads [layers, tasks, N] say, per layer: `dead_experts` (no row of either task)
+    and `train_load_max_over_mean` (the busiest expert's routes over the mean, the worse of the tasks);
+    {} without loads or without shared experts."""
+    dead = dead_experts_by_layer(load, layer_names)
+    if dead is None:
+        return {}
+    mean = load.mean(-1)
+    ratio = np.where(mean > 0, load.max(-1) / np.maximum(mean, 1e-12), 0.0).max(-1)   # [layers]
+    return {"dead_experts": dead, "train_load_max_over_mean": dict(zip(layer_names, ratio.round(4).tolist()))}
+
+
+def routing_record(valid, loads: dict, num_experts: int, epoch: int) -> tuple[dict, dict | None, str | None]:
+    """An epoch's routing record for the history (validation's specialisation statistics, `loads`: the
+    epoch_load_record of its training steps), the validation routes by id to keep for the next epoch's stability
+    (int16 keeps checkpoints small), and a warning when experts received no row. `valid`: rank 0's EvalResult."""
     record = {"routing": valid.routing} if valid.routing else {}
     routes = None
     if valid.routing:
@@ -72,8 +84,9 @@ def routing_record(valid, dead: dict | None, num_experts: int, epoch: int) -> tu
         routes = {"ids": list(valid.predictions["ids"]),
                   "routes": torch.from_numpy(r.astype(np.int16 if num_experts < 2 ** 15 else np.int32))}
     warning = None
+    record.update(loads)
+    dead = loads.get("dead_experts")
     if dead is not None:
-        record["dead_experts"] = dead
         if any(dead.values()):
             warning = (f"warning: epoch {epoch}: shared experts that received no row: "
                        + ", ".join(f"{layer} {n} of {num_experts}" for layer, n in dead.items() if n))

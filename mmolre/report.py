@@ -15,7 +15,8 @@ REPORT_METRICS = (("test", "sentiment", "mae"), ("test", "sentiment", "non0_acc2
 # the routing study (`mmolre report --study`): the selection loss on valid (what a default may be chosen by),
 # test accuracy, balance, specialisation (validation split of the selected epoch), speed
 STUDY_METRICS = (("valid", "loss"), ("test", "sentiment", "mae"), ("test", "emotion", "micro_f1"), ("test", "emotion", "mean_wacc"),
-                 ("routing", "summary", "load_max_over_mean"), ("routing", "summary", "dead_experts"),
+                 ("routing", "summary", "load_max_over_mean"), ("routing", "summary", "train_load_max_over_mean"),
+                 ("routing", "summary", "dead_experts"),
                  ("routing", "summary", "task_divergence"), ("routing", "summary", "task_divergence_excess"),
                  ("routing", "summary", "sentiment_label_mi"), ("routing", "summary", "sentiment_label_mi_excess"),
                  ("routing", "summary", "emotion_label_mi_excess"), ("routing", "summary", "max_combine_weight"),

@@ -77,6 +77,7 @@ def assemble_results(cfg: RunConfig, data, *, world_size: int, ep_size: int, par
         "config": cfg.to_dict(), "synthetic": data.synthetic, "dataset": cfg.data.dataset,
         "world_size": world_size, "ep_size": ep_size, "num_experts": m.num_experts, "top_k": m.top_k,
         "best_epoch": state.best_epoch, "best_checkpoint": state.best_tag, "global_step": state.global_step,
+        "epochs_trained": state.epoch, "stopped_early": stops_early(state, cfg.train),
         "params": params,
         "data": {name: {k: meta[k] for k in ("source", "converted_from", "sha256", "modalities", "shapes", "splits")
                         if k in meta}
@@ -88,7 +89,8 @@ def assemble_results(cfg: RunConfig, data, *, world_size: int, ep_size: int, par
         "valid": best["valid"], "test": test.metrics,
         "routing": {"valid": best.get("routing"), "test": test.routing,
                     "dead_experts": best.get("dead_experts"),
-                    "summary": headline(best["routing"], best.get("dead_experts")) if best.get("routing") else None},
+                    "summary": headline(best["routing"], best.get("dead_experts"), best.get("train_load_max_over_mean"))
+                    if best.get("routing") else None},
         "baselines": baselines(np.asarray(train.hf["sentiment"]), labelled_emotions(train),
                                test.predictions["sentiment_true"], test.predictions["emotion_true"][has]),
         "emotion_decisions": decisions,
@@ -123,6 +125,23 @@ def hparams_record(cfg: RunConfig, results: dict) -> tuple[dict, dict[str, float
                **{f"{FINAL}/test_{k}": test.get("sentiment", {}).get(k) for k in ("mae", "corr", "has0_acc2")},
                f"{FINAL}/test_emotion_micro_f1": test.get("emotion", {}).get("micro_f1")}
     return hparams, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def stops_early(state, t) -> bool:
+    """--patience epochs without a lower validation loss, before the last epoch."""
+    return bool(t.patience) and state.epoch < t.epochs and state.epoch - state.best_epoch >= t.patience
+
+
+def epoch_line(state, valid, t) -> str:
+    """The log line of a validated epoch (`t`: the TrainConfig); says when --patience ends training early."""
+    v, emotion = valid.metrics["sentiment"], valid.metrics.get("emotion")
+    line = (f"epoch {state.epoch}: valid loss {valid.loss:.4f} | MAE {v['mae']:.4f} | Non0 Acc-2 {v['non0_acc2']:.4f}"
+            + (f" | emotion micro-F1 {emotion['micro_f1']:.4f}" if emotion else "")
+            + (" (best)" if state.best_epoch == state.epoch else ""))
+    if stops_early(state, t):
+        line += (f"\nearly stop: no lower validation loss in the {t.patience} epoch(s) since epoch {state.best_epoch} "
+                 f"(--patience {t.patience})")
+    return line
 
 
 def write_results(run_dir: str, results: dict, test_predictions: dict, thresholds: dict | None) -> None:

@@ -133,9 +133,10 @@ def specialisation_statistics(routes: np.ndarray, combine: np.ndarray, layer_nam
     return summary
 
 
-def headline(summary: dict, dead: dict | None = None) -> dict:
+def headline(summary: dict, dead: dict | None = None, train_load: dict | None = None) -> dict:
     """One number per statistic for tables: the mean over layers (and tasks, where per task), the label
-    MI per task (with its chance level and excess), and the dead experts summed over layers."""
+    MI per task (with its chance level and excess), the dead experts summed over layers and, of the epoch's
+    training routes, the worst layer's load max/mean."""
     def mean(values):
         values = [v for v in values if v is not None]   # undefined entries (None) do not count
         return float(np.mean(values)) if values else None
@@ -153,6 +154,8 @@ def headline(summary: dict, dead: dict | None = None) -> dict:
                 out[f"{task}_{name}"] = mean(values)
     if dead is not None:
         out["dead_experts"] = int(sum(dead.values()))
+    if train_load:
+        out["train_load_max_over_mean"] = float(max(train_load.values()))
     return out
 
 

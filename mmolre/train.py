@@ -33,13 +33,13 @@ from .emotion_decisions import (check_tasks, choose_decisions, decides_threshold
                                 labelled_emotions, write_thresholds)
 from .engine import compute_dtype, initialize, load_ds_config
 from .evaluate import evaluate, inputs, to_device
-from .expert_loads import EpochExpertLoads, SelectionBiasNudges, dead_experts_by_layer, routing_record
+from .expert_loads import EpochExpertLoads, SelectionBiasNudges, epoch_load_record, routing_record
 from .host_memory import keep_freed_host_memory
 from .losses import compute_loss, zero_loss
 from .monitor import Monitor, flatten, tensorboard_dir
 from .tensorboard_tags import ROUTING, TEST, VALID
-from .results import (assemble_results, hparams_record, provenance, resolve_run_dir, run_records, write_records,
-                      write_results)
+from .results import (assemble_results, epoch_line, hparams_record, provenance, resolve_run_dir, run_records,
+                      stops_early, write_records, write_results)
 from .step_guards import NonFiniteLoss, StepGuards
 from .step_metrics import StepMetrics, learning_rates
 from .train_state import TrainState
@@ -154,8 +154,10 @@ class Trainer:
         return self.test() if self.train() else None
 
     def done(self) -> bool:
-        """--max_steps reached: its sample budget (the same steps under the first start's batch size)."""
-        return bool(self.cfg.train.max_steps) and self.state.train_samples >= self.engine.lr_scheduler.max_samples
+        """--max_steps reached (its sample budget: the same steps under the first start's batch size), or
+        --patience epochs without a better validation loss (every rank has the same losses)."""
+        t, s = self.cfg.train, self.state
+        return (bool(t.max_steps) and s.train_samples >= self.engine.lr_scheduler.max_samples) or stops_early(s, t)
 
     def train(self) -> bool:
         """Epochs of optimizer steps, each epoch ended by `validate`; False if a stop request ended it early
@@ -250,25 +252,22 @@ class Trainer:
         previous = state.valid_routes and {"ids": state.valid_routes["ids"],
                                            "routes": state.valid_routes["routes"].numpy().astype("int64")}
         valid = evaluate(self.engine, self.data, "valid", self.cfg, info, self.device, self.dtype, previous)
-        dead = dead_experts_by_layer(self.loads.end_epoch(), self.model.moe_layer_names())
+        loads = epoch_load_record(self.loads.end_epoch(), self.model.moe_layer_names())
         routing = {}
         if info.is_main:
-            routing, routes, warning = routing_record(valid, dead, self.cfg.model.num_experts, state.epoch)
+            routing, routes, warning = routing_record(valid, loads, self.cfg.model.num_experts, state.epoch)
             state.valid_routes = routes or state.valid_routes   # for the next epoch's stability
             if warning:
                 print_main(info, warning)
         state.history.append({"epoch": state.epoch, "step": state.global_step, "valid_loss": valid.loss,
                               "valid": valid.metrics, **routing})
         self.monitor.scalars(flatten(VALID, valid.metrics), state.global_step)
-        self.monitor.scalars(flatten(ROUTING, {**(routing.get("routing") or {}),
-                                                 "dead_experts": routing.get("dead_experts", {})}), state.global_step)
+        self.monitor.scalars(flatten(ROUTING, {**(routing.get("routing") or {}), **{k: routing.get(k, {}) for k in
+                                               ("dead_experts", "train_load_max_over_mean")}}), state.global_step)
         tag = checkpoint.tag_for(state.global_step)
         state.record_validation(tag, valid.loss)
         self.checkpointer.save(state, self.loads)
-        v, emotion = valid.metrics["sentiment"], valid.metrics.get("emotion")
-        print_main(info, f"epoch {state.epoch}: valid loss {valid.loss:.4f} | MAE {v['mae']:.4f} | Non0 Acc-2 "
-                  f"{v['non0_acc2']:.4f}" + (f" | emotion micro-F1 {emotion['micro_f1']:.4f}" if emotion else "")
-                  + (" (best)" if state.best_tag == tag else ""))
+        print_main(info, epoch_line(state, valid, self.cfg.train))
         self.monitor.flush()
 
     def test(self) -> dict | None:

@@ -75,7 +75,7 @@ class MMoLRE(nn.Module):
                       use_shared=cfg.shared_experts and cfg.model != "hard_sharing",
                       use_task=cfg.task_experts and cfg.model != "mmoe",
                       uniform_gate=not cfg.routers, balance=cfg.balance, bias_rate=cfg.balance_bias_rate,
-                      router_temperature=cfg.router_temperature)
+                      router_temperature=cfg.router_temperature, bias_update=cfg.balance_bias_update)
             for m, t in steps.items()})
         fusion = TaskAdaptiveFusion if cfg.fusion == "adaptive" else ConcatFusion
         self.fusion = nn.ModuleList(fusion(d, self.modalities) for _ in range(self.num_streams))

@@ -101,7 +101,7 @@ class TaskRoutedGate(TopKGate):
     def __init__(self, d_model: int, seq_len: int, num_experts: int, num_tasks: int, k: int,
                  capacity_factor: float = 0.0, router_noise: bool = False, uniform: bool = False,
                  eval_capacity_factor: float = 0.0, balance: str = "aux", bias_rate: float = 1e-2,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, bias_update: str = "sign"):
         super().__init__(model_dim=1, num_experts=num_experts, k=k,
                          capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                          min_capacity=0, noisy_gate_policy=None, drop_tokens=capacity_factor > 0, use_rts=False,
@@ -115,6 +115,7 @@ class TaskRoutedGate(TopKGate):
         # size its [experts, capacity] buffers; a dispatch that does not use them switches this off.
         self.agree_on_capacity = True
         self.balance, self.bias_rate, self.temperature = balance, bias_rate, temperature
+        self.bias_update = bias_update
         if balance == "aux_free":   # saved with the module (checkpoints carry it); fp32 whatever the engine's dtype
             self.register_buffer("selection_bias", torch.zeros(num_tasks, num_experts))
         self.pending_counts: torch.Tensor | None = None   # assigned routes per task since the last nudge
@@ -131,12 +132,23 @@ class TaskRoutedGate(TopKGate):
 
     @torch.no_grad()
     def nudge_selection_bias(self, counts: torch.Tensor) -> None:
-        """aux_free: after an optimizer step, move each task's bias by bias_rate against its load error.
+        """aux_free: after an optimizer step, move each task's bias against its load error.
         counts [tasks, N]: the routes each expert was assigned over the step, summed over all ranks (so every
-        replica of the gate takes the same nudge). An expert above its task's mean load loses bias_rate, one
-        below gains it; a task that routed no rows is left alone."""
-        error = counts.mean(1, keepdim=True) - counts
-        self.selection_bias += self.bias_rate * torch.sign(error).to(self.selection_bias)
+        replica of the gate takes the same nudge). A task that routed no rows is left alone.
+
+        "sign" (DeepSeek-V3): an expert above its task's mean load loses bias_rate, one below gains it.
+        "relative": the error in units of the task's mean load m: an expert with c routes moves by
+        bias_rate * (1 - c/m). With fewer routes per step than experts, the sign rule charges a route 2 *
+        bias_rate whatever the count; here a route costs bias_rate * N/R (R routes per step, N experts), so the
+        bias counts the routes an expert is ahead of or behind its share at any expert count, as strongly at
+        16,384 experts as at 8."""
+        mean = counts.mean(1, keepdim=True)
+        error = mean - counts
+        if self.bias_update == "relative":
+            step = torch.where(mean > 0, error / mean.clamp_min(1e-12), torch.zeros_like(error))
+        else:
+            step = torch.sign(error)
+        self.selection_bias += self.bias_rate * step.to(self.selection_bias)
     def route_logits(self, rows: torch.Tensor, routing: RowRouting) -> torch.Tensor:
         """Per-row fp32 logits [S, N], each row scored by its own task's router."""
         if not len(self.routers):

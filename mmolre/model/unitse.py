@@ -45,7 +45,8 @@ class UniTSEBlock(nn.Module):
                  task_rank: int, num_tasks: int, ep_size: int, dropout: float, capacity_factor: float,
                  router_noise: bool, grouped_experts: bool = True, use_shared: bool = True,
                  use_task: bool = True, uniform_gate: bool = False, eval_capacity_factor: float = 0.0,
-                 balance: str = "aux", bias_rate: float = 1e-2, router_temperature: float = 1.0):
+                 balance: str = "aux", bias_rate: float = 1e-2, router_temperature: float = 1.0,
+                 bias_update: str = "sign"):
         super().__init__()
         self.seq_len, self.d_model, self.num_tasks, self.num_experts = seq_len, d_model, num_tasks, num_experts
         self.moe = None
@@ -58,7 +59,8 @@ class UniTSEBlock(nn.Module):
                 draw_like_deepspeeds_gate(num_experts)
             gate = TaskRoutedGate(d_model, seq_len, num_experts, num_tasks, top_k, capacity_factor, router_noise,
                                   uniform=uniform_gate, eval_capacity_factor=eval_capacity_factor,
-                                  balance=balance, bias_rate=bias_rate, temperature=router_temperature)
+                                  balance=balance, bias_rate=bias_rate, temperature=router_temperature,
+                                  bias_update=bias_update)
             if grouped_experts:  # DeepSpeed's MOELayer, a compact dispatch, experts in a bank (grouped.py)
                 experts = StackedLowRankExperts(template, num_experts // ep_size, f"ep_size_{ep_size}")
                 self.moe = ExpertParallelMoE(gate, experts, num_experts, ep_size)

@@ -143,3 +143,54 @@ def test_the_routers_get_their_own_learning_rate():
 def test_balancing_flags_are_checked(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_args(argv)
+
+
+def test_the_relative_bias_update_charges_a_route_experts_over_routes_and_the_sign_rule_does_not():
+    """With far fewer routes per step than experts, the sign rule moves a used expert by -rate and every unused
+    one by +rate whatever the counts; the relative rule moves an expert by rate * (1 - c/mean), so one route
+    costs rate * N/R and the bias tracks each expert's routes against its share."""
+    n, routes = 1024, 64
+    counts = torch.zeros(2, n)
+    counts[0, :routes] = 1              # task 0: 64 experts with one route each
+    counts[0, 0] += 3                   # one with four
+    rate = 0.01
+    sign = TaskRoutedGate(D, T, n, num_tasks=2, k=1, balance="aux_free", bias_rate=rate)
+    relative = TaskRoutedGate(D, T, n, num_tasks=2, k=1, balance="aux_free", bias_rate=rate, bias_update="relative")
+    for gate in (sign, relative):
+        gate.nudge_selection_bias(counts)
+    mean = (routes + 3) / n
+    torch.testing.assert_close(relative.selection_bias[0, 0], torch.tensor(rate * (1 - 4 / mean)))
+    torch.testing.assert_close(relative.selection_bias[0, 1], torch.tensor(rate * (1 - 1 / mean)))
+    torch.testing.assert_close(relative.selection_bias[0, -1], torch.tensor(rate))
+    assert sign.selection_bias[0, 0] == sign.selection_bias[0, 1] == -rate      # 4 routes cost what 1 does
+    # the relative rule's nudges sum to zero per task (the bias only moves load between experts); a task that
+    # routed nothing is left alone by both
+    assert abs(relative.selection_bias[0].sum().item()) < 1e-4
+    assert not relative.selection_bias[1].any() and not sign.selection_bias[1].any()
+
+
+def test_the_relative_rule_spreads_a_top1_router_over_many_more_experts_than_rows_per_step():
+    """1,024 experts, 32 routes per task and step, a router with sharp input-dependent preferences: over the
+    second half of 128 steps (2,048 routes, 2 per expert; a uniformly random choice would leave e^-2 = 14 % of
+    the experts without one) the relative rule uses nearly every expert and keeps the busiest near its share;
+    the sign rule at the same rate leaves most experts without a route."""
+    n, rows_per_task, steps = 1024, 32, 128
+    results = {}
+    for update in ("sign", "relative"):
+        torch.manual_seed(0)
+        gate = TaskRoutedGate(D, T, n, num_tasks=2, k=1, balance="aux_free", bias_rate=0.01, bias_update=update)
+        with torch.no_grad():
+            gate.routers[0].net[2].weight.mul_(5.0)
+        gate.train()
+        total = torch.zeros(n)
+        for step in range(steps):
+            rows, routing = _rows(2 * rows_per_task, seed=step)
+            _, _, _, _, _, _, counts = gate(rows, routing)
+            if step >= steps // 2:
+                total += counts[0]
+            gate.nudge_selection_bias(gate.pending_counts)
+            gate.pending_counts = None
+        results[update] = (int((total == 0).sum()), (total.max() / total.mean()).item())
+    dead, ratio = results["relative"]
+    assert dead <= 0.03 * n and ratio <= 3.0, results
+    assert results["sign"][0] > 0.4 * n, results

@@ -6,7 +6,8 @@ import torch
 from mmolre.config import ModelConfig
 from mmolre.distributed import DistInfo
 from mmolre.evaluate import EvalResult
-from mmolre.expert_loads import EpochExpertLoads, SelectionBiasNudges, dead_experts_by_layer, routing_record
+from mmolre.expert_loads import (EpochExpertLoads, SelectionBiasNudges, dead_experts_by_layer, epoch_load_record,
+                                 routing_record)
 from mmolre.model import MMoLRE
 
 ONE = DistInfo(rank=0, local_rank=0, world_size=1, local_world_size=1)
@@ -37,20 +38,33 @@ def test_dead_experts_are_those_no_task_sent_a_row():
     assert dead_experts_by_layer(np.zeros((1, 2, 0)), ["text.0"]) is None   # no shared experts
 
 
+def test_the_epoch_load_record_gives_the_worse_tasks_busiest_expert_over_the_mean():
+    load = np.zeros((2, 2, 4))
+    load[0, 0] = [1, 1, 1, 1]     # balanced
+    load[0, 1] = [4, 0, 0, 0]     # 4 over a mean of 1
+    load[1, 0] = [2, 1, 1, 0]     # 2 over 1; task 1 routed nothing (no ratio)
+    record = epoch_load_record(load, ["text.0", "text.1"])
+    assert record == {"dead_experts": {"text.0": 0, "text.1": 1},
+                      "train_load_max_over_mean": {"text.0": 4.0, "text.1": 2.0}}
+    assert epoch_load_record(None, ["text.0"]) == {}
+
+
 def _valid(routes: np.ndarray) -> EvalResult:
     return EvalResult(loss=1.0, metrics={}, predictions={"ids": ["a", "b"], "routes": routes},
                       routing={"text.0": {"task_divergence": 0.1}})
 
 
 def test_the_routing_record_keeps_routes_small_and_warns_of_dead_experts():
-    record, routes, warning = routing_record(_valid(np.array([[[[1, 2]]], [[[0, 3]]]])), {"text.0": 2, "text.1": 0},
-                                             num_experts=8, epoch=3)
-    assert record == {"routing": {"text.0": {"task_divergence": 0.1}}, "dead_experts": {"text.0": 2, "text.1": 0}}
+    loads = {"dead_experts": {"text.0": 2, "text.1": 0}, "train_load_max_over_mean": {"text.0": 3.0, "text.1": 1.5}}
+    record, routes, warning = routing_record(_valid(np.array([[[[1, 2]]], [[[0, 3]]]])), loads, num_experts=8,
+                                             epoch=3)
+    assert record == {"routing": {"text.0": {"task_divergence": 0.1}}, **loads}
     assert routes["ids"] == ["a", "b"] and routes["routes"].dtype == torch.int16
     assert warning == "warning: epoch 3: shared experts that received no row: text.0 2 of 8"
-    _, routes, warning = routing_record(_valid(np.zeros((2, 1, 1, 2), np.int64)), {"text.0": 0}, 40_000, 1)
+    _, routes, warning = routing_record(_valid(np.zeros((2, 1, 1, 2), np.int64)), {"dead_experts": {"text.0": 0}},
+                                        40_000, 1)
     assert routes["routes"].dtype == torch.int32 and warning is None
-    record, routes, _ = routing_record(EvalResult(1.0, {}, {"ids": []}, None), None, 8, 1)
+    record, routes, _ = routing_record(EvalResult(1.0, {}, {"ids": []}, None), {}, 8, 1)
     assert record == {} and routes is None
 
 

@@ -82,3 +82,25 @@ def test_the_hparams_record_holds_the_changed_flags_the_layout_and_the_final_met
     assert not {"run_name", "output_dir", "log_every"} & set(hparams)   # name or run a run: not hyper-parameters
     assert metrics == {"metrics/final/valid_loss": 1.25, "metrics/final/test_mae": 0.5, "metrics/final/test_corr": 0.75,
                        "metrics/final/test_has0_acc2": 0.8}   # no emotion labels: no emotion metric
+
+
+def test_patience_stops_after_that_many_epochs_without_a_lower_validation_loss_and_says_so():
+    from mmolre.config import TrainConfig
+    from mmolre.results import epoch_line, stops_early
+    t = TrainConfig(epochs=10, patience=2)
+    state = TrainState()
+    valid = EvalResult(loss=0.0, metrics={"sentiment": {"mae": 0.5, "non0_acc2": 0.7}}, predictions={})
+    stopped_at = None
+    for epoch, loss in enumerate([1.0, 0.9, 0.95, 0.91, 0.8, 0.7], 1):   # epochs 3 and 4: no new best
+        state.epoch = epoch
+        state.record_validation(f"step{epoch}", loss)
+        if stops_early(state, t):
+            stopped_at = epoch
+            break
+    assert stopped_at == 4 and state.best_epoch == 2
+    assert "early stop: no lower validation loss in the 2 epoch(s) since epoch 2 (--patience 2)" in epoch_line(state,
+                                                                                                          valid, t)
+    assert not stops_early(state, TrainConfig(epochs=10, patience=0))   # off
+    assert not stops_early(state, TrainConfig(epochs=4, patience=2))    # the last epoch: not "early"
+    state.epoch, state.best_epoch = 3, 2
+    assert not stops_early(state, t) and "early stop" not in epoch_line(state, valid, t)

