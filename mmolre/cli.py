@@ -220,7 +220,8 @@ def _add_model_commands(sub) -> None:
     exp.set_defaults(func=_export)
     pred = sub.add_parser("predict", help="predict with an exported model on CPU")
     pred.add_argument("model", help="a directory `mmolre export` wrote")
-    pred.add_argument("data", help="an MMSA-schema pickle (opening a pickle runs code: use files you trust)")
+    pred.add_argument("data", help="a dataset `mmolre data convert` wrote, or an MMSA-schema pickle (opening a "
+                                   "pickle runs code: use files you trust)")
     pred.add_argument("--trust_pickle", action="store_true",
                       help="load an earlier version's export, one torch pickle (.pt): unpickling runs any code the "
                            "file names, so only for a file you trust")
@@ -252,7 +253,8 @@ def _add_data_commands(sub) -> None:
     bc.add_argument("--split_seed", type=int, default=0)
     bc.set_defaults(func=_bclstm)
     data = sub.add_parser("data", help="look at, verify or convert a dataset file").add_subparsers(dest="data_command", required=True)
-    ins = data.add_parser("inspect", help="splits, sizes, shapes, dtypes, labels, NaN/inf counts of a pickle")
+    ins = data.add_parser("inspect", help="splits, sizes, shapes, dtypes, labels, NaN/inf counts of a pickle (opening "
+                                          "it runs code: `verify` a downloaded file first) or of a converted dataset")
     ins.add_argument("path")
     ins.set_defaults(func=_data_inspect)
     ver = data.add_parser("verify", help="check a pickle's SHA-256 against MMSA's published hashes")

@@ -123,7 +123,8 @@ def model_card(run_dir: str, config: dict) -> str:
             lines += ["", f"Emotions (threshold 0.5): micro-F1 {test['emotion']['micro_f1']:.4f}"]
         lines.append("")
     lines += ["```python", "from mmolre import load_model", "model = load_model(\"this directory\")",
-              "out = model.predict(\"data.pkl\", split=\"test\")   # or a dict of arrays [N, T, F]", "```", ""]
+              "out = model.predict(\"data_dir/\", split=\"test\")   # `mmolre data convert` output, an MMSA pickle, "
+              "or a dict of arrays [N, T, F]", "```", ""]
     return "\n".join(lines)
 
 

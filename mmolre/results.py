@@ -79,7 +79,8 @@ def assemble_results(cfg: RunConfig, data, *, world_size: int, ep_size: int, par
         "best_epoch": state.best_epoch, "best_checkpoint": state.best_tag, "global_step": state.global_step,
         "epochs_trained": state.epoch, "stopped_early": stops_early(state, cfg.train),
         "params": params,
-        "data": {name: {k: meta[k] for k in ("source", "converted_from", "sha256", "modalities", "shapes", "splits")
+        "data": {name: {k: meta[k] for k in ("source", "converted_from", "sha256", "converted_from_sha256", "modalities",
+                                                  "shapes", "splits")
                         if k in meta}
                  | {"emotion_labels": (meta.get("emotion_labels") or {}).get("summary")}
                  for name, meta in data.sources.items()},
@@ -100,13 +101,13 @@ def assemble_results(cfg: RunConfig, data, *, world_size: int, ep_size: int, par
 
 # where a run is written, how often it logs or saves, how it handles faults: flags that name or run a run but do not
 # change what it learns, left out of the HParams table so that its columns are the ones a sweep varies
-NOT_HYPER_PARAMETERS = {"output_dir", "run_name", "resume", "reshard_only", "cache_dir", "ds_config", "log_every",
-                        "save_every", "keep_checkpoints", "on_nonfinite", "dist_timeout", "memory_check"}
+NOT_HYPER_PARAMETERS = {"output_dir", "run_name", "resume", "reshard_only", "cache_dir", "log_every", "save_every",
+                        "keep_checkpoints", "dist_timeout", "memory_check"}
 
 
 def hparams_record(cfg: RunConfig, results: dict) -> tuple[dict, dict[str, float]]:
     """For TensorBoard's HParams tab: the flags that differ from their defaults (but NOT_HYPER_PARAMETERS) plus
-    experts, top-k, balance, world size and expert parallelism; and the final metrics (valid loss at the selected epoch, test)."""
+    experts, top-k, balance, world size, expert parallelism and the DeepSpeed config's file name; and the final metrics (valid loss at the selected epoch, test)."""
     from dataclasses import fields
     hparams = {}
     for section in (cfg.data, cfg.model, cfg.train):
@@ -117,6 +118,7 @@ def hparams_record(cfg: RunConfig, results: dict) -> tuple[dict, dict[str, float
             value = getattr(section, f.name)
             if value != getattr(default, f.name):
                 hparams[f.name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    hparams["ds_config"] = os.path.basename(cfg.train.ds_config or "")   # precision, clipping, ZeRO stage: by name
     hparams.update(num_experts=cfg.model.num_experts, top_k=cfg.model.top_k, balance=cfg.model.balance,
                    world_size=results["world_size"], ep_size=results["ep_size"])
     best = results["history"][results["best_epoch"] - 1] if results.get("best_epoch") else {}

@@ -13,6 +13,7 @@ From Python (`mmolre predict OUT_DIR data.pkl` is the same call):
     from mmolre import load_model
     model = load_model("OUT_DIR")
     out = model.predict({"text": x, "audio": a, "vision": v})   # arrays [N, T, F], optional "<m>_lengths"
+    out = model.predict("data_dir/", split="test")             # a dataset `mmolre data convert` wrote
     out = model.predict("data.pkl", split="test")              # an MMSA-schema file (opening a pickle runs code)
     out["sentiment_pred"], out["emotion_prob"], out.get("emotion_pred")
 
@@ -105,8 +106,9 @@ class LoadedModel:
 
     @torch.no_grad()
     def predict(self, data, split: str = "test", cache_dir: str | None = None, batch_size: int = 64) -> dict:
-        """Predictions for `data`: arrays {modality: [N, T, F], optional "<m>_lengths", "id", labels}, an
-        MMSA-schema file (one `split` of it, through the Arrow cache), or a prepared `SplitDataset`. Arrays
+        """Predictions for `data`: arrays {modality: [N, T, F], optional "<m>_lengths", "id", labels}, a dataset
+        `mmolre data convert` wrote or an MMSA-schema file (one `split` of it, through the Arrow cache), or a
+        prepared `SplitDataset`. Arrays
         without "<m>_lengths" count every step as valid (pass the lengths of padded sequences). Returns ids,
         sentiment_pred, emotion_prob [N, 6], the labels where given and, with thresholds, emotion_pred [N, 6]
         (0/1) at the thresholds chosen on valid. Under an evaluation capacity (eval_capacity_factor > 0) a
@@ -122,8 +124,8 @@ class LoadedModel:
         return preds
 
     def _dataset(self, data, split: str, cache_dir: str | None):
-        from .data.cache import in_memory_split, load_cache
-        from .data.converted import ensure_arrow
+        from .data.cache import in_memory_split
+        from .data.converted import ensure_arrow, open_arrow
         from .data.loader import SplitDataset
         from .data.tokens import TextTokens
         cfg, shapes = self.model.cfg, self.config["shapes"]
@@ -138,7 +140,8 @@ class LoadedModel:
             if cache_dir is None:
                 from .config import default_cache_dir
                 cache_dir = default_cache_dir()
-            splits, meta = load_cache(ensure_arrow(str(data), cache_dir, text_tokens=tokens))
+            ensure_arrow(str(data), cache_dir, text_tokens=tokens)
+            splits, meta = open_arrow(str(data), cache_dir, text_tokens=tokens)
             hf, where, found = splits[split], str(data), meta["shapes"]
         for m in self.modalities:
             expected = list(shapes[m])[:1] if tokens and m == "text" else list(shapes[m])   # token ids: steps only

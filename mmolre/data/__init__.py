@@ -8,8 +8,7 @@ import datasets
 import numpy as np
 
 from ..config import MODALITIES, DataConfig
-from .cache import load_cache
-from .converted import arrow_dir, ensure_arrow
+from .converted import ensure_arrow, open_arrow
 from .loader import Batch, SplitDataset, eval_batches, train_loader
 from .schema import SPLITS, DataError
 from .tokens import TextTokens
@@ -48,7 +47,7 @@ def prepare(cfg: DataConfig, builds: bool, barrier: Callable[[], None],
     barrier()
     if error is not None:
         raise error
-    loaded = [(src, *load_cache(arrow_dir(src.path, cfg.cache_dir, src.emotion_labels, text_tokens)))
+    loaded = [(src, *open_arrow(src.path, cfg.cache_dir, src.emotion_labels, text_tokens))
               for src in resolve_sources(cfg)]
     modalities = choose_modalities(cfg, loaded)
     token_text = text_tokens is not None and "text" in modalities

@@ -77,7 +77,7 @@ def load_pickle(path: str) -> dict:
         raise DataError(f"{path}: not a readable MMSA pickle ({type(e).__name__}: {e})") from e
 
 
-def _features(shapes: dict[str, tuple[int, int]], token_steps: int | None) -> datasets.Features:
+def arrow_features(shapes: dict[str, tuple[int, int]], token_steps: int | None) -> datasets.Features:
     spec = {"id": datasets.Value("string"), "sentiment": datasets.Value("float32"),
             "emotions": datasets.Sequence(datasets.Value("float32"), length=len(EMOTIONS)),
             "has_emotion": datasets.Value("bool")}
@@ -120,7 +120,7 @@ def in_memory_split(arrays: dict, modalities: list[str], where: str = "arrays") 
     check_split(where, "predict", data, modalities)   # shapes, lengths, ids; non-finite values -> 0 (counted)
     cols = _split_columns(data, modalities)
     shapes = {m: tuple(cols[m].shape[1:]) for m in modalities}
-    return datasets.Dataset.from_dict(cols, features=_features(shapes, None))
+    return datasets.Dataset.from_dict(cols, features=arrow_features(shapes, None))
 
 
 def _normalisation(train: dict, modalities: list[str]) -> dict:
@@ -154,7 +154,7 @@ def build_cache(source: str, cache_dir: str, extra_meta: dict | None = None,
     the text is the transcripts (`raw_text`) tokenized for that encoder, and no text features are stored."""
     target = cache_path_for(source, cache_dir, emotion_labels, text_tokens)
     if os.path.exists(os.path.join(target, "meta.json")):
-        _check_cached_join(source, target, join_tolerance)
+        check_cached_join(source, target, join_tolerance)
         return target
     write_cache(source, target, known_sha256(source, cache_dir), extra_meta, emotion_labels, join_tolerance,
                 text_tokens)
@@ -190,7 +190,7 @@ def write_cache(source: str, target: str, sha256: str, extra_meta: dict | None =
             columns[s]["text_ids"], columns[s]["text_length"] = ids, lengths
         token_meta = {"max_length": text_tokens.max_length, "truncated": {s: int(t[2]) for s, t in tokens.items()}}
     tmp = f"{target.rstrip(os.sep)}.tmp{os.getpid()}"
-    _write_arrow(tmp, columns, _features(shapes, text_tokens.max_length if text_tokens else None))
+    _write_arrow(tmp, columns, arrow_features(shapes, text_tokens.max_length if text_tokens else None))
     meta = _meta(source, sha256, shapes, token_meta, join, emotion_labels, columns["train"], modalities, reports)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump({**meta, **(extra_meta or {})}, f, indent=1)
@@ -200,7 +200,7 @@ def write_cache(source: str, target: str, sha256: str, extra_meta: dict | None =
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_cached_join(source: str, target: str, join_tolerance: float) -> None:
+def check_cached_join(source: str, target: str, join_tolerance: float) -> None:
     """A cache joined under a higher --emotion_join_tolerance is checked again against this one."""
     with open(os.path.join(target, "meta.json")) as f:
         join = json.load(f).get("emotion_labels")
@@ -254,7 +254,5 @@ def load_cache(target: str) -> tuple[datasets.DatasetDict, dict]:
     """Memory-map a built cache; returns the splits and meta.json."""
     with open(os.path.join(target, "meta.json")) as f:
         meta = json.load(f)
-    if "converted_by" in meta:   # a dataset `mmolre data convert` wrote: what was read is this directory
-        meta = {**meta, "source": os.path.abspath(target), "converted_from": meta["source"]}
     splits = {s: datasets.Dataset.from_file(os.path.join(target, f"{s}.arrow"), in_memory=False) for s in SPLITS}
     return datasets.DatasetDict(splits), meta

@@ -28,7 +28,23 @@ def verify(path: str) -> tuple[str, str | None]:
 
 
 def inspect(path: str) -> str:
-    """A plain-text description: splits, sizes, every array's shape and dtype, labels, non-finite counts."""
+    """A plain-text description: splits, sizes, every array's shape and dtype, labels, non-finite counts. A
+    dataset `mmolre data convert` wrote is checked whole (no pickle is opened) and summarised from meta.json."""
+    from .converted import check_converted, is_converted
+    if is_converted(path):
+        meta = check_converted(path)
+        lines = [f"{path}  (a converted dataset, format {meta['format']}, {meta.get('converted_by', 'a cache')}; "
+                 f"every value checked)", f"  converted from {meta['source']} (sha256 {meta['sha256']})"]
+        for split in SPLITS:
+            r = meta["splits"][split]
+            lines.append(f"  {split}: {r['samples']} samples, {r['with_emotions']} with emotion labels"
+                         + (f"; non-finite values replaced by 0 at conversion: {r['nonfinite_replaced']}"
+                            if r["nonfinite_replaced"] else ""))
+        lines += [f"    {m:<8} [samples, {', '.join(map(str, meta['shapes'][m]))}] float32" for m in meta["modalities"]]
+        return "\n".join(lines)
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a directory without meta.json (give the pickle, or a dataset `mmolre data "
+                        f"convert` wrote)")
     data = load_pickle(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a dict with splits {SPLITS}, got {type(data).__name__}")

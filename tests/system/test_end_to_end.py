@@ -84,6 +84,7 @@ def test_tensorboard_has_per_task_aux_losses_and_routing(first_run):
     from mmolre.tensorboard_tags import ORDER
     groups = sorted({t.split("/")[0] for t in tags})
     assert groups == list(ORDER) and groups[:2] == ["loss", "metrics"]
+    assert all(t.startswith("metrics/valid/") for t in tags if t.split("/")[0] == "metrics")   # valid alone there
 
 
 def test_one_tensorboard_run_with_the_runs_hyper_parameters_and_final_metrics(first_run):
@@ -104,8 +105,8 @@ def test_one_tensorboard_run_with_the_runs_hyper_parameters_and_final_metrics(fi
     assert hparams["num_experts"] == r["num_experts"] and hparams["world_size"] == 2 and hparams["ep_size"] == 2
     assert hparams["balance"] == "aux" and hparams["top_k"] == r["top_k"]
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert {m.name.tag for m in experiment.metric_infos} >= {"metrics/final/valid_loss", "metrics/final/test_mae"}
-    assert acc.Scalars("metrics/final/test_mae")[-1].value == pytest.approx(r["test"]["sentiment"]["mae"], rel=1e-6)
+    assert {m.name.tag for m in experiment.metric_infos} >= {"metrics_final/valid_loss", "metrics_final/test_mae"}
+    assert acc.Scalars("metrics_final/test_mae")[-1].value == pytest.approx(r["test"]["sentiment"]["mae"], rel=1e-6)
 
 
 def test_checkpoint_holds_experts_per_global_id_in_one_file_per_rank(first_run):

@@ -281,6 +281,11 @@ def test_the_python_api_predicts_like_the_cli_on_a_file_and_on_arrays(reference,
     model = mmolre.load_model(str(tmp_path / "model"))
     source = json.loads((ref / "data_meta.json").read_text())["sources"]["synthetic"]
     from_file = model.predict(source, split="test", cache_dir=str(tmp / "cache"))
+    from mmolre.data.converted import convert   # the same file as a pickle-free dataset: the same predictions
+    convert(source, str(tmp_path / "converted"))
+    from_converted = model.predict(str(tmp_path / "converted"), split="test", cache_dir=str(tmp / "cache"))
+    assert list(from_converted["ids"]) == list(from_file["ids"])
+    np.testing.assert_array_equal(from_converted["sentiment_pred"], from_file["sentiment_pred"])
     with open(source, "rb") as f:   # our own file
         test = pickle.load(f)["test"]
     arrays = {k: test[k] for k in ("id", "text", "audio", "vision", "audio_lengths", "vision_lengths",

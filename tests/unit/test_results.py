@@ -80,8 +80,9 @@ def test_the_hparams_record_holds_the_changed_flags_the_layout_and_the_final_met
     assert hparams["world_size"] == 2 and hparams["ep_size"] == 2 and hparams["top_k"] == cfg.model.top_k
     assert "epochs" not in hparams and "dropout" not in hparams   # at their defaults: left out
     assert not {"run_name", "output_dir", "log_every"} & set(hparams)   # name or run a run: not hyper-parameters
-    assert metrics == {"metrics/final/valid_loss": 1.25, "metrics/final/test_mae": 0.5, "metrics/final/test_corr": 0.75,
-                       "metrics/final/test_has0_acc2": 0.8}   # no emotion labels: no emotion metric
+    assert hparams["ds_config"] == "zero2.json"   # precision, clipping and ZeRO stage live there
+    assert metrics == {"metrics_final/valid_loss": 1.25, "metrics_final/test_mae": 0.5, "metrics_final/test_corr": 0.75,
+                       "metrics_final/test_has0_acc2": 0.8}   # no emotion labels: no emotion metric
 
 
 def test_patience_stops_after_that_many_epochs_without_a_lower_validation_loss_and_says_so():
