@@ -15,7 +15,7 @@ import copy
 import json
 import os
 
-from mmolre.config import parse_args
+from mmolre.config import parse_args, recorded_section
 from mmolre.data.cache import file_sha256
 from mmolre.engine import load_ds_config
 
@@ -52,13 +52,14 @@ def finished_run(run_dir: str, launch_args: list[str], world_size: int) -> bool:
     cfg = parse_args(launch_args, world_size=world_size)
     differences = []
     for section, settings in cfg.to_dict().items():
+        saved_section = recorded_section(section, saved.get(section, {}))   # flags added since: as the run behaved
         for key, value in settings.items():
             if key in NOT_SETTINGS.get(section, ()):
                 continue
-            if key not in saved.get(section, {}):
+            if key not in saved_section:
                 differences.append(f"--{key}: not recorded there (an older version's run), {value!r} now")
                 continue
-            had = saved[section][key]
+            had = saved_section[key]
             same = _file(had) == _file(value) if (section, key) in PATHS and had != value else had == value
             if not same:
                 differences.append(f"--{key}: {had!r} there, {value!r} now")

@@ -202,9 +202,19 @@ class RunConfig:
         return cls(DataConfig(**d["data"]), saved_model_config(d["model"]), TrainConfig(**d["train"]))
 
 
+# Flags added after runs were recorded, with the value those runs behaved as: a recorded config without the key
+# is read with it (not with today's default, which may differ).
+BEFORE_THE_FLAG = {"model": {"temporal_steps": 0, "balance_bias_update": "sign"}, "train": {"patience": 0}}
+
+
+def recorded_section(section: str, saved: dict) -> dict:
+    """A recorded config section with the flags added since filled in as its run behaved."""
+    return {**BEFORE_THE_FLAG.get(section, {}), **saved}
+
+
 def saved_model_config(saved: dict) -> ModelConfig:
-    """A run's recorded model configuration; runs from before --temporal_steps existed pooled nothing."""
-    return ModelConfig(**{"temporal_steps": 0, **saved})
+    """A run's recorded model configuration (runs from before --temporal_steps existed pooled nothing)."""
+    return ModelConfig(**recorded_section("model", saved))
 
 
 class ConfigError(ValueError):

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from .config import recorded_section
 from .results import SYNTHETIC_NOTICE
 
 
@@ -53,7 +54,9 @@ def differing_keys(runs: list[dict]) -> list[str]:
 
 
 def _flat_config(run: dict) -> dict:
-    return {f"{s}.{k}": v for s, sec in run["config"].items() for k, v in sec.items() if k not in _IGNORED}
+    """A run's recorded config, flat, with the flags added since it ran filled in as it behaved."""
+    return {f"{s}.{k}": v for s, sec in run["config"].items() if isinstance(sec, dict)
+            for k, v in recorded_section(s, sec).items() if k not in _IGNORED}
 
 
 def _order(key):  # numbers numerically, anything else by its text

@@ -12,7 +12,7 @@ FINAL = f"{METRICS}_final"            # the HParams tab's metrics: valid loss at
 TEST = f"{METRICS}_test"              # the test split, once at the end
 MODALITY_WEIGHTS = "modality_weight"  # the fusion's mean weight per task and modality
 MOE = "moe"                           # per MoE layer and task: aux loss, entropy, loads, drops
-ROUTING = "routing"                   # routing specialisation on the validation split, after each epoch
+ROUTING = "routing"                   # after each epoch: specialisation (valid routes), dead experts and load (train)
 TRAIN = "train"                       # learning rates, samples, samples/s, gradient norm, epoch
 
 ORDER = (LOSSES, METRICS, FINAL, TEST, MODALITY_WEIGHTS, MOE, ROUTING, TRAIN)   # as TensorBoard shows them

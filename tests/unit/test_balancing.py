@@ -139,6 +139,8 @@ def test_the_routers_get_their_own_learning_rate():
     (["--router_temperature", "0"], "must be > 0"),
     (["--balance", "aux_free", "--capacity_factor", "1.0", "--top_k", "3"], "one task would be favoured"),
     (["--balance", "aux_free", "--eval_capacity_factor", "1.0", "--top_k", "3"], "one task would be favoured"),
+    (["--balance", "aux_free", "--balance_bias_update", "proportional"], "--balance_bias_update must be one of"),
+    (["--patience", "-1"], "--patience must be >= 0"),
 ])
 def test_balancing_flags_are_checked(argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -148,7 +150,7 @@ def test_balancing_flags_are_checked(argv, message):
 def test_the_relative_bias_update_charges_a_route_experts_over_routes_and_the_sign_rule_does_not():
     """With far fewer routes per step than experts, the sign rule moves a used expert by -rate and every unused
     one by +rate whatever the counts; the relative rule moves an expert by rate * (1 - c/mean), so one route
-    costs rate * N/R and the bias tracks each expert's routes against its share."""
+    costs rate * N/R and the bias tracks each expert's routes against its share, every route counted."""
     n, routes = 1024, 64
     counts = torch.zeros(2, n)
     counts[0, :routes] = 1              # task 0: 64 experts with one route each
@@ -163,10 +165,12 @@ def test_the_relative_bias_update_charges_a_route_experts_over_routes_and_the_si
     torch.testing.assert_close(relative.selection_bias[0, 1], torch.tensor(rate * (1 - 1 / mean)))
     torch.testing.assert_close(relative.selection_bias[0, -1], torch.tensor(rate))
     assert sign.selection_bias[0, 0] == sign.selection_bias[0, 1] == -rate      # 4 routes cost what 1 does
-    # the relative rule's nudges sum to zero per task (the bias only moves load between experts); a task that
-    # routed nothing is left alone by both
+    # the relative nudges sum to zero per task (the bias only moves load between experts); a task that routed
+    # nothing is left alone by both
     assert abs(relative.selection_bias[0].sum().item()) < 1e-4
     assert not relative.selection_bias[1].any() and not sign.selection_bias[1].any()
+    with pytest.raises(ValueError, match="bias_update must be"):
+        TaskRoutedGate(D, T, n, num_tasks=2, k=1, balance="aux_free", bias_update="proportional")
 
 
 def test_the_relative_rule_spreads_a_top1_router_over_many_more_experts_than_rows_per_step():

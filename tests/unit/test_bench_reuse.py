@@ -52,13 +52,21 @@ def test_a_run_made_with_other_settings_is_refused_and_kept(tmp_path):
     finished(tmp_path / "lr", [*FLAGS, "--lr", "1e-3"])
     with pytest.raises(StaleRunError, match=r"--lr: 0\.001 there, 0\.002 now"):
         finished_run(str(tmp_path / "lr"), FLAGS, 1)
-    # a default that changed since the run (dropout was 0.1), and a setting its version did not record
-    finished(tmp_path / "old", FLAGS, edit=lambda c: (c["model"].update(dropout=0.1), c["model"].pop("temporal_steps")))
+    # a default that changed since the run (dropout was 0.1), a flag added since whose older behaviour is known
+    # (no --temporal_steps: no pooling), and a setting its version did not record
+    finished(tmp_path / "old", FLAGS, edit=lambda c: (c["model"].update(dropout=0.1), c["model"].pop("temporal_steps"),
+                                                      c["train"].pop("expert_optimizer")))
     with pytest.raises(StaleRunError) as error:
         finished_run(str(tmp_path / "old"), FLAGS, 1)
     assert "--dropout: 0.1 there, 0.0 now" in str(error.value)
-    assert "--temporal_steps: not recorded there (an older version's run), 50 now" in str(error.value)
+    assert "--temporal_steps: 0 there, 50 now" in str(error.value)
+    assert "--expert_optimizer: not recorded there (an older version's run), 'dense' now" in str(error.value)
     assert os.path.isfile(tmp_path / "old" / "results.json")
+    # flags added since that the run behaved as at their defaults (--balance_bias_update sign, no --patience)
+    finished(tmp_path / "before", FLAGS, edit=lambda c: (c["model"].pop("balance_bias_update"), c["train"].pop("patience")))
+    assert finished_run(str(tmp_path / "before"), FLAGS, 1)
+    with pytest.raises(StaleRunError, match="--balance_bias_update: 'sign' there, 'relative' now"):
+        finished_run(str(tmp_path / "before"), [*FLAGS, "--balance_bias_update", "relative"], 1)
     # the same flags on another world size, or with another micro batch in the DeepSpeed config
     finished(tmp_path / "world", FLAGS, world_size=2)
     with pytest.raises(StaleRunError, match="world size 2 there, 1 now"):
