@@ -81,10 +81,11 @@ class ModelConfig:
                          "gradient) or 'none'", default="aux")
     balance_bias_rate: float = _help("aux_free: how far each step moves an expert's selection bias (chosen "
                                      "on MOSEI's dev split: README 'Routing study')", default=1e-2)
-    balance_bias_update: str = _help("aux_free: 'sign' (DeepSeek-V3: +/- rate below/above the task's mean load) "
-                                     "or 'relative' (rate x the load error in units of the mean load: a route "
-                                     "costs rate x experts / routes per step, so the push keeps pace with the "
-                                     "expert count)", default="sign")
+    balance_bias_update: str = _help("aux_free: 'relative' (rate x the load error in units of the mean load: a "
+                                     "route costs rate x experts / routes per step, so the push keeps pace with "
+                                     "the expert count; chosen on MOSEI: README 'Routing study') or 'sign' "
+                                     "(DeepSeek-V3: +/- rate below/above the task's mean load)",
+                                     default="relative")
     router_temperature: float = _help("the routers' logits are divided by this before the softmax and the "
                                       "top-k choice (< 1: sharper combine weights)", default=1.0)
     grouped_experts: bool = _help("compute all local experts in one batched call on occupied slots only "

@@ -101,7 +101,7 @@ class TaskRoutedGate(TopKGate):
     def __init__(self, d_model: int, seq_len: int, num_experts: int, num_tasks: int, k: int,
                  capacity_factor: float = 0.0, router_noise: bool = False, uniform: bool = False,
                  eval_capacity_factor: float = 0.0, balance: str = "aux", bias_rate: float = 1e-2,
-                 temperature: float = 1.0, bias_update: str = "sign"):
+                 temperature: float = 1.0, bias_update: str = "relative"):
         super().__init__(model_dim=1, num_experts=num_experts, k=k,
                          capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
                          min_capacity=0, noisy_gate_policy=None, drop_tokens=capacity_factor > 0, use_rts=False,
@@ -147,7 +147,7 @@ class TaskRoutedGate(TopKGate):
         charged: a burst (many rows of one step on one expert) benches that expert for as many steps as its
         rows' share, up to N steps for a whole step's rows. Charging at most max(2m, 1) routes per step was
         tried and left fewer experts benched but let bursts recur (1,024 experts, top-1, MOSEI text: busiest
-        expert 7.7-11.8x the mean after epoch 1, against 4.2-4.9x; docs/results.md)."""
+        expert 5.6-11.8x the mean after epoch 1, against 4.2-4.9x; docs/results.md)."""
         mean = counts.mean(1, keepdim=True)
         error = mean - counts
         if self.bias_update == "relative":

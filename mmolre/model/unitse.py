@@ -46,7 +46,7 @@ class UniTSEBlock(nn.Module):
                  router_noise: bool, grouped_experts: bool = True, use_shared: bool = True,
                  use_task: bool = True, uniform_gate: bool = False, eval_capacity_factor: float = 0.0,
                  balance: str = "aux", bias_rate: float = 1e-2, router_temperature: float = 1.0,
-                 bias_update: str = "sign"):
+                 bias_update: str = "relative"):
         super().__init__()
         self.seq_len, self.d_model, self.num_tasks, self.num_experts = seq_len, d_model, num_tasks, num_experts
         self.moe = None

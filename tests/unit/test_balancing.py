@@ -156,7 +156,7 @@ def test_the_relative_bias_update_charges_a_route_experts_over_routes_and_the_si
     counts[0, :routes] = 1              # task 0: 64 experts with one route each
     counts[0, 0] += 3                   # one with four
     rate = 0.01
-    sign = TaskRoutedGate(D, T, n, num_tasks=2, k=1, balance="aux_free", bias_rate=rate)
+    sign = TaskRoutedGate(D, T, n, num_tasks=2, k=1, balance="aux_free", bias_rate=rate, bias_update="sign")
     relative = TaskRoutedGate(D, T, n, num_tasks=2, k=1, balance="aux_free", bias_rate=rate, bias_update="relative")
     for gate in (sign, relative):
         gate.nudge_selection_bias(counts)

@@ -69,7 +69,8 @@ def test_the_routing_record_keeps_routes_small_and_warns_of_dead_experts():
 
 
 def test_aux_free_biases_move_after_an_applied_step_only():
-    model = MMoLRE(ModelConfig(d_model=8, blocks=1, num_experts=4, expert_rank=2, balance="aux_free"),
+    model = MMoLRE(ModelConfig(d_model=8, blocks=1, num_experts=4, expert_rank=2, balance="aux_free",
+                               balance_bias_update="sign"),
                    {"text": (5, 6)})
     nudges = SelectionBiasNudges(model, "aux_free", ONE)
     gate = nudges.gates[0]
@@ -85,7 +86,8 @@ def test_aux_free_biases_move_after_an_applied_step_only():
 
 
 def test_a_skipped_micro_batchs_routes_leave_the_windows_aux_free_counts():
-    model = MMoLRE(ModelConfig(d_model=8, blocks=1, num_experts=4, expert_rank=2, balance="aux_free"),
+    model = MMoLRE(ModelConfig(d_model=8, blocks=1, num_experts=4, expert_rank=2, balance="aux_free",
+                               balance_bias_update="sign"),
                    {"text": (5, 6)})
     nudges = SelectionBiasNudges(model, "aux_free", ONE)
     gate = nudges.gates[0]
