@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -31,6 +32,41 @@ class Batch:
         move = lambda d: {k: v.to(device) for k, v in d.items()}  # noqa: E731
         return Batch(self.ids, move(self.features), move(self.masks), self.sentiment.to(device),
                      self.emotions.to(device), self.has_emotion.to(device), self.valid.to(device))
+
+
+class FeatureRows:
+    """One [N, T, F] feature column as numpy views straight onto its Arrow buffers (one per record batch, the
+    memory-mapped file's own pages): a batch is one fancy-index copy per chunk it touches. `datasets`' numpy
+    formatting rebuilds each row's nested lists instead, about 5x slower per batch (bench: 5.8 against 1.2 ms
+    for MOSI-shaped batches of 32)."""
+
+    def __init__(self, column, shape: tuple[int, int]):
+        starts, self.views, start = [], [], 0
+        for chunk in column.chunks:
+            flat = chunk.storage.flatten().flatten()   # Array2D: list<list<float32>>, no nulls
+            self.views.append(flat.to_numpy(zero_copy_only=True).reshape(len(chunk), *shape))
+            starts.append(start)
+            start += len(chunk)
+        self.starts = np.asarray(starts, dtype=np.int64)
+
+    @classmethod
+    def of(cls, hf, name: str, shape: tuple[int, int]) -> "FeatureRows | None":
+        """The column's views, or None where they cannot be had without a copy (a dataset with an indices
+        mapping, or a layout other than the cache's); the caller then reads through `datasets`."""
+        if getattr(hf, "_indices", None) is not None:
+            return None
+        try:
+            return cls(hf.data.table.column(name), shape)
+        except (AttributeError, TypeError, ValueError, NotImplementedError, pa.ArrowException):
+            return None
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        chunk = np.searchsorted(self.starts, indices, side="right") - 1
+        out = np.empty((len(indices), *self.views[0].shape[1:]), dtype=self.views[0].dtype)
+        for c in np.unique(chunk):
+            here = chunk == c
+            out[here] = self.views[c][indices[here] - self.starts[c]]
+        return out
 
 
 class SplitDataset(Dataset):
@@ -55,6 +91,13 @@ class SplitDataset(Dataset):
             self.shapes["text"] = (self.hf.features["text_ids"].length, text_hidden)
         self.mean = {m: np.asarray(normalisation[m]["mean"], np.float32) for m in self.features_of}
         self.std = {m: np.asarray(normalisation[m]["std"], np.float32) for m in self.features_of}
+        # the features straight from the Arrow buffers; the small columns (ids, labels, lengths) via `datasets`
+        self.feature_rows = {m: FeatureRows.of(hf_split, m, self.shapes[m]) for m in self.features_of}
+        if all(v is not None for v in self.feature_rows.values()):
+            self.small = hf_split.select_columns([c for c in hf_split.column_names
+                                                  if c not in self.feature_rows]).with_format("numpy")
+        else:
+            self.feature_rows, self.small = {}, self.hf
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -66,12 +109,12 @@ class SplitDataset(Dataset):
         indices = np.asarray(indices, dtype=np.int64)
         real = indices != DUMMY
         b = len(indices)
-        rows = self.hf[indices[real].tolist()] if real.any() else None
+        rows = self.small[indices[real].tolist()] if real.any() else None
 
         def column(name, shape, dtype, fill=0):
             out = np.full((b, *shape), fill, dtype=dtype)
             if rows is not None:
-                out[real] = rows[name]
+                out[real] = self.feature_rows[name].take(indices[real]) if name in self.feature_rows else rows[name]
             return out
 
         features, masks = {}, {}

@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from mmolre.config import EMOTIONS
 from mmolre.data.cache import build_cache, load_cache
@@ -137,3 +138,33 @@ def test_the_source_hash_is_remembered_and_a_changed_file_gets_a_new_cache(tmp_p
     _write(tmp_path, changed)
     os.utime(src, ns=(1, 1))   # even with an old mtime: the size or mtime differs from the memo's
     assert build_cache(src, str(tmp_path / "cache")) != target
+
+
+def test_batches_read_from_the_arrow_buffers_equal_those_datasets_formats(tmp_path, synthetic, monkeypatch):
+    """The loader's features come from numpy views onto the Arrow buffers (FeatureRows); they must equal what
+    `datasets`' own numpy formatting gives, for a memory-mapped cache, two caches concatenated (a mixed run),
+    an in-memory split, and batches padded with dummy rows."""
+    import datasets
+    from mmolre.data import loader
+    from mmolre.data.cache import in_memory_split
+    hf, meta = load_cache(build_cache(_write(tmp_path, synthetic), str(tmp_path / "cache")))
+    other = {s: {k: v for k, v in d.items()} for s, d in generate(SCALE, seed=5).items()}
+    hf2, _ = load_cache(build_cache(_write(tmp_path, other, "e.pkl"), str(tmp_path / "cache")))
+    mods = ["text", "audio", "vision"]
+    test = synthetic["test"]
+    splits = {"cache": hf["train"], "concatenated": datasets.concatenate_datasets([hf["train"], hf2["train"]]),
+              "in memory": in_memory_split({m: test[m] for m in mods}, mods)}
+    rng = np.random.default_rng(0)
+    for name, split in splits.items():
+        fast = SplitDataset(split, mods, meta["normalisation"])
+        assert set(fast.feature_rows) == set(mods), name          # the views were taken, not the fallback
+        with monkeypatch.context() as m:
+            m.setattr(loader.FeatureRows, "of", classmethod(lambda cls, *a: None))
+            slow = SplitDataset(split, mods, meta["normalisation"])
+        assert not slow.feature_rows
+        for _ in range(5):
+            idx = rng.choice(len(split), 7, replace=False).tolist() + [loader.DUMMY]
+            a, b = fast.__getitems__(idx), slow.__getitems__(idx)
+            assert a.ids == b.ids and torch.equal(a.sentiment, b.sentiment) and torch.equal(a.valid, b.valid)
+            for m in mods:
+                assert torch.equal(a.features[m], b.features[m]) and torch.equal(a.masks[m], b.masks[m]), (name, m)
