@@ -4,6 +4,7 @@ import pytest
 
 from mmolre.config import ConfigError, parse_args
 from mmolre.memory_estimate import (GB, MemoryEstimate, check_fits, count_on_meta, estimate, host_at_build,
+                                    parameter_counts,
                                     sparse_expert_gradient_bytes)
 from mmolre.model import MMoLRE, count_parameters
 
@@ -21,6 +22,19 @@ def test_the_meta_count_is_the_models_own_count_of_this_ranks_share(grouped):
     meta = count_on_meta(c, SHAPES, ep_size=2)
     assert meta["experts"] * 2 == real["expert"] and meta["dense"] == real["dense"]
     assert meta["experts_in_banks"] == (grouped == "true")
+
+
+@pytest.mark.parametrize("flags, ep_size", [
+    (("--num_experts", "8"), 1), (("--num_experts", "1024", "--top_k", "4"), 2),
+    (("--num_experts", "16384", "--expert_rank", "8"), 8), (("--num_experts", "96", "--top_k", "3"), 2),
+    (("--num_experts", "64", "--grouped_experts", "false"), 2),
+    (("--num_experts", "512", "--modalities", "text", "--blocks", "3", "--task_expert_rank", "4"), 4),
+])
+def test_the_counts_from_two_small_cpu_builds_are_the_full_models_own(flags, ep_size):
+    """parameter_counts extrapolates from a few experts built on the CPU (no meta device: its first use costs
+    about a second of every rank's start-up); it must equal the count of the full model on the meta device."""
+    c = cfg(*flags)
+    assert parameter_counts(c, SHAPES, ep_size) == count_on_meta(c, SHAPES, ep_size)
 
 
 def test_the_estimate_grows_with_this_ranks_experts():
