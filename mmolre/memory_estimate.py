@@ -58,23 +58,30 @@ class MemoryEstimate:
         return f"{self.total / GB:.2f} GB ({parts})"
 
 
+CPU_COUNT_MAX_WIDTH = 512   # wider models (or full-rank experts, a text encoder) are counted on the meta device
+
+
 def parameter_counts(cfg: RunConfig, shapes: dict, ep_size: int) -> dict[str, int]:
     """count_on_meta's counts at any expert count, from at most two small models built on the CPU: every count
     is affine in the expert count (the experts, and the routers' last layers), so the counts at n and 2n
     experts give it exactly. The meta device would cost about a second of torch's one-time set-up (its first
     meta `normal_`) in every rank's start-up; the CPU builds cost milliseconds. Tested against count_on_meta."""
     from dataclasses import replace
-    n = cfg.model.num_experts
-    small = ep_size * max(1, -(-max(cfg.model.top_k, 1) // ep_size))   # the fewest experts this layout allows
+    m = cfg.model
+    if m.d_model > CPU_COUNT_MAX_WIDTH or m.full_rank or m.finetune_text:   # small CPU builds would not be small
+        return count_on_meta(cfg, shapes, ep_size)
+    n, small = m.num_experts, ep_size   # one local expert (no count depends on top-k)
+
+    def at(experts: int) -> dict:
+        with torch.random.fork_rng(devices=[]):   # the builds draw weights: leave the caller's random state
+            return count_on_meta(replace(cfg, model=replace(m, num_experts=experts, top_k=min(m.top_k, experts))),
+                                 shapes, ep_size, device="cpu")
     if n <= 2 * small:
-        return count_on_meta(cfg, shapes, ep_size, device="cpu")
-    at = {m: count_on_meta(replace(cfg, model=replace(cfg.model, num_experts=m)), shapes, ep_size, device="cpu")
-          for m in (small, 2 * small)}
-    lo, hi = at[small], at[2 * small]
+        return at(n)
+    lo, hi = at(small), at(2 * small)
     out = dict(lo)
-    for key in ("dense", "experts"):
-        per_expert = (hi[key] - lo[key]) // small
-        out[key] = lo[key] + per_expert * (n - small)
+    for key in ("dense", "experts"):   # exact: ep_size divides n - small
+        out[key] = lo[key] + (hi[key] - lo[key]) * (n - small) // small
     return out
 
 

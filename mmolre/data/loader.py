@@ -43,6 +43,8 @@ class FeatureRows:
     def __init__(self, column, shape: tuple[int, int]):
         starts, self.views, start = [], [], 0
         for chunk in column.chunks:
+            if not (isinstance(chunk, pa.ExtensionArray) and pa.types.is_list(chunk.storage.type)):
+                raise ValueError(f"not an Array2D column: {chunk.type}")
             flat = chunk.storage.flatten().flatten()   # Array2D: list<list<float32>>, no nulls
             self.views.append(flat.to_numpy(zero_copy_only=True).reshape(len(chunk), *shape))
             starts.append(start)
@@ -53,11 +55,12 @@ class FeatureRows:
     def of(cls, hf, name: str, shape: tuple[int, int]) -> "FeatureRows | None":
         """The column's views, or None where they cannot be had without a copy (a dataset with an indices
         mapping, or a layout other than the cache's); the caller then reads through `datasets`."""
-        if getattr(hf, "_indices", None) is not None:
+        table = getattr(hf.data, "table", None)
+        if getattr(hf, "_indices", None) is not None or not isinstance(table, pa.Table):
             return None
         try:
-            return cls(hf.data.table.column(name), shape)
-        except (AttributeError, TypeError, ValueError, NotImplementedError, pa.ArrowException):
+            return cls(table.column(name), shape)
+        except (ValueError, pa.ArrowException):   # nulls, another layout: no exact view (never wrong data)
             return None
 
     def take(self, indices: np.ndarray) -> np.ndarray:
@@ -108,6 +111,8 @@ class SplitDataset(Dataset):
     def __getitems__(self, indices) -> Batch:
         indices = np.asarray(indices, dtype=np.int64)
         real = indices != DUMMY
+        if (indices[real] < 0).any():
+            raise IndexError(f"sample indices are >= 0 or {DUMMY} (padding), got {indices[indices < DUMMY]}")
         b = len(indices)
         rows = self.small[indices[real].tolist()] if real.any() else None
 

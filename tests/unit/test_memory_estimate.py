@@ -1,6 +1,7 @@
 """A rank's memory estimated before the model exists (`memory_estimate.py`), and the refusal of a run that will
 not fit."""
 import pytest
+import torch
 
 from mmolre.config import ConfigError, parse_args
 from mmolre.memory_estimate import (GB, MemoryEstimate, check_fits, count_on_meta, estimate, host_at_build,
@@ -29,12 +30,17 @@ def test_the_meta_count_is_the_models_own_count_of_this_ranks_share(grouped):
     (("--num_experts", "16384", "--expert_rank", "8"), 8), (("--num_experts", "96", "--top_k", "3"), 2),
     (("--num_experts", "64", "--grouped_experts", "false"), 2),
     (("--num_experts", "512", "--modalities", "text", "--blocks", "3", "--task_expert_rank", "4"), 4),
+    (("--num_experts", "64", "--expert_rank", "3", "--blocks", "3"), 2),   # a per-layer count ep does not divide
+    (("--num_experts", "64", "--top_k", "64", "--model", "mmoe"), 2),
 ])
 def test_the_counts_from_two_small_cpu_builds_are_the_full_models_own(flags, ep_size):
     """parameter_counts extrapolates from a few experts built on the CPU (no meta device: its first use costs
     about a second of every rank's start-up); it must equal the count of the full model on the meta device."""
     c = cfg(*flags)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
     assert parameter_counts(c, SHAPES, ep_size) == count_on_meta(c, SHAPES, ep_size)
+    assert torch.equal(torch.get_rng_state(), before)   # the CPU builds leave the caller's random state alone
 
 
 def test_the_estimate_grows_with_this_ranks_experts():
