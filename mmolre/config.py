@@ -61,6 +61,10 @@ class ModelConfig:
                                 default=50)
     num_experts: int = _help("shared low-rank experts N per MoE layer (global, across ranks)", default=8)
     top_k: int = _help("shared experts each (utterance, task) row is routed to", default=2)
+    route_per: str = _help("what the routers route: 'utterance' (one row per utterance and task, the paper's) or "
+                           "'step' (every valid time step on its own with its two neighbours, DeepSpeed's token "
+                           "granularity: T times the rows, so thousands of experts each get some)",
+                           default="utterance")
     expert_rank: int = _help("rank r of each shared expert's bottleneck", default=16)
     task_expert_rank: Optional[int] = _help("rank of the task-specific experts (default: --expert_rank)",
                                             default=None)
@@ -205,7 +209,8 @@ class RunConfig:
 
 # Flags added after runs were recorded, with the value those runs behaved as: a recorded config without the key
 # is read with it (not with today's default, which may differ).
-BEFORE_THE_FLAG = {"model": {"temporal_steps": 0, "balance_bias_update": "sign"}, "train": {"patience": 0}}
+BEFORE_THE_FLAG = {"model": {"temporal_steps": 0, "balance_bias_update": "sign", "route_per": "utterance"},
+                   "train": {"patience": 0}}
 
 
 def recorded_section(section: str, saved: dict) -> dict:
@@ -309,7 +314,8 @@ def _validate_model(m: ModelConfig) -> None:
     for flag, (value, allowed) in {"--model": (m.model, ("mmolre", "hard_sharing", "mmoe")),
                                    "--fusion": (m.fusion, ("adaptive", "concat")),
                                    "--balance": (m.balance, ("aux", "aux_free", "none")),
-                                   "--balance_bias_update": (m.balance_bias_update, ("sign", "relative"))}.items():
+                                   "--balance_bias_update": (m.balance_bias_update, ("sign", "relative")),
+                                   "--route_per": (m.route_per, ("utterance", "step"))}.items():
         if value not in allowed:
             raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
     if m.model == "mmolre" and not (m.shared_experts or m.task_experts):

@@ -83,8 +83,11 @@ def _routing(preds: dict, model, previous: dict | None) -> dict | None:
     if previous is not None and set(previous["ids"]) >= set(preds["ids"]):   # aligned by id: the order of the
         where = {i: n for n, i in enumerate(previous["ids"])}                 # gathered rows depends on the world
         before = previous["routes"][[where[i] for i in preds["ids"]]]
+        if before.shape != preds["routes"].shape:   # a resume that changed --route_per: no earlier routes to compare
+            before = None
     return specialisation_statistics(preds["routes"], preds["combine"], model.moe_layer_names(), model.cfg.num_experts,
-                           preds["sentiment_true"], preds["emotion_true"], preds["has_emotion"], before)
+                           preds["sentiment_true"], preds["emotion_true"], preds["has_emotion"], before,
+                           routes_per_row=model.cfg.effective_top_k)
 
 
 def _score(preds: dict, cfg: RunConfig) -> tuple[float, dict]:

@@ -116,7 +116,7 @@ def estimate(cfg: RunConfig, shapes: dict, ep_size: int, micro_batch: int, world
     optimizer = dense * (12 + (4 if bf16 else 0)) // shard
     if counts["experts_in_banks"]:
         optimizer += experts * (8 + 2)
-        gradients += sparse_expert_gradient_bytes(cfg, experts, ep_size, micro_batch, grad_accum)
+        gradients += sparse_expert_gradient_bytes(cfg, experts, ep_size, micro_batch, grad_accum, shapes)
     else:
         gradients += experts * weight
         optimizer += experts * (12 + (4 if bf16 else 0))
@@ -124,13 +124,17 @@ def estimate(cfg: RunConfig, shapes: dict, ep_size: int, micro_batch: int, world
 
 
 def sparse_expert_gradient_bytes(cfg: RunConfig, experts: int, ep_size: int, micro_batch: int,
-                                 grad_accum: int) -> int:
+                                 grad_accum: int, shapes: dict | None = None) -> int:
     """The banks' sparse gradients: a row of one expert's size per route that may reach this rank (every rank of
-    the expert-parallel group routes micro_batch rows per task), uncoalesced over the accumulation window, plus
-    the two coalesced copies the reduction makes (at most one row per local expert each)."""
+    the expert-parallel group routes micro_batch rows per task, times the longest modality's steps with
+    --route_per step), uncoalesced over the accumulation window, plus the two coalesced copies the reduction
+    makes (at most one row per local expert each)."""
+    from .model.frontend import steps_per_modality
     m = cfg.model
     num_local = max(1, m.num_experts // ep_size)
-    routes = micro_batch * (1 if m.model == "hard_sharing" else 2) * m.effective_top_k * ep_size * grad_accum
+    rows = micro_batch * (max(steps_per_modality(shapes, m.temporal_steps).values())
+                          if m.route_per == "step" and shapes else 1)
+    routes = rows * (1 if m.model == "hard_sharing" else 2) * m.effective_top_k * ep_size * grad_accum
     return int(4 * experts / num_local * (routes + 2 * min(num_local, routes)))
 
 
@@ -143,12 +147,14 @@ def host_at_build(cfg: RunConfig, shapes: dict, ep_size: int) -> MemoryEstimate:
 
 def activation_bytes(cfg: RunConfig, shapes: dict, micro_batch: int, bytes_per_value: int) -> int:
     """What autograd keeps for one micro batch: per block, task and step about 12 values of width d (streams,
-    norms, the task expert) and, per expert route, 6 (the gathered row, the convolutions, the combine)."""
+    norms, the task expert) and, per expert route, 6 (the gathered row, the convolutions, the combine); with
+    --route_per step, also each step's window (3 more)."""
     from .model.frontend import steps_per_modality
     m = cfg.model
     steps = sum(steps_per_modality(shapes, m.temporal_steps).values())
     tasks = 1 if m.model == "hard_sharing" else 2
-    per_step = m.blocks * tasks * (12 * m.d_model + 6 * m.effective_top_k * (m.d_model + m.rank))
+    per_step = m.blocks * tasks * ((15 if m.route_per == "step" else 12) * m.d_model
+                                   + 6 * m.effective_top_k * (m.d_model + m.rank))
     return int(micro_batch * steps * per_step * bytes_per_value * ACTIVATION_SLACK)
 
 

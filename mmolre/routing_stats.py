@@ -2,7 +2,9 @@
 
 Inputs are the arrays evaluation gathers (`evaluate.predict_batches`): for every utterance, per layer and
 task, the k experts its row was assigned (`routes`, [n, layers, tasks, k]; a route a capacity limit dropped
-still names the expert it was assigned) and their combine weights (`combine`, same shape; 0 if dropped).
+still names the expert it was assigned) and their combine weights (`combine`, same shape; 0 if dropped). With
+--route_per step an utterance has a row per step: its T*k routes in step order, -1 (weight 0) where a step
+was not routed (padding), and each statistic below reads them as the utterance's routes.
 Natural logarithms throughout (nats); None where a statistic is undefined (no rows, no labels).
 
 * `task_divergence`: Jensen-Shannon divergence between the two tasks' expert-use distributions
@@ -16,9 +18,10 @@ Natural logarithms throughout (nats); None where a statistic is undefined (no ro
   `*_chance_std` their standard deviation (so that an excess within it reads as permutation noise), and
   `*_excess`, the value minus the chance level: what routing shows beyond what N experts and n rows give by
   chance.
-* `stability`: the fraction of utterances whose top-k set is the same as at the previous evaluation.
-* `max_combine_weight`: the mean over rows of the largest combine weight (top-k, k >= 2: 1/k = flat, 1 = one
-  expert decides; top-1: the chosen expert's probability, 1/N = flat).
+* `stability`: the fraction of rows (utterances, or routed steps) whose top-k set is the same as at the
+  previous evaluation.
+* `max_combine_weight`: the mean over routed rows (utterances, or steps) of the row's largest combine weight
+  (top-k, k >= 2: 1/k = flat, 1 = one expert decides; top-1: the chosen expert's probability, 1/N = flat).
 * `dead_experts`: experts that received no row of either task over a window of training steps.
 """
 from __future__ import annotations
@@ -64,9 +67,24 @@ def mutual_information(routes: np.ndarray, labels: np.ndarray, num_experts: int)
     return float((joint[nz] * np.log(joint[nz] / (pe @ py)[nz])).sum())
 
 
-def stability(routes: np.ndarray, previous: np.ndarray) -> float:
-    """Fraction of rows whose set of experts equals the previous one's ([n, k] each, same row order)."""
-    return float((np.sort(routes, 1) == np.sort(previous, 1)).all(1).mean()) if len(routes) else None
+def max_combine_weight(routes: np.ndarray, combine: np.ndarray, k: int) -> float | None:
+    """The mean over routed rows of a row's largest combine weight; [n, k'] per utterance, k' = k (one row) or
+    T*k (a row per step, -1 where a step was not routed)."""
+    if not len(combine):
+        return None
+    weights = combine.reshape(len(combine), -1, k)
+    routed = (routes.reshape(len(routes), -1, k) >= 0).any(-1)
+    return float(weights.max(-1)[routed].mean()) if routed.any() else None
+
+
+def stability(routes: np.ndarray, previous: np.ndarray, k: int | None = None) -> float:
+    """Fraction of rows whose set of experts equals the previous one's ([n, k'] each, same utterance order; with
+    k' = T*k, each step's k routes are a row, and the steps routed in neither evaluation do not count)."""
+    k = k or routes.shape[1]
+    now, before = routes.reshape(len(routes), -1, k), previous.reshape(len(previous), -1, k)
+    routed = (now >= 0).any(-1) | (before >= 0).any(-1)
+    same = (np.sort(now, -1) == np.sort(before, -1)).all(-1)
+    return float(same[routed].mean()) if routed.any() else None
 
 
 def _shuffled_mi(routes: np.ndarray, labels: list[np.ndarray], num_experts: int, rng) -> list[float]:
@@ -98,10 +116,11 @@ def _with_chance(stats: dict, name: str, value, draws: list[float] | None) -> No
 
 def specialisation_statistics(routes: np.ndarray, combine: np.ndarray, layer_names: list[str], num_experts: int,
                     sentiment: np.ndarray, emotions: np.ndarray, has_emotion: np.ndarray,
-                    previous: np.ndarray | None = None) -> dict:
+                    previous: np.ndarray | None = None, routes_per_row: int | None = None) -> dict:
     """{layer: {"task_divergence": x, ..., task: {label_mi, max_combine_weight, stability, ...}}} from
     evaluation arrays (module docstring). `previous`: the routes of the same rows at the last evaluation.
-    Chance levels use a fixed seed, so the summary is a function of its inputs."""
+    `routes_per_row`: k (default: all of an utterance's routes are one row's). Chance levels use a fixed seed,
+    so the summary is a function of its inputs."""
     rng = np.random.default_rng(0)
     summary: dict = {}
     streams = TASKS if routes.shape[2] == len(TASKS) else ("shared",)
@@ -113,7 +132,7 @@ def specialisation_statistics(routes: np.ndarray, combine: np.ndarray, layer_nam
                          _shuffled_divergence(routes[:, li, 0], routes[:, li, 1], num_experts, rng))
         for ti, task in enumerate(streams):
             r, w = routes[:, li, ti], combine[:, li, ti]
-            stats = {"max_combine_weight": float(w.max(1).mean()) if len(w) else None,
+            stats = {"max_combine_weight": max_combine_weight(r, w, routes_per_row or r.shape[-1]),
                      "experts_used": int((use[ti] > 0).sum()),
                      "load_max_over_mean": float(use[ti].max() * num_experts) if use[ti].sum() else None}
             if task in ("sentiment", "shared"):
@@ -127,7 +146,7 @@ def specialisation_statistics(routes: np.ndarray, combine: np.ndarray, layer_nam
                 _with_chance(stats, "label_mi", float(np.mean(mi)) if mi else None,
                              _shuffled_mi(r[rows], present, num_experts, rng) if rows.any() else None)
             if previous is not None:
-                stats["stability"] = stability(r, previous[:, li, ti])
+                stats["stability"] = stability(r, previous[:, li, ti], routes_per_row)
             entry[task] = stats
         summary[layer] = entry
     return summary

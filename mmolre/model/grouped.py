@@ -46,9 +46,13 @@ class StackedLowRankExperts(Experts):
     the experts); `load_state_dict` still takes DeepSpeed's per-expert keys (exports, earlier checkpoints) into
     the bank."""
 
-    def __init__(self, template: LowRankExpert, num_local_experts: int, expert_group_name: str):
+    def __init__(self, template: LowRankExpert, num_local_experts: int, expert_group_name: str,
+                 centre_only: bool = False):
+        """centre_only: each row is a window of steps (--route_per step) whose centre step alone is wanted, so the
+        output row is that step's (width d), not the window's."""
         nn.Module.__init__(self)  # not Experts.__init__: no per-expert deep copies
         self.num_local_experts = num_local_experts
+        self.centre_only = centre_only
         self.expert_group_name = expert_group_name
         self.seq_len, self.d_model, self.rank = template.seq_len, template.d_model, template.rank
         self.bank = ExpertBank(template, num_local_experts)
@@ -79,7 +83,7 @@ class StackedLowRankExperts(Experts):
         module.bank.load_rows({name: torch.stack([state_dict.pop(k) for k in ks]) for name, ks in keys.items()})
 
     def forward_rows(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
-        """rows [n, T*d] for local expert local_ids [n] (-1: padding, output 0) -> [n, T*d]."""
+        """rows [n, T*d] for local expert local_ids [n] (-1: padding, output 0) -> [n, T*d] ([n, d] centre_only)."""
         t, d = self.seq_len, self.d_model
         real = (local_ids >= 0).nonzero().squeeze(1)
         all_real = len(real) == len(local_ids)
@@ -92,19 +96,21 @@ class StackedLowRankExperts(Experts):
         w = {name: v.to(rows.dtype) for name, v in self.bank.rows(used).items()}
         down = w["down.weight"].permute(0, 3, 2, 1).index_select(0, which)          # [n, 3, d, r]
         up = w["up.weight"].squeeze(-1).transpose(1, 2).index_select(0, which)      # [n, r, d]
-        # Conv1d(k=3, padding=1) = three time-shifted matmuls on the zero-padded sequence (views, no copies).
+        # Conv1d(k=3, padding=1) = three time-shifted matmuls on the zero-padded sequence (views, no copies), at
+        # every step or at the centre step only.
+        first, count = (t // 2, 1) if self.centre_only else (0, t)
         padded = F.pad(x, (0, 0, 1, 1))                                            # [n, T+2, d]
         h = w["down.bias"].index_select(0, which).unsqueeze(1)
         for tap in range(3):
-            h = h + torch.bmm(padded[:, tap:tap + t], down[:, tap])               # [n, T, r]
+            h = h + torch.bmm(padded[:, first + tap:first + tap + count], down[:, tap])   # [n, count, r]
         y = torch.baddbmm(w["up.bias"].index_select(0, which).unsqueeze(1), F.gelu(h), up).flatten(1)
-        return y if all_real else rows.new_zeros(rows.shape).index_copy(0, real, y)
+        return y if all_real else y.new_zeros(len(local_ids), y.shape[1]).index_copy(0, real, y)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """DeepSpeed's `Experts` signature: [ep, E_local, C, M], every slot computed by its slab's expert."""
         ep, num_local, capacity, width = inputs.shape
         ids = torch.arange(num_local, device=inputs.device).view(1, -1, 1).expand(ep, -1, capacity)
-        return self.forward_rows(inputs.reshape(-1, width), ids.reshape(-1)).view(inputs.shape)
+        return self.forward_rows(inputs.reshape(-1, width), ids.reshape(-1)).view(ep, num_local, capacity, -1)
 
 
 class CompactMOELayer(MOELayer):
@@ -143,12 +149,14 @@ class CompactMOELayer(MOELayer):
             recv_ids = torch.empty_like(send_ids)
             dist.all_to_all_single(recv_ids, send_ids, group=self.ep_group)
         out = self.experts.forward_rows(recv, recv_ids)
+        out_width = out.shape[1]   # the rows' width, or one step's where the experts return a window's centre
         if ep > 1:
-            out = _AllToAll.apply(self.ep_group, out.view(ep, slab, width)).reshape(-1, width).index_select(0, slot)
+            out = _AllToAll.apply(self.ep_group, out.view(ep, slab, out_width)).reshape(-1, out_width)
+            out = out.index_select(0, slot)
         # Weight by the fp32 gates and sum the k routes in fp32, as DeepSpeed's combine does.
         routed = out.float() * weight.unsqueeze(1)
-        combined = torch.zeros(num_rows, width, dtype=torch.float32, device=x.device).index_add(0, row, routed)
-        return combined.to(x.dtype).reshape(input[0].shape)
+        combined = torch.zeros(num_rows, out_width, dtype=torch.float32, device=x.device).index_add(0, row, routed)
+        return combined.to(x.dtype).reshape(*input[0].shape[:-1], out_width)
 
 
 class ExpertParallelMoE(nn.Module):

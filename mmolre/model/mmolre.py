@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from deepspeed.moe.utils import is_moe_param
 
@@ -25,8 +26,8 @@ class ModelOutput:
     router_entropy: torch.Tensor     # [layers, tasks]
     dropped_fraction: torch.Tensor   # [layers, tasks] routes dropped for capacity
     z_loss: torch.Tensor             # [layers, tasks] router z-loss
-    routes: torch.Tensor             # [layers, tasks, B, k] experts assigned to each utterance's row
-    combine: torch.Tensor            # [layers, tasks, B, k] their combine weights
+    routes: torch.Tensor             # [layers, tasks, B, k'] experts assigned to each utterance's rows: k per
+    combine: torch.Tensor            # utterance row, T*k per step rows (-1: step not routed); combine weights
     modality_weights: torch.Tensor   # [tasks, B, M]
     layer_names: list[str]
 
@@ -75,7 +76,8 @@ class MMoLRE(nn.Module):
                       use_shared=cfg.shared_experts and cfg.model != "hard_sharing",
                       use_task=cfg.task_experts and cfg.model != "mmoe",
                       uniform_gate=not cfg.routers, balance=cfg.balance, bias_rate=cfg.balance_bias_rate,
-                      router_temperature=cfg.router_temperature, bias_update=cfg.balance_bias_update)
+                      router_temperature=cfg.router_temperature, bias_update=cfg.balance_bias_update,
+                      route_per=cfg.route_per)
             for m, t in steps.items()})
         fusion = TaskAdaptiveFusion if cfg.fusion == "adaptive" else ConcatFusion
         self.fusion = nn.ModuleList(fusion(d, self.modalities) for _ in range(self.num_streams))
@@ -139,16 +141,19 @@ class MMoLRE(nn.Module):
             router_entropy=torch.stack([s.router_entropy for s in stats]),
             dropped_fraction=torch.stack([s.dropped_fraction for s in stats]),
             z_loss=torch.stack([s.z_loss for s in stats]),
-            routes=_stack_routes([s.routes for s in stats]), combine=_stack_routes([s.combine for s in stats]),
+            routes=_stack_routes([s.routes for s in stats], -1), combine=_stack_routes([s.combine for s in stats], 0.0),
             modality_weights=torch.stack(weights).detach(),
             layer_names=self.moe_layer_names())
 
 
-def _stack_routes(per_layer: list[torch.Tensor]) -> torch.Tensor:
-    """[layers, tasks, B, k]; k = 0 for every layer if some layer has no shared experts (an ablation)."""
-    if len({r.shape for r in per_layer}) > 1:
-        per_layer = [r[..., :0] for r in per_layer]
-    return torch.stack(per_layer)
+def _stack_routes(per_layer: list[torch.Tensor], fill) -> torch.Tensor:
+    """[layers, tasks, B, k']; k' = 0 for every layer if some layer has no shared experts (an ablation). Step
+    routes of modalities with fewer steps are filled to the longest with `fill` (not routed)."""
+    widths = {r.shape[-1] for r in per_layer}
+    if 0 in widths:
+        return torch.stack([r[..., :0] for r in per_layer])
+    width = max(widths)
+    return torch.stack([F.pad(r, (0, width - r.shape[-1]), value=fill) for r in per_layer])
 
 
 def count_parameters(model: MMoLRE) -> dict[str, int]:
@@ -160,8 +165,10 @@ def count_parameters(model: MMoLRE) -> dict[str, int]:
     layers = sum(1 for _, b in model.moe_blocks() if b.moe is not None)
     per_expert = shared // (cfg.num_experts * layers) if layers else 0
     # Each task's row visits k shared experts per MoE layer: the parameters one utterance touches
-    # (both tasks) are the dense ones plus at most tasks*k experts per layer.
-    active = dense + layers * min(cfg.num_experts, model.num_streams * cfg.effective_top_k) * per_expert
+    # (both tasks) are the dense ones plus at most tasks*k experts per layer (tasks*k per step with step rows).
+    rows = [model.num_streams * (block.seq_len if cfg.route_per == "step" else 1)
+            for _, block in model.moe_blocks() if block.moe is not None]
+    active = dense + sum(min(cfg.num_experts, r * cfg.effective_top_k) for r in rows) * per_expert
     full_rank_shared = layers * cfg.num_experts * sum(
         p.numel() for p in LowRankExpert(cfg.d_model, cfg.d_model).parameters())
     return {"total": dense + shared, "expert": shared, "dense": dense, "per_expert": per_expert,

@@ -1,8 +1,10 @@
 """The task-aware gate that sits inside DeepSpeed's MoE layer.
 
-DeepSpeed's `TopKGate` computes logits with one linear map over every row. Our rows are whole
-utterances (width T*d) of two tasks, so the gate instead:
-  1. takes the masked time-average of each row (the utterance summary, width d),
+DeepSpeed's `TopKGate` computes logits with one linear map over every row. Our rows are sequences of two
+tasks (width T*d: a whole utterance, or with --route_per step a step's window, `granularity.py`), so the gate
+instead:
+  1. takes the masked time-average of each row (the utterance summary, width d; a step row's mask holds its
+     centre step only, so the summary is the step itself),
   2. scores it with the router of the row's own task (a small MLP, d -> N),
   3. hands the logits to DeepSpeed's gating: its `top1gating`/`top2gating`/`topkgating` capacity and
      dispatch logic, computed from the routes where that gives the same result bit for bit
@@ -188,9 +190,10 @@ class TaskRoutedGate(TopKGate):
             capacity, indices, locations, gates = self._route_real_rows(select, logits, probs, factor, real)
         else:
             capacity, indices, locations, gates = self._route(select, logits, probs, factor)
-        if factor > 0 and not self.training and self.agree_on_capacity and self.ep_group is not None:
-            # padded or not, every rank of the group sizes its dispatch buffers alike (its own rows' capacity
-            # decided which routes it dropped)
+        if factor > 0 and self.agree_on_capacity and self.ep_group is not None:
+            # ranks may hold different numbers of rows (evaluation's padding; --route_per step's valid steps): every
+            # rank of the group sizes its dispatch buffers alike (its own rows' capacity decided which routes it
+            # dropped)
             capacity = agreed_maximum(capacity, self.ep_group, logits.device)
         if self.balance == "aux_free":   # DeepSpeed weighed the routes by the biased logits; use the router's
             gates = combine_weights(probs, indices, self.k)

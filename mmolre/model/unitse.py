@@ -1,8 +1,9 @@
 """UniTSE: the unified task-specific/shared expert encoder of one modality.
 
 Each block holds ONE DeepSpeed MoE layer of N shared low-rank experts and one dense low-rank expert per
-task. Both tasks' streams go through the MoE in a single call (one all-to-all pair per block): the rows
-are (utterance, task) pairs, each a whole sequence flattened to width T*d, routed by its task's router.
+task. Both tasks' streams go through the MoE in a single call (one all-to-all pair per block), each row routed
+by its task's router. What a row is (a whole utterance of one task, or one time step of it) is the block's row
+layout (`granularity.py`, --route_per).
 
     x^tau <- LayerNorm(x^tau + dropout(sum_topk p_e E_e(x^tau) + E_tau(x^tau)))
 
@@ -18,6 +19,7 @@ from torch import nn
 from deepspeed.moe.layer import MoE
 
 from .experts import LowRankExpert, init_low_rank_
+from .granularity import row_layout
 from .grouped import ExpertParallelMoE, StackedLowRankExperts
 from .routing import RowRouting, TaskRoutedGate
 
@@ -30,8 +32,8 @@ class BlockStats:
     router_entropy: torch.Tensor  # [tasks]
     dropped_fraction: torch.Tensor  # [tasks] routes dropped for capacity
     z_loss: torch.Tensor          # [tasks] router z-loss, differentiable
-    routes: torch.Tensor          # [tasks, B, k] experts assigned to each row (k = 0 without shared experts)
-    combine: torch.Tensor         # [tasks, B, k] their combine weights
+    routes: torch.Tensor          # [tasks, B, k'] experts assigned to each utterance's rows (k' = k per utterance
+    combine: torch.Tensor         # row, T*k per step rows, -1 unrouted; 0 without shared experts), their weights
 
 
 def draw_like_deepspeeds_gate(num_experts: int) -> None:
@@ -46,23 +48,25 @@ class UniTSEBlock(nn.Module):
                  router_noise: bool, grouped_experts: bool = True, use_shared: bool = True,
                  use_task: bool = True, uniform_gate: bool = False, eval_capacity_factor: float = 0.0,
                  balance: str = "aux", bias_rate: float = 1e-2, router_temperature: float = 1.0,
-                 bias_update: str = "relative"):
+                 bias_update: str = "relative", route_per: str = "utterance"):
         super().__init__()
         self.seq_len, self.d_model, self.num_tasks, self.num_experts = seq_len, d_model, num_tasks, num_experts
+        self.layout = row_layout(route_per, seq_len, d_model, num_tasks)
         self.moe = None
         if use_shared:
-            template = LowRankExpert(d_model, expert_rank, seq_len)
+            template = LowRankExpert(d_model, expert_rank, self.layout.expert_seq_len)
             if not grouped_experts:   # DeepSpeed's layer as it comes (its experts are ZeRO's parameters)
                 self.moe = MoE(hidden_size=1, expert=template, num_experts=num_experts, ep_size=ep_size, k=top_k,
                                min_capacity=0, drop_tokens=capacity_factor > 0, use_rts=False)
             else:
                 draw_like_deepspeeds_gate(num_experts)
-            gate = TaskRoutedGate(d_model, seq_len, num_experts, num_tasks, top_k, capacity_factor, router_noise,
+            gate = TaskRoutedGate(d_model, self.layout.expert_seq_len, num_experts, num_tasks, top_k, capacity_factor, router_noise,
                                   uniform=uniform_gate, eval_capacity_factor=eval_capacity_factor,
                                   balance=balance, bias_rate=bias_rate, temperature=router_temperature,
                                   bias_update=bias_update)
             if grouped_experts:  # DeepSpeed's MOELayer, a compact dispatch, experts in a bank (grouped.py)
-                experts = StackedLowRankExperts(template, num_experts // ep_size, f"ep_size_{ep_size}")
+                experts = StackedLowRankExperts(template, num_experts // ep_size, f"ep_size_{ep_size}",
+                                                centre_only=route_per == "step")
                 self.moe = ExpertParallelMoE(gate, experts, num_experts, ep_size)
                 gate.agree_on_capacity = False   # the compact dispatch sizes its own buffers
             else:   # with our gate
@@ -115,16 +119,13 @@ class UniTSEBlock(nn.Module):
         keep = time_mask.unsqueeze(-1).to(streams[0].dtype)
         updates = [torch.zeros_like(x) for x in streams]
         if self.moe is not None:
-            rows = torch.cat(streams, 0) * keep.repeat(self.num_tasks, 1, 1)  # [tasks*B, T, d], task-major;
-            task_ids = torch.arange(self.num_tasks, device=rows.device).repeat_interleave(batch)  # experts see
-            routing = RowRouting(task_ids, time_mask.repeat(self.num_tasks, 1),             # zeros past the end
-                                 None if real is None else real.repeat(self.num_tasks))
-            shared, aux, load = self.moe(rows.reshape(rows.shape[0], -1), routing)
-            updates = [u + s for u, s in zip(updates, shared.view_as(rows).split(batch, 0))]
+            rows, routing, placement = self.layout.rows(streams, time_mask, real)
+            shared, aux, load = self.moe(rows, routing)
+            updates = [u + s for u, s in zip(updates, self.layout.updates(shared, placement))]
             g = self.moe.deepspeed_moe.gate.last_stats
-            per_task = (self.num_tasks, batch, -1)   # rows are task-major
             stats = BlockStats(aux, load, g["entropy"], g["dropped_fraction"], g["z_loss"],
-                               g["routes"].view(per_task), g["combine"].view(per_task))
+                               self.layout.per_utterance(g["routes"], placement, -1),
+                               self.layout.per_utterance(g["combine"], placement, 0.0))
         else:
             zero = streams[0].new_zeros(self.num_tasks, dtype=torch.float32)
             none = torch.zeros(self.num_tasks, batch, 0, dtype=torch.long, device=zero.device)

@@ -208,3 +208,48 @@ def test_evaluation_padding_under_a_capacity_changes_no_real_prediction(tmp_path
     for rank, expected in zip(ranks, ref):
         for key in ("sentiment", "emotion", "dropped"):
             torch.testing.assert_close(rank[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+# ---- --route_per step: every valid time step routed, experts split over 2 processes, against one process -----------
+STEP_MODEL = {"route_per": "step", "num_experts": 8}
+
+
+@pytest.fixture(scope="module")
+def step_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("step") / "ranks.pt"
+    mp.spawn(h.ep_training_worker, args=(2, free_port(), str(out), 2, "dense", ((0, False), (2, True)), STEP_MODEL),
+             nprocs=2, join=True)
+    return torch.load(out, weights_only=False), h.reference_training(2, **STEP_MODEL)
+
+
+def test_step_routing_under_expert_parallelism_trains_like_one_process(step_run):
+    """2 processes on the fast path (each rank's valid steps dispatched to the rank holding their experts) against
+    one process running DeepSpeed's per-expert loop: the first step's outputs, loss and every gradient, the
+    parameters after three clipped, decayed steps (ZeRO 0), and the bf16 ZeRO-2 run's clipping norms."""
+    ranks, ref = step_run
+    for rank, record in enumerate(ranks):
+        torch.testing.assert_close(record["output"], ref["outputs"][rank], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(record["loss"], ref["losses"][rank], rtol=1e-5, atol=1e-6)
+        for name, grad in ref["dense"].items():
+            torch.testing.assert_close(record["dense"][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        for key, grad in record["experts"].items():
+            torch.testing.assert_close(grad, ref["experts"][key], rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        for key, value in record["zero0"]["params"].items():
+            torch.testing.assert_close(value, ref["params"][key], rtol=1e-4, atol=5e-6, msg=lambda m: f"{key}: {m}")
+        assert record["bf16_zero2"]["norms"] == pytest.approx(ref["norms"], rel=2e-2)
+    assert set(ranks[0]["experts"]) | set(ranks[1]["experts"]) == set(ref["experts"])
+
+
+def test_step_routing_loads_count_every_valid_step_once_and_the_experts_computed_them(step_run):
+    """Per layer, the reported loads summed over ranks equal the rows the experts computed, expert by expert, and
+    total tasks x top-2 x the valid steps of the global batch: padded steps are never routed."""
+    ranks, _ = step_run
+    batch = h.step_batch(0)
+    for layer in ranks[0]["reported"]:
+        reported = sum(r["reported"][layer] for r in ranks)
+        for expert in range(STEP_MODEL["num_experts"]):
+            received = sum(r["received"].get((layer, expert), 0) for r in ranks)
+            assert reported[expert].item() == received, (layer, expert)
+        valid_steps = int(batch.masks[layer.split(".")[0]].sum())
+        assert valid_steps < h.BATCH * h.SHAPES[layer.split(".")[0]][0]   # the batch has padded steps
+        assert reported.sum().item() == 2 * 2 * valid_steps

@@ -83,3 +83,14 @@ def test_the_banks_sparse_gradients_count_the_routes_over_the_accumulation_windo
     assert sparse_expert_gradient_bytes(c, experts, 2, 32, 4) == 4 * per_expert * (4 * routes + 2 * 512)
     one, four = (estimate(c, SHAPES, 2, 32, 2, 2, False, grad_accum=a) for a in (1, 4))
     assert four.gradients - one.gradients == 4 * per_expert * (3 * routes + 2 * (512 - routes))
+
+
+def test_step_routing_counts_a_route_per_step_of_the_longest_modality():
+    c = cfg("--num_experts", "1024", "--route_per", "step")
+    per_expert = 6 * (4 * 64 * 16 + 16 + 64)
+    experts = 512 * per_expert
+    steps = max(min(t, 50) for t, _ in SHAPES.values())   # --temporal_steps 50 pools longer modalities
+    routes = 32 * steps * 2 * 2 * 2
+    assert sparse_expert_gradient_bytes(c, experts, 2, 32, 1, SHAPES) == 4 * per_expert * (routes + 2 * 512)
+    utterance = estimate(cfg("--num_experts", "1024"), SHAPES, 2, 32, 2, 2, False)
+    assert estimate(c, SHAPES, 2, 32, 2, 2, False).total > utterance.total

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from mmolre.routing_stats import (CHANCE_DRAWS, dead_experts, expert_distribution, headline, js_divergence,
-                                  mutual_information, specialisation_statistics, stability)
+                                  max_combine_weight, mutual_information, specialisation_statistics,
+                                  stability)
 
 N = 4
 
@@ -107,3 +108,12 @@ def test_a_chance_level_is_the_mean_of_many_shuffles_with_its_spread():
     assert abs(mi["label_mi_excess"]) < 3 * mi["label_mi_chance_std"]   # blind routing: within the noise
     h = headline({"text.0": s})
     assert h["sentiment_label_mi_chance_std"] == mi["label_mi_chance_std"]
+
+
+def test_step_routes_are_compared_step_by_step_and_unrouted_steps_do_not_count():
+    """--route_per step: an utterance's routes are its steps' (k each, -1 where a step is padding)."""
+    now = np.array([[0, 1, 2, 3, -1, -1]])       # 3 steps, top-2, the last one padding
+    before = np.array([[1, 0, 2, 4, -1, -1]])
+    assert stability(now, before, 2) == 0.5      # step 1 kept its set, step 2 did not
+    assert stability(now, before) == 0.0         # read as one row, the utterance's set changed
+    assert max_combine_weight(now, np.array([[0.6, 0.4, 0.9, 0.1, 0.0, 0.0]]), 2) == pytest.approx(0.75)

@@ -15,9 +15,9 @@ from dataclasses import asdict
 SHAPES = {"text": (5, 6), "audio": (4, 3)}
 
 
-def write_model(tmp_path):
+def write_model(tmp_path, route_per="utterance"):
     torch.manual_seed(0)
-    cfg = ModelConfig(d_model=8, blocks=1, num_experts=4, expert_rank=2, dropout=0.0)
+    cfg = ModelConfig(d_model=8, blocks=1, num_experts=4, expert_rank=2, dropout=0.0, route_per=route_per)
     model = MMoLRE(cfg, SHAPES).eval()
     norm = {m: {"mean": [0.0] * f, "std": [1.0] * f} for m, (_, f) in SHAPES.items()}
     config = {"model_config": asdict(cfg), "shapes": {m: list(s) for m, s in SHAPES.items()}, "normalisation": norm,
@@ -26,13 +26,15 @@ def write_model(tmp_path):
     return model, config
 
 
-def test_the_directory_holds_no_pickle_and_loads_back_exactly(tmp_path):
-    model, _ = write_model(tmp_path)
+@pytest.mark.parametrize("route_per", ["utterance", "step"])
+def test_the_directory_holds_no_pickle_and_loads_back_exactly(tmp_path, route_per):
+    model, _ = write_model(tmp_path, route_per)
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     raw = (tmp_path / "model" / "model.safetensors").read_bytes()
     header = int.from_bytes(raw[:8], "little")   # safetensors: a JSON header, then raw tensor bytes
     assert json.loads(raw[8:8 + header])["__metadata__"] == {"format": shared_model.FORMAT}
     loaded = shared_model.load_model(str(tmp_path / "model"))
+    assert loaded.model.cfg.route_per == route_per
     for k, v in full_state_dict(model).items():   # the experts in banks too, under their per-expert keys
         assert torch.equal(full_state_dict(loaded.model)[k], v.float()), k
     x = {m: np.random.default_rng(1).normal(size=(3, t, f)).astype(np.float32) for m, (t, f) in SHAPES.items()}
