@@ -21,7 +21,7 @@ from deepspeed.moe.layer import MoE
 from .experts import LowRankExpert, init_low_rank_
 from .granularity import row_layout
 from .grouped import ExpertParallelMoE, StackedLowRankExperts
-from .routing import RowRouting, TaskRoutedGate
+from .routing import TaskRoutedGate
 
 
 @dataclass
