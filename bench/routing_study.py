@@ -1,6 +1,6 @@
 """The routing study on real MOSEI labels: expert count x top-k x balancing rule, several seeds.
 
-The grid of `slurm/sweep_experts.sbatch` run locally, one run after the other, each through DeepSpeed's
+The grid of `slurm/sweep_experts.sbatch` run locally (plus `--route_pers utterance,step`), one run after the other, each through DeepSpeed's
 launcher with expert parallelism = the process count: MMoLRE text-only on the featurized MOSEI transcripts
 of bench/real_labels.py (all-MiniLM-L6-v2 token features; MOSEI's valid split divided by video into
 train/dev, tested on MOSEI's test split), default hyper-parameters, the checkpoint chosen on the dev split.
@@ -61,15 +61,18 @@ def study_data(p, args, extra: list[str], owned: set[str]) -> tuple[str, str]:
 def main(argv=None) -> None:
     p = study_parser(__doc__, "8,32,128,512,1024", "1,2,3", "routing_study")
     p.add_argument("--balances", default="aux,aux_free")
+    p.add_argument("--route_pers", default="utterance", help="--route_per values: utterance,step")
     args, extra = p.parse_known_args(argv)   # --out writes OUT.md, OUT.json and OUT_<metric>_*.png
-    path, suffix = study_data(p, args, extra, {"--num_experts", "--top_k", "--balance", "--seed"})
-    grid = [(e, k, b, s) for e in args.experts.split(",") for k in args.top_ks.split(",")
-            for b in args.balances.split(",") for s in args.seeds.split(",")]
+    path, suffix = study_data(p, args, extra, {"--num_experts", "--top_k", "--balance", "--seed", "--route_per"})
+    grid = [(e, k, b, r, s) for e in args.experts.split(",") for k in args.top_ks.split(",")
+            for b in args.balances.split(",") for r in args.route_pers.split(",") for s in args.seeds.split(",")]
     dirs, started = [], time.time()
-    for i, (e, k, b, s) in enumerate(grid, 1):
+    for i, (e, k, b, r, s) in enumerate(grid, 1):
         t0 = time.time()
-        run = train_mmolre("mosei", path, os.path.join(args.work, "runs"), f"e{e}_k{k}_{b}_s{s}{suffix}",
-                           ["--num_experts", e, "--top_k", k, "--balance", b, "--seed", s, *extra], args.processes)
+        granularity = "" if r == "utterance" else f"_{r}"   # utterance runs keep the names they had before the flag
+        run = train_mmolre("mosei", path, os.path.join(args.work, "runs"), f"e{e}_k{k}_{b}{granularity}_s{s}{suffix}",
+                           ["--num_experts", e, "--top_k", k, "--balance", b, "--route_per", r, "--seed", s, *extra],
+                           args.processes)
         seconds = time.time() - t0
         dirs.append(run)
         print(f"[{i}/{len(grid)}] {os.path.basename(run)}: {seconds:.0f} s "
@@ -90,7 +93,8 @@ def main(argv=None) -> None:
         f.write(header + table + "\n")
     with open(args.out + ".json", "w") as f:   # per run: the grid point and the study's metrics
         json.dump([{"run": os.path.basename(r["dir"]), "num_experts": r["num_experts"], "top_k": r["top_k"],
-                    "balance": r["config"]["model"]["balance"], "seed": r["seed"],
+                    "balance": r["config"]["model"]["balance"],
+                    "route_per": r["config"]["model"].get("route_per", "utterance"), "seed": r["seed"],
                     "params": r["params"], **{".".join(m): metric(r, m) for m in STUDY_METRICS}}
                    for r in runs], f, indent=1)
     print(header + table)
