@@ -125,6 +125,38 @@ def routing_study() -> str:
     return "\n".join(lines)
 
 
+def route_study() -> str:
+    """The routing-granularity study (utterance against step routing), mean over seeds, from its record."""
+    import statistics
+    runs = []
+    for name in ("route_study.json", "route_study_16k.json"):
+        with open(os.path.join(ROOT, "bench", "results", name)) as f:
+            runs += json.load(f)
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["route_per"], r["balance"], r["num_experts"], r["top_k"]), []).append(r)
+
+    def mean(rs, key, digits):
+        values = [r[key] for r in rs if r.get(key) is not None]
+        return f"{statistics.fmean(values):.{digits}f}" if values else "—"
+
+    def spread(rs, key):
+        values = [r[key] for r in rs if r.get(key) is not None]
+        return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
+    lines = ["| route per | balance | experts | top-k | seeds | dev loss | test MAE | test emotion micro-F1 | train load "
+             "max/mean | dead experts (all layers) | sentiment MI excess | stability | samples/s |", "|" + "---|" * 13]
+    order = {"utterance": 0, "step": 1}
+    for (route, balance, experts, k), rs in sorted(groups.items(), key=lambda g: (order[g[0][0]], *g[0][1:])):
+        lines.append(f"| {route} | {balance} | {experts:,} | {k} | {len(rs)} | {spread(rs, 'valid.loss')} | "
+                     f"{spread(rs, 'test.sentiment.mae')} | {spread(rs, 'test.emotion.micro_f1')} | "
+                     f"{mean(rs, 'routing.summary.train_load_max_over_mean', 1)} | "
+                     f"{mean(rs, 'routing.summary.dead_experts', 0)} | "
+                     f"{mean(rs, 'routing.summary.sentiment_label_mi_excess', 2)} | "
+                     f"{mean(rs, 'routing.summary.stability', 2)} | "
+                     f"{mean(rs, 'train.samples_per_s', 0)} |")
+    return "\n".join(lines)
+
+
 def expert_scale_targets() -> str:
     """The expert-scale targets measured before the experts moved into banks and after, dense and lazy."""
     def load(name):
@@ -154,7 +186,8 @@ def expert_scale_targets() -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"expert_scale_targets": expert_scale_targets, "default_run": default_run, "moe_block_measures": moe_block_measures, "routing_study": routing_study}
+RENDERERS = {"expert_scale_targets": expert_scale_targets, "default_run": default_run, "moe_block_measures": moe_block_measures, "routing_study": routing_study,
+             "route_study": route_study}
 
 
 def _table(text: str, n: int, source: str) -> str:

@@ -60,7 +60,8 @@ class ModelConfig:
                                 "equal parts of each utterance's valid steps; padding never counts); 0: never",
                                 default=50)
     num_experts: int = _help("shared low-rank experts N per MoE layer (global, across ranks)", default=8)
-    top_k: int = _help("shared experts each (utterance, task) row is routed to", default=2)
+    top_k: int = _help("shared experts each row (an utterance's and task's, or a step's with --route_per step) "
+                       "is routed to", default=2)
     route_per: str = _help("what the routers route: 'utterance' (one row per utterance and task, the paper's) or "
                            "'step' (every valid time step on its own with its two neighbours, DeepSpeed's token "
                            "granularity: T times the rows, so thousands of experts each get some)",

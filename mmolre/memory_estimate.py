@@ -125,17 +125,28 @@ def estimate(cfg: RunConfig, shapes: dict, ep_size: int, micro_batch: int, world
 
 def sparse_expert_gradient_bytes(cfg: RunConfig, experts: int, ep_size: int, micro_batch: int,
                                  grad_accum: int, shapes: dict | None = None) -> int:
-    """The banks' sparse gradients: a row of one expert's size per route that may reach this rank (every rank of
-    the expert-parallel group routes micro_batch rows per task, times the longest modality's steps with
-    --route_per step), uncoalesced over the accumulation window, plus the two coalesced copies the reduction
-    makes (at most one row per local expert each)."""
-    from .model.frontend import steps_per_modality
+    """The banks' sparse gradients: per micro batch, a row of one expert's size per local expert that received a
+    route (at most the routes that may reach this rank: every rank of the expert-parallel group routes
+    micro_batch rows per task, times the longest modality's steps with --route_per step), uncoalesced over the
+    accumulation window, plus the two coalesced copies the reduction makes (at most one row per local expert
+    each)."""
     m = cfg.model
     num_local = max(1, m.num_experts // ep_size)
-    rows = micro_batch * (max(steps_per_modality(shapes, m.temporal_steps).values())
-                          if m.route_per == "step" and shapes else 1)
-    routes = rows * (1 if m.model == "hard_sharing" else 2) * m.effective_top_k * ep_size * grad_accum
-    return int(4 * experts / num_local * (routes + 2 * min(num_local, routes)))
+    routes = rows_per_task(cfg, shapes, micro_batch) * (1 if m.model == "hard_sharing" else 2) * m.effective_top_k \
+        * ep_size
+    per_window = grad_accum * min(num_local, routes)
+    return int(4 * experts / num_local * (per_window + 2 * min(num_local, per_window)))
+
+
+def rows_per_task(cfg: RunConfig, shapes: dict | None, micro_batch: int) -> int:
+    """The most rows one task routes in one MoE layer per micro batch: one per utterance, or with --route_per step
+    one per step of the longest modality."""
+    from .model.frontend import steps_per_modality
+    if cfg.model.route_per != "step":
+        return micro_batch
+    if not shapes:
+        raise ValueError("--route_per step: the rows per micro batch depend on the modalities' steps (shapes)")
+    return micro_batch * max(steps_per_modality(shapes, cfg.model.temporal_steps).values())
 
 
 def host_at_build(cfg: RunConfig, shapes: dict, ep_size: int) -> MemoryEstimate:
@@ -148,14 +159,20 @@ def host_at_build(cfg: RunConfig, shapes: dict, ep_size: int) -> MemoryEstimate:
 def activation_bytes(cfg: RunConfig, shapes: dict, micro_batch: int, bytes_per_value: int) -> int:
     """What autograd keeps for one micro batch: per block, task and step about 12 values of width d (streams,
     norms, the task expert) and, per expert route, 6 (the gathered row, the convolutions, the combine); with
-    --route_per step, also each step's window (3 more)."""
+    --route_per step, also each step's window (3 more). Plus the routers' [rows, experts] fp32 tensors, 3 per
+    MoE layer (the logits and probabilities autograd keeps, one transient copy), which grow with the expert count
+    and, with --route_per step, with the steps."""
     from .model.frontend import steps_per_modality
     m = cfg.model
-    steps = sum(steps_per_modality(shapes, m.temporal_steps).values())
+    steps = steps_per_modality(shapes, m.temporal_steps)
     tasks = 1 if m.model == "hard_sharing" else 2
     per_step = m.blocks * tasks * ((15 if m.route_per == "step" else 12) * m.d_model
                                    + 6 * m.effective_top_k * (m.d_model + m.rank))
-    return int(micro_batch * steps * per_step * bytes_per_value * ACTIVATION_SLACK)
+    kept = int(micro_batch * sum(steps.values()) * per_step * bytes_per_value * ACTIVATION_SLACK)
+    if not m.shared_experts or m.model == "hard_sharing":   # no routed experts, no routers
+        return kept
+    rows = sum(micro_batch * (t if m.route_per == "step" else 1) for t in steps.values()) * tasks * m.blocks
+    return kept + 3 * rows * m.num_experts * 4
 
 
 def available(device: torch.device, local_ranks: int) -> tuple[int, str]:

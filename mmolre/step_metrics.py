@@ -28,8 +28,9 @@ def learning_rates(engine) -> dict[str, float]:
 
 def reduce_routing_over_ranks(out, info: distributed.DistInfo) -> tuple[np.ndarray, ...]:
     """One micro batch's routing health: per-layer/task aux loss, router entropy, dropped fraction and the mean
-    modality weights averaged over ranks (every rank routes the same number of rows), expert loads summed
-    over ranks. One all-reduce."""
+    modality weights averaged over ranks (the mean of the ranks' means: with --route_per step ranks route
+    different numbers of rows, so this weighs each rank alike, not each row), expert loads summed over ranks.
+    One all-reduce."""
     aux = out.aux_loss.detach().float()
     load = out.expert_load.float()
     entropy = out.router_entropy.float()

@@ -435,3 +435,52 @@ def eval_padding_reference(out_path: str):
             records.append({"sentiment": out.sentiment, "emotion": out.emotion_logits,
                             "dropped": out.dropped_fraction})
     torch.save(records, out_path)
+
+
+STEP_STOCK = dict(route_per="step", top_k=1, grouped_experts=False)   # DeepSpeed's own MoE layer, top-1
+
+
+def step_rows_on_deepspeeds_layer(rank: int, world: int, port: int, out_path: str):
+    """world 2, ep 2, --route_per step on DeepSpeed's own MoE layer (its [experts, capacity, d] all-to-all buffers
+    must have one shape on every rank), top-1, without and with a training capacity: the ranks route different
+    numbers of valid steps. A training forward and backward of each rank's slice, then an evaluation in which
+    rank 1's batch is all padding (it routes no row at all)."""
+    from mmolre.engine import build_engine, optimizer_groups
+    from mmolre.losses import compute_loss
+    info = setup(rank, world, port)
+    record = {}
+    for factor in (0.0, 0.5):
+        model = build(ep_size=world, ep_rank=rank, capacity_factor=factor, **STEP_STOCK)
+        opt = torch.optim.AdamW(optimizer_groups(model, 0.0), lr=1e-3)
+        engine = build_engine(model, opt, ds_config(0), info, world)
+        batch = step_batch(0, rank, world)
+        torch.manual_seed(7)   # the capacity's random row order, as in the reference
+        out = engine(batch.features, batch.masks)
+        engine.backward(compute_loss(out, batch, aux_weight=0.5, emotion_weight=1.0).total)
+        engine.eval()
+        pad = slice_batch(fixed_batch(), 0, 4)
+        if rank == 1:
+            pad.valid = torch.zeros(4, dtype=torch.bool)
+        with torch.no_grad():
+            evaluated = engine(pad.features, pad.masks, pad.valid)
+        record[factor] = {"train": out.sentiment.detach(), "dropped": out.dropped_fraction.detach(),
+                          "valid_steps": int(sum(m.sum() for m in batch.masks.values())),
+                          "eval": evaluated.sentiment[pad.valid]}
+    _save_from_main(record, info, out_path)
+
+
+def step_rows_reference(out_path: str):
+    """One process, ep 1, the same model: each rank's slice on its own, and rank 0's evaluation batch."""
+    record = {}
+    for factor in (0.0, 0.5):
+        model = build(ep_size=1, ep_rank=0, capacity_factor=factor, **STEP_STOCK)
+        train = []
+        for rank in range(2):
+            batch = step_batch(0, rank, 2)
+            torch.manual_seed(7)
+            train.append(model(batch.features, batch.masks).sentiment.detach())
+        model.eval()
+        pad = slice_batch(fixed_batch(), 0, 4)
+        with torch.no_grad():
+            record[factor] = {"train": train, "eval": model(pad.features, pad.masks).sentiment}
+    torch.save(record, out_path)

@@ -77,10 +77,12 @@ class StepRows:
         keep = time_mask.unsqueeze(-1).to(streams[0].dtype)
         seqs = torch.cat(streams, 0) * keep.repeat(self.num_tasks, 1, 1)        # [tasks*B, T, d], task-major
         index = valid.repeat(self.num_tasks, 1).reshape(-1).nonzero().squeeze(1)   # rows in (task, b, t) order
-        padded = F.pad(seqs, (0, 0, 1, 1))                                     # [tasks*B, T+2, d]
-        # the window of step t is padded steps t, t+1, t+2: three shifted views, each gathered at the valid steps
-        rows = torch.cat([padded[:, shift:shift + steps].reshape(-1, d).index_select(0, index)
-                          for shift in range(WINDOW)], 1)                      # [S, WINDOW*d]
+        padded = F.pad(seqs, (0, 0, 1, 1)).reshape(-1, d)                      # [tasks*B*(T+2), d]
+        # the window of step t of sequence s is padded steps t, t+1, t+2 of s: one gather of the valid steps' windows
+        sequence, step = torch.div(index, steps, rounding_mode="floor"), index % steps
+        start = sequence * (steps + 2) + step
+        window = (start.unsqueeze(1) + torch.arange(WINDOW, device=index.device)).reshape(-1)
+        rows = padded.index_select(0, window).view(len(index), WINDOW * d)     # [S, WINDOW*d]
         task_ids = torch.div(index, batch * steps, rounding_mode="floor")
         centre = torch.zeros(len(index), WINDOW, dtype=torch.bool, device=rows.device)
         centre[:, WINDOW // 2] = True   # the gate's masked time mean over this mask is the step itself

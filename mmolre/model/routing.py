@@ -116,6 +116,7 @@ class TaskRoutedGate(TopKGate):
         # DeepSpeed's no-drop gating all-reduces the busiest expert's load over the expert-parallel group to
         # size its [experts, capacity] buffers; a dispatch that does not use them switches this off.
         self.agree_on_capacity = True
+        self.rows_vary_by_rank = False   # True where ranks route different numbers of rows in training too
         self.balance, self.bias_rate, self.temperature = balance, bias_rate, temperature
         if bias_update not in ("sign", "relative"):
             raise ValueError(f"bias_update must be 'sign' or 'relative', got {bias_update!r}")
@@ -190,7 +191,8 @@ class TaskRoutedGate(TopKGate):
             capacity, indices, locations, gates = self._route_real_rows(select, logits, probs, factor, real)
         else:
             capacity, indices, locations, gates = self._route(select, logits, probs, factor)
-        if factor > 0 and self.agree_on_capacity and self.ep_group is not None:
+        if (factor > 0 and self.agree_on_capacity and self.ep_group is not None
+                and (not self.training or self.rows_vary_by_rank)):
             # ranks may hold different numbers of rows (evaluation's padding; --route_per step's valid steps): every
             # rank of the group sizes its dispatch buffers alike (its own rows' capacity decided which routes it
             # dropped)

@@ -49,7 +49,11 @@ def top1_routes(logits: torch.Tensor, ep_group, probs: torch.Tensor | None = Non
     num_rows, num_experts = gates.shape
     expert = torch.argmax(gates, dim=1)
     counts = torch.bincount(expert, minlength=num_experts)
-    capacity = torch.minimum(_agreed_capacity(counts, ep_group), torch.tensor(num_rows))
+    # DeepSpeed caps this by the rank's own row count, which can only bind where ranks hold different numbers of
+    # rows (--route_per step, evaluation's padding); there it would give the ranks different buffers for one
+    # all-to-all. The agreed busiest load never exceeds the largest rank's rows, so without the cap the result is
+    # DeepSpeed's wherever the ranks' rows are equal, and one shape everywhere.
+    capacity = _agreed_capacity(counts, ep_group)
     weight = gates.gather(1, expert.unsqueeze(1)).squeeze(1)
     slot = _slots_in_row_order(expert, num_experts)
     return capacity, expert.to(torch.int32).unsqueeze(0), slot.to(torch.int32).unsqueeze(0), weight.unsqueeze(0)

@@ -71,6 +71,7 @@ class UniTSEBlock(nn.Module):
                 gate.agree_on_capacity = False   # the compact dispatch sizes its own buffers
             else:   # with our gate
                 self.moe.deepspeed_moe.gate = gate
+            gate.rows_vary_by_rank = route_per == "step"   # each rank routes its own valid steps
         self.task_specific = (nn.ModuleList(LowRankExpert(d_model, task_rank) for _ in range(num_tasks))
                               if use_task else None)
         self.dropout = nn.Dropout(dropout)

@@ -245,6 +245,8 @@ def test_step_routing_loads_count_every_valid_step_once_and_the_experts_computed
     total tasks x top-2 x the valid steps of the global batch: padded steps are never routed."""
     ranks, _ = step_run
     batch = h.step_batch(0)
+    slices = [h.step_batch(0, r, 2) for r in range(2)]   # the ranks route different numbers of rows
+    assert int(slices[0].masks["text"].sum()) != int(slices[1].masks["text"].sum())
     for layer in ranks[0]["reported"]:
         reported = sum(r["reported"][layer] for r in ranks)
         for expert in range(STEP_MODEL["num_experts"]):
@@ -253,3 +255,24 @@ def test_step_routing_loads_count_every_valid_step_once_and_the_experts_computed
         valid_steps = int(batch.masks[layer.split(".")[0]].sum())
         assert valid_steps < h.BATCH * h.SHAPES[layer.split(".")[0]][0]   # the batch has padded steps
         assert reported.sum().item() == 2 * 2 * valid_steps
+
+
+def test_step_routing_on_deepspeeds_own_layer_agrees_on_buffers_when_ranks_route_different_rows(tmp_path):
+    """DeepSpeed's MOELayer sizes its all-to-all buffers by a capacity: top-1 without a limit capped it by the rank's
+    own rows, with a limit each rank computes it from its own rows, so ranks holding different numbers of valid
+    steps (or none: an all-padding evaluation batch) exchanged buffers of different shapes. The ranks now agree,
+    and every rank's rows are predicted as one process predicts them on their own."""
+    ranks = _spawn(h.step_rows_on_deepspeeds_layer, tmp_path / "ep2.pt")
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=h.step_rows_reference, args=(str(tmp_path / "ep1.pt"),))
+    proc.start()
+    proc.join(300)
+    assert proc.exitcode == 0
+    ref = torch.load(tmp_path / "ep1.pt", weights_only=False)
+    for factor in (0.0, 0.5):
+        assert ranks[0][factor]["valid_steps"] != ranks[1][factor]["valid_steps"]
+        for rank in range(2):
+            torch.testing.assert_close(ranks[rank][factor]["train"], ref[factor]["train"][rank], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ranks[0][factor]["eval"], ref[factor]["eval"], rtol=1e-5, atol=1e-6)
+        assert ranks[1][factor]["eval"].numel() == 0
+    assert any(r[0.5]["dropped"].sum() > 0 for r in ranks)   # the training capacity binds

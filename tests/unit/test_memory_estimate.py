@@ -52,7 +52,8 @@ def test_the_estimate_grows_with_this_ranks_experts():
     assert big.parameters >= experts_per_rank * 4 and big.optimizer >= experts_per_rank * 10
     assert lazy.total == big.total and small.total < 1.5 * GB < big.total   # both update a block of rows at a time
     assert spread.parameters < big.parameters / 3          # ep 8 holds a quarter of ep 2's experts
-    assert small.activations == big.activations > 0        # the micro batch's, not the experts'
+    routers = 3 * (3 * 32 * 2 * 2) * 4                       # [rows, experts] fp32 x 3 per layer, per expert
+    assert big.activations - small.activations == routers * (16384 - 8) > 0   # else the micro batch's
 
 
 def test_a_run_that_will_not_fit_is_refused_naming_its_estimate():
@@ -90,7 +91,12 @@ def test_step_routing_counts_a_route_per_step_of_the_longest_modality():
     per_expert = 6 * (4 * 64 * 16 + 16 + 64)
     experts = 512 * per_expert
     steps = max(min(t, 50) for t, _ in SHAPES.values())   # --temporal_steps 50 pools longer modalities
-    routes = 32 * steps * 2 * 2 * 2
-    assert sparse_expert_gradient_bytes(c, experts, 2, 32, 1, SHAPES) == 4 * per_expert * (routes + 2 * 512)
+    routes = 32 * steps * 2 * 2 * 2                 # more than the 512 local experts: each gets at most one row
+    assert sparse_expert_gradient_bytes(c, experts, 2, 32, 1, SHAPES) == 4 * per_expert * (512 + 2 * 512)
+    assert sparse_expert_gradient_bytes(c, experts, 2, 32, 4, SHAPES) == 4 * per_expert * (4 * 512 + 2 * 512)
     utterance = estimate(cfg("--num_experts", "1024"), SHAPES, 2, 32, 2, 2, False)
-    assert estimate(c, SHAPES, 2, 32, 2, 2, False).total > utterance.total
+    step = estimate(c, SHAPES, 2, 32, 2, 2, False)
+    routers = 3 * (32 * sum(min(t, 50) for t, _ in SHAPES.values()) * 2 * 2) * 1024 * 4   # rows x experts
+    assert step.activations - utterance.activations > routers - 3 * (32 * 3 * 2 * 2) * 1024 * 4
+    with pytest.raises(ValueError, match="shapes"):
+        sparse_expert_gradient_bytes(c, experts, 2, 32, 1)
