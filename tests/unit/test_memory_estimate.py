@@ -91,7 +91,7 @@ def test_step_routing_counts_a_route_per_step_of_the_longest_modality():
     per_expert = 6 * (4 * 64 * 16 + 16 + 64)
     experts = 512 * per_expert
     steps = max(min(t, 50) for t, _ in SHAPES.values())   # --temporal_steps 50 pools longer modalities
-    routes = 32 * steps * 2 * 2 * 2                 # more than the 512 local experts: each gets at most one row
+    assert 32 * steps * 2 * 2 * 2 > 512             # routes per micro batch: each local expert gets at most one row
     assert sparse_expert_gradient_bytes(c, experts, 2, 32, 1, SHAPES) == 4 * per_expert * (512 + 2 * 512)
     assert sparse_expert_gradient_bytes(c, experts, 2, 32, 4, SHAPES) == 4 * per_expert * (4 * 512 + 2 * 512)
     utterance = estimate(cfg("--num_experts", "1024"), SHAPES, 2, 32, 2, 2, False)
