@@ -157,6 +157,31 @@ def route_study() -> str:
     return "\n".join(lines)
 
 
+def route_study_headline() -> str:
+    """README's view of the routing-granularity study: balancing by aux_free at 1,024 experts and more."""
+    import statistics
+    runs = []
+    for name in ("route_study.json", "route_study_16k.json"):
+        with open(os.path.join(ROOT, "bench", "results", name)) as f:
+            runs += [r for r in json.load(f) if r["balance"] == "aux_free" and r["num_experts"] >= 1024]
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["num_experts"], r["route_per"]), []).append(r)
+
+    def span(rs, key, digits):
+        values = [r[key] for r in rs]
+        low, high = min(values), max(values)
+        return f"{low:.{digits}f}" if low == high else f"{low:.{digits}f}–{high:.{digits}f}"
+    lines = ["| experts | route per | seeds | dead experts, epoch 1 → last (of 2 × N) | busiest ÷ mean, epoch 1 → last | "
+             "dev loss | samples/s |", "|" + "---|" * 7]
+    for (experts, route), rs in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] == "step")):
+        lines.append(f"| {experts:,} | {route} | {len(rs)} | {span(rs, 'dead_epoch1', 0)} → {span(rs, 'dead_last', 0)} | "
+                     f"{span(rs, 'load_epoch1', 1)} → {span(rs, 'load_last', 1)} | "
+                     f"{statistics.fmean(r['valid.loss'] for r in rs):.3f} | "
+                     f"{statistics.fmean(r['train.samples_per_s'] for r in rs):.0f} |")
+    return "\n".join(lines)
+
+
 def expert_scale_targets() -> str:
     """The expert-scale targets measured before the experts moved into banks and after, dense and lazy."""
     def load(name):
@@ -187,7 +212,7 @@ def expert_scale_targets() -> str:
 
 
 RENDERERS = {"expert_scale_targets": expert_scale_targets, "default_run": default_run, "moe_block_measures": moe_block_measures, "routing_study": routing_study,
-             "route_study": route_study}
+             "route_study": route_study, "route_study_headline": route_study_headline}
 
 
 def _table(text: str, n: int, source: str) -> str:

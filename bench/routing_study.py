@@ -58,6 +58,17 @@ def study_data(p, args, extra: list[str], owned: set[str]) -> tuple[str, str]:
     return featurize("mosei", args.encoder, args.work, args.real_dir), suffix
 
 
+def epoch_balance(results: dict) -> dict:
+    """The training routes' balance after the first and the last epoch: dead experts summed over the layers and the
+    busiest expert over the mean (worst layer and task); {} for runs recorded before the epoch loads were."""
+    history = [h for h in results["history"] if "train_load_max_over_mean" in h]
+    if not history:
+        return {}
+    return {f"{name}_{when}": value for when, h in (("epoch1", history[0]), ("last", history[-1]))
+            for name, value in (("dead", sum(h["dead_experts"].values())),
+                                ("load", max(h["train_load_max_over_mean"].values())))}
+
+
 def main(argv=None) -> None:
     p = study_parser(__doc__, "8,32,128,512,1024", "1,2,3", "routing_study")
     p.add_argument("--balances", default="aux,aux_free")
@@ -95,8 +106,8 @@ def main(argv=None) -> None:
         json.dump([{"run": os.path.basename(r["dir"]), "num_experts": r["num_experts"], "top_k": r["top_k"],
                     "balance": r["config"]["model"]["balance"],
                     "route_per": r["config"]["model"].get("route_per", "utterance"), "seed": r["seed"],
-                    "params": r["params"], **{".".join(m): metric(r, m) for m in STUDY_METRICS}}
-                   for r in runs], f, indent=1)
+                    "params": r["params"], **{".".join(m): metric(r, m) for m in STUDY_METRICS},
+                    **epoch_balance(r)} for r in runs], f, indent=1)
     print(header + table)
     print("wrote", args.out + ".md", args.out + ".json", *figures)
 
