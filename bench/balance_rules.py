@@ -10,12 +10,9 @@ name, as the routing study's.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
-
-import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -23,6 +20,7 @@ sys.path.insert(0, ROOT)
 from bench.commands import command_line  # noqa: E402
 from bench.real_labels import encoder_label, train_mmolre  # noqa: E402
 from bench.routing_study import study_data, study_parser  # noqa: E402
+from bench.uniform_reference import reference_for  # noqa: E402
 
 
 def epoch_balance(results: dict) -> list[tuple[int, float]]:
@@ -31,48 +29,16 @@ def epoch_balance(results: dict) -> list[tuple[int, float]]:
             for h in results["history"]]
 
 
-@functools.lru_cache(maxsize=None)
-def train_lengths(path: str) -> np.ndarray:
-    import pickle
-    with open(path, "rb") as f:   # written by this study's `mmolre featurize`
-        return np.asarray(pickle.load(f)["train"]["text_lengths"])
-
-
-def routes_per_epoch(path: str, results: dict) -> int:
-    """One task's routes in one layer over an epoch: a route per training utterance (or per valid step with
-    --route_per step) times top-k."""
-    lengths = train_lengths(path)
-    steps = results["data"]["mosei"]["shapes"]["text"][0]
-    step = results["config"]["model"].get("route_per") == "step"
-    return (int(np.minimum(lengths, steps).sum()) if step else len(lengths)) * results["top_k"]
-
-
-def uniform_floor(routes: int, experts: int, tasks: int = 2, draws: int = 20) -> tuple[float, float]:
-    """What content-blind uniform routing gives over an epoch of `routes` routes per task (each route an
-    independent uniform draw; top-k's k distinct experts per row make little difference when k << experts): the
-    busiest expert over the mean (the worse task) and the experts no task reached, per layer; means over draws.
-    A rule that spreads routes by their content cannot be expected below this without routing round-robin."""
-    rng = np.random.default_rng(0)
-    ratios, dead = [], []
-    for _ in range(draws):
-        loads = rng.multinomial(routes, np.full(experts, 1.0 / experts), size=tasks)
-        ratios.append(float((loads.max(1) / (routes / experts)).max()))
-        dead.append(int((loads.sum(0) == 0).sum()))
-    return float(np.mean(ratios)), float(np.mean(dead))
-
-
 def row(results: dict, update: str, rate: str, path: str) -> dict:
     per_epoch = epoch_balance(results)
     later = per_epoch[1:] or per_epoch
     best = results["history"][results["best_epoch"] - 1]
-    layers = len(results["history"][0]["dead_experts"])
-    floor_load, floor_dead = uniform_floor(routes_per_epoch(path, results), results["num_experts"])
     return {"num_experts": results["num_experts"], "top_k": results["top_k"], "update": update, "rate": rate,
             "route_per": results["config"]["model"].get("route_per", "utterance"),
             "seed": results["seed"], "dead_epoch1": per_epoch[0][0], "load_epoch1": per_epoch[0][1],
             "dead_later_max": max(d for d, _ in later), "load_later_max": max(r for _, r in later),
             "dead_last": per_epoch[-1][0], "load_last": per_epoch[-1][1],
-            "uniform_load": floor_load, "uniform_dead": floor_dead * layers,
+            **reference_for(path, results),
             "dev_loss": best["valid_loss"], "per_epoch": per_epoch}
 
 
@@ -105,7 +71,8 @@ def main(argv=None) -> None:
              f"{args.processes}, `--balance aux_free`, extra flags {' '.join(extra) or 'none'}. Training routes of each "
              "epoch: dead experts summed over the 2 MoE layers, the busiest expert's routes over the mean (worst layer "
              "and task); epoch 1, the worst of epochs 2 to the last, and the last. `uniform`: what content-blind "
-             "uniform routing of the same number of routes gives (`uniform_floor`). Dev loss at the selected epoch.", "",
+             "uniform random routing of the same routes gives (bench/uniform_reference.py; a yardstick, not a "
+             "bound). Dev loss at the selected epoch.", "",
              "| experts | top-k | route per | update | rate | seed | dead, epoch 1 / later (max) / last | uniform: dead "
              "| load max/mean, epoch 1 / later (max) / last | uniform: max/mean | dev loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

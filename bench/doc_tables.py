@@ -140,9 +140,9 @@ def route_study() -> str:
         values = [r[key] for r in rs if r.get(key) is not None]
         return f"{statistics.fmean(values):.{digits}f}" if values else "—"
 
-    def spread(rs, key):
+    def spread(rs, key):   # one run has no spread to show
         values = [r[key] for r in rs if r.get(key) is not None]
-        return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
+        return f"{statistics.fmean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
     lines = ["| route per | balance | experts | top-k | seeds | dev loss | test MAE | test emotion micro-F1 | train load "
              "max/mean | dead experts (all layers) | sentiment MI excess | stability | samples/s |", "|" + "---|" * 13]
     order = {"utterance": 0, "step": 1}
@@ -173,10 +173,12 @@ def route_study_headline() -> str:
         low, high = min(values), max(values)
         return f"{low:.{digits}f}" if low == high else f"{low:.{digits}f}–{high:.{digits}f}"
     lines = ["| experts | route per | seeds | dead experts, epoch 1 → last (of 2 × N) | busiest ÷ mean, epoch 1 → last | "
-             "dev loss | samples/s |", "|" + "---|" * 7]
+             "uniform random routing: dead, busiest ÷ mean | dev loss | samples/s |", "|" + "---|" * 8]
     for (experts, route), rs in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] == "step")):
         lines.append(f"| {experts:,} | {route} | {len(rs)} | {span(rs, 'dead_epoch1', 0)} → {span(rs, 'dead_last', 0)} | "
                      f"{span(rs, 'load_epoch1', 1)} → {span(rs, 'load_last', 1)} | "
+                     f"{statistics.fmean(r['uniform_dead'] for r in rs):.0f}, "
+                     f"{statistics.fmean(r['uniform_load'] for r in rs):.1f} | "
                      f"{statistics.fmean(r['valid.loss'] for r in rs):.3f} | "
                      f"{statistics.fmean(r['train.samples_per_s'] for r in rs):.0f} |")
     return "\n".join(lines)

@@ -30,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 from bench.commands import passthrough_parser, refuse_owned_flags  # noqa: E402
 from bench.real_labels import REAL, default_encoder, encoder_label, featurize, train_mmolre  # noqa: E402
+from bench.uniform_reference import reference_for  # noqa: E402
 from mmolre.report import STUDY_METRICS, load_runs, markdown_report, metric, plot_sweep  # noqa: E402
 
 
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
                     "balance": r["config"]["model"]["balance"],
                     "route_per": r["config"]["model"].get("route_per", "utterance"), "seed": r["seed"],
                     "params": r["params"], **{".".join(m): metric(r, m) for m in STUDY_METRICS},
-                    **epoch_balance(r)} for r in runs], f, indent=1)
+                    **epoch_balance(r), **reference_for(path, r)} for r in runs], f, indent=1)
     print(header + table)
     print("wrote", args.out + ".md", args.out + ".json", *figures)
 

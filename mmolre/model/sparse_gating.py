@@ -51,8 +51,9 @@ def top1_routes(logits: torch.Tensor, ep_group, probs: torch.Tensor | None = Non
     counts = torch.bincount(expert, minlength=num_experts)
     # DeepSpeed caps this by the rank's own row count, which can only bind where ranks hold different numbers of
     # rows (--route_per step, evaluation's padding); there it would give the ranks different buffers for one
-    # all-to-all. The agreed busiest load never exceeds the largest rank's rows, so without the cap the result is
-    # DeepSpeed's wherever the ranks' rows are equal, and one shape everywhere.
+    # all-to-all. Without tensor parallelism (this trainer has none) the agreed busiest load never exceeds the
+    # largest rank's rows, so without the cap the result is DeepSpeed's wherever the ranks' rows are equal, and
+    # one shape everywhere.
     capacity = _agreed_capacity(counts, ep_group)
     weight = gates.gather(1, expert.unsqueeze(1)).squeeze(1)
     slot = _slots_in_row_order(expert, num_experts)

@@ -34,12 +34,14 @@ def test_a_launch_flag_is_never_taken_as_an_abbreviation_of_the_benchmarks_own()
     assert args.seeds == "1,2,3" and extra == ["--seed", "3"]   # then refused as owned, not run as seed 3
 
 
-def test_the_uniform_routing_floor_matches_the_balls_in_bins_arithmetic():
-    """bench/balance_rules.py's reference: many routes per expert spread evenly; few leave the busiest far above
-    the mean and experts empty at the rate e^(-2R/N) (two tasks, R routes each, N experts)."""
+def test_the_uniform_routing_reference_matches_the_balls_in_bins_arithmetic():
+    """bench/uniform_reference.py: many routes per expert spread evenly; few leave the busiest far above the mean
+    and experts empty at the rate e^(-2R/N) per layer (two tasks, R routes each, N experts)."""
     import math
-    from bench.balance_rules import uniform_floor
-    ratio, dead = uniform_floor(routes=1000 * 64, experts=64)
+    from bench.uniform_reference import uniform_reference
+    ratio, dead = uniform_reference(routes=1000 * 64, experts=64)
     assert ratio < 1.2 and dead == 0
-    ratio, dead = uniform_floor(routes=1024, experts=1024)
-    assert ratio > 4 and abs(dead - 1024 * math.exp(-2)) < 15
+    ratio, dead = uniform_reference(routes=1024, experts=1024, layers=2)
+    assert ratio > 4 and abs(dead - 2 * 1024 * math.exp(-2)) < 25
+    one_layer, _ = uniform_reference(routes=1024, experts=1024, layers=1)
+    assert one_layer < ratio   # the worst of two layers is worse than one layer's
