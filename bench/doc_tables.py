@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,79 +94,74 @@ def moe_block_measures() -> str:
     return "\n".join(lines)
 
 
+def _records(*names: str) -> list[dict]:
+    runs = []
+    for name in names:
+        with open(os.path.join(ROOT, "bench", "results", name)) as f:
+            runs += json.load(f)
+    return runs
+
+
+def _mean(rs: list[dict], key: str, digits: int) -> str:
+    values = [r[key] for r in rs if r.get(key) is not None]
+    return f"{statistics.fmean(values):.{digits}f}" if values else "—"
+
+
+def _spread(rs: list[dict], key: str) -> str:
+    """Mean ± sample std (one run has no spread to show)."""
+    values = [r[key] for r in rs if r.get(key) is not None]
+    return f"{statistics.fmean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+
+
 def routing_study() -> str:
     """The routing study's headline columns, mean over seeds (± sample std for accuracy), from its record."""
-    import statistics
-    with open(os.path.join(ROOT, "bench", "results", "routing_study.json")) as f:
-        runs = json.load(f)
     groups: dict = {}
-    for r in runs:
+    for r in _records("routing_study.json"):
         groups.setdefault((r["balance"], r["num_experts"], r["top_k"]), []).append(r)
-
-    def mean(rs, key):
-        values = [r[key] for r in rs if r.get(key) is not None]
-        return statistics.fmean(values) if values else float("nan")
-
-    def spread(rs, key):
-        values = [r[key] for r in rs if r.get(key) is not None]
-        return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0:.3f}"
     lines = ["| balance | experts | top-k | seeds | dev loss | test MAE | test emotion micro-F1 | load max/mean | "
              "dead experts (all layers) | divergence excess | sentiment MI excess | stability | largest combine "
              "weight | samples/s |", "|" + "---|" * 14]
     for (balance, experts, k), rs in sorted(groups.items()):
-        lines.append(f"| {balance} | {experts} | {k} | {len(rs)} | {spread(rs, 'valid.loss')} | "
-                     f"{spread(rs, 'test.sentiment.mae')} | {spread(rs, 'test.emotion.micro_f1')} | "
-                     f"{mean(rs, 'routing.summary.load_max_over_mean'):.1f} | "
-                     f"{mean(rs, 'routing.summary.dead_experts'):.0f} | "
-                     f"{mean(rs, 'routing.summary.task_divergence_excess'):.2f} | "
-                     f"{mean(rs, 'routing.summary.sentiment_label_mi_excess'):.2f} | "
-                     f"{mean(rs, 'routing.summary.stability'):.2f} | "
-                     f"{mean(rs, 'routing.summary.max_combine_weight'):.2f} | "
-                     f"{mean(rs, 'train.samples_per_s'):.0f} |")
+        lines.append(f"| {balance} | {experts} | {k} | {len(rs)} | {_spread(rs, 'valid.loss')} | "
+                     f"{_spread(rs, 'test.sentiment.mae')} | {_spread(rs, 'test.emotion.micro_f1')} | "
+                     f"{_mean(rs, 'routing.summary.load_max_over_mean', 1)} | "
+                     f"{_mean(rs, 'routing.summary.dead_experts', 0)} | "
+                     f"{_mean(rs, 'routing.summary.task_divergence_excess', 2)} | "
+                     f"{_mean(rs, 'routing.summary.sentiment_label_mi_excess', 2)} | "
+                     f"{_mean(rs, 'routing.summary.stability', 2)} | "
+                     f"{_mean(rs, 'routing.summary.max_combine_weight', 2)} | "
+                     f"{_mean(rs, 'train.samples_per_s', 0)} |")
     return "\n".join(lines)
+
+
+ROUTE_STUDY = ("route_study.json", "route_study_16k.json")
 
 
 def route_study() -> str:
     """The routing-granularity study (utterance against step routing), mean over seeds, from its record."""
-    import statistics
-    runs = []
-    for name in ("route_study.json", "route_study_16k.json"):
-        with open(os.path.join(ROOT, "bench", "results", name)) as f:
-            runs += json.load(f)
     groups: dict = {}
-    for r in runs:
+    for r in _records(*ROUTE_STUDY):
         groups.setdefault((r["route_per"], r["balance"], r["num_experts"], r["top_k"]), []).append(r)
-
-    def mean(rs, key, digits):
-        values = [r[key] for r in rs if r.get(key) is not None]
-        return f"{statistics.fmean(values):.{digits}f}" if values else "—"
-
-    def spread(rs, key):   # one run has no spread to show
-        values = [r[key] for r in rs if r.get(key) is not None]
-        return f"{statistics.fmean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
     lines = ["| route per | balance | experts | top-k | seeds | dev loss | test MAE | test emotion micro-F1 | train load "
              "max/mean | dead experts (all layers) | sentiment MI excess | stability | samples/s |", "|" + "---|" * 13]
     order = {"utterance": 0, "step": 1}
     for (route, balance, experts, k), rs in sorted(groups.items(), key=lambda g: (order[g[0][0]], *g[0][1:])):
-        lines.append(f"| {route} | {balance} | {experts:,} | {k} | {len(rs)} | {spread(rs, 'valid.loss')} | "
-                     f"{spread(rs, 'test.sentiment.mae')} | {spread(rs, 'test.emotion.micro_f1')} | "
-                     f"{mean(rs, 'routing.summary.train_load_max_over_mean', 1)} | "
-                     f"{mean(rs, 'routing.summary.dead_experts', 0)} | "
-                     f"{mean(rs, 'routing.summary.sentiment_label_mi_excess', 2)} | "
-                     f"{mean(rs, 'routing.summary.stability', 2)} | "
-                     f"{mean(rs, 'train.samples_per_s', 0)} |")
+        lines.append(f"| {route} | {balance} | {experts:,} | {k} | {len(rs)} | {_spread(rs, 'valid.loss')} | "
+                     f"{_spread(rs, 'test.sentiment.mae')} | {_spread(rs, 'test.emotion.micro_f1')} | "
+                     f"{_mean(rs, 'routing.summary.train_load_max_over_mean', 1)} | "
+                     f"{_mean(rs, 'routing.summary.dead_experts', 0)} | "
+                     f"{_mean(rs, 'routing.summary.sentiment_label_mi_excess', 2)} | "
+                     f"{_mean(rs, 'routing.summary.stability', 2)} | "
+                     f"{_mean(rs, 'train.samples_per_s', 0)} |")
     return "\n".join(lines)
 
 
 def route_study_headline() -> str:
     """README's view of the routing-granularity study: balancing by aux_free at 1,024 experts and more."""
-    import statistics
-    runs = []
-    for name in ("route_study.json", "route_study_16k.json"):
-        with open(os.path.join(ROOT, "bench", "results", name)) as f:
-            runs += [r for r in json.load(f) if r["balance"] == "aux_free" and r["num_experts"] >= 1024]
     groups: dict = {}
-    for r in runs:
+    for r in _records(*ROUTE_STUDY):
+        if r["balance"] != "aux_free" or r["num_experts"] < 1024:
+            continue
         groups.setdefault((r["num_experts"], r["route_per"]), []).append(r)
 
     def span(rs, key, digits):
@@ -177,10 +173,8 @@ def route_study_headline() -> str:
     for (experts, route), rs in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] == "step")):
         lines.append(f"| {experts:,} | {route} | {len(rs)} | {span(rs, 'dead_epoch1', 0)} → {span(rs, 'dead_last', 0)} | "
                      f"{span(rs, 'load_epoch1', 1)} → {span(rs, 'load_last', 1)} | "
-                     f"{statistics.fmean(r['uniform_dead'] for r in rs):.0f}, "
-                     f"{statistics.fmean(r['uniform_load'] for r in rs):.1f} | "
-                     f"{statistics.fmean(r['valid.loss'] for r in rs):.3f} | "
-                     f"{statistics.fmean(r['train.samples_per_s'] for r in rs):.0f} |")
+                     f"{_mean(rs, 'uniform_dead', 0)}, {_mean(rs, 'uniform_load', 1)} | {_mean(rs, 'valid.loss', 3)} | "
+                     f"{_mean(rs, 'train.samples_per_s', 0)} |")
     return "\n".join(lines)
 
 

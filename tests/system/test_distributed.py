@@ -18,15 +18,19 @@ def _spawn(worker, out_path, world=2):
     return torch.load(out_path, weights_only=False)
 
 
+def _one_process(reference, out_path) -> None:
+    """The one-process reference in a fresh interpreter (no process group, torch's defaults), writing out_path."""
+    proc = mp.get_context("spawn").Process(target=reference, args=(str(out_path),))
+    proc.start()
+    proc.join(300)
+    assert proc.exitcode == 0
+
+
 @pytest.fixture(scope="module")
 def parity(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parity")
     ranks = _spawn(h.parity_worker, tmp / "ep2.pt")
-    ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=h.reference_single_process, args=(str(tmp / "ep1.pt"),))
-    proc.start()
-    proc.join(300)
-    assert proc.exitcode == 0
+    _one_process(h.reference_single_process, tmp / "ep1.pt")
     return ranks, torch.load(tmp / "ep1.pt", weights_only=False)
 
 
@@ -198,11 +202,7 @@ def test_evaluation_padding_under_a_capacity_changes_no_real_prediction(tmp_path
     all-to-all would not match), so every real row is predicted as one process predicts it in a batch of
     its own rows (issue 23)."""
     ranks = _spawn(worker, tmp_path / "ep2.pt")
-    ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=h.eval_padding_reference, args=(str(tmp_path / "ep1.pt"),))
-    proc.start()
-    proc.join(300)
-    assert proc.exitcode == 0
+    _one_process(h.eval_padding_reference, tmp_path / "ep1.pt")
     ref = torch.load(tmp_path / "ep1.pt", weights_only=False)
     assert all(r["dropped"].sum() > 0 for r in ref)   # the capacity binds on both ranks
     for rank, expected in zip(ranks, ref):
@@ -263,11 +263,7 @@ def test_step_routing_on_deepspeeds_own_layer_agrees_on_buffers_when_ranks_route
     steps (or none: an all-padding evaluation batch) exchanged buffers of different shapes. The ranks now agree,
     and every rank's rows are predicted as one process predicts them on their own."""
     ranks = _spawn(h.step_rows_on_deepspeeds_layer, tmp_path / "ep2.pt")
-    ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=h.step_rows_reference, args=(str(tmp_path / "ep1.pt"),))
-    proc.start()
-    proc.join(300)
-    assert proc.exitcode == 0
+    _one_process(h.step_rows_reference, tmp_path / "ep1.pt")
     ref = torch.load(tmp_path / "ep1.pt", weights_only=False)
     for factor in (0.0, 0.5):
         assert ranks[0][factor]["valid_steps"] != ranks[1][factor]["valid_steps"]
