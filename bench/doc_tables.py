@@ -207,7 +207,8 @@ def expert_scale_targets() -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"expert_scale_targets": expert_scale_targets, "default_run": default_run, "moe_block_measures": moe_block_measures, "routing_study": routing_study,
+RENDERERS = {"expert_scale_targets": expert_scale_targets, "default_run": default_run,
+             "moe_block_measures": moe_block_measures, "routing_study": routing_study,
              "route_study": route_study, "route_study_headline": route_study_headline}
 
 

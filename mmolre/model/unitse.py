@@ -60,8 +60,8 @@ class UniTSEBlock(nn.Module):
                                min_capacity=0, drop_tokens=capacity_factor > 0, use_rts=False)
             else:
                 draw_like_deepspeeds_gate(num_experts)
-            gate = TaskRoutedGate(d_model, self.layout.expert_seq_len, num_experts, num_tasks, top_k, capacity_factor, router_noise,
-                                  uniform=uniform_gate, eval_capacity_factor=eval_capacity_factor,
+            gate = TaskRoutedGate(d_model, self.layout.expert_seq_len, num_experts, num_tasks, top_k, capacity_factor,
+                                  router_noise, uniform=uniform_gate, eval_capacity_factor=eval_capacity_factor,
                                   balance=balance, bias_rate=bias_rate, temperature=router_temperature,
                                   bias_update=bias_update)
             if grouped_experts:  # DeepSpeed's MOELayer, a compact dispatch, experts in a bank (grouped.py)
