@@ -14,6 +14,7 @@ from typing import Any, Optional
 TASKS = ("sentiment", "emotion")
 MODALITIES = ("text", "audio", "vision")
 EMOTIONS = ("happy", "sad", "anger", "surprise", "disgust", "fear")
+ROUTE_PER = ("utterance", "step")   # what a routed row is (model/granularity.py)
 
 
 def _help(text: str, **kw) -> Any:
@@ -316,7 +317,7 @@ def _validate_model(m: ModelConfig) -> None:
                                    "--fusion": (m.fusion, ("adaptive", "concat")),
                                    "--balance": (m.balance, ("aux", "aux_free", "none")),
                                    "--balance_bias_update": (m.balance_bias_update, ("sign", "relative")),
-                                   "--route_per": (m.route_per, ("utterance", "step"))}.items():
+                                   "--route_per": (m.route_per, ROUTE_PER)}.items():
         if value not in allowed:
             raise ConfigError(f"{flag} must be one of {', '.join(allowed)}; got {value!r}")
     if m.model == "mmolre" and not (m.shared_experts or m.task_experts):

@@ -139,14 +139,20 @@ def sparse_expert_gradient_bytes(cfg: RunConfig, experts: int, ep_size: int, mic
 
 
 def rows_per_task(cfg: RunConfig, shapes: dict | None, micro_batch: int) -> int:
-    """The most rows one task routes in one MoE layer per micro batch: one per utterance, or with --route_per step
-    one per step of the longest modality."""
-    from .model.frontend import steps_per_modality
+    """The most rows one task routes in one MoE layer per micro batch."""
     if cfg.model.route_per != "step":
         return micro_batch
     if not shapes:
         raise ValueError("--route_per step: the rows per micro batch depend on the modalities' steps (shapes)")
-    return micro_batch * max(steps_per_modality(shapes, cfg.model.temporal_steps).values())
+    return micro_batch * max(routed_rows_per_utterance(cfg, shapes).values())
+
+
+def routed_rows_per_utterance(cfg: RunConfig, shapes: dict) -> dict[str, int]:
+    """Per modality, the most rows one utterance routes per task and MoE layer: one, or with --route_per step one
+    per step (after the front end's pooling)."""
+    from .model.frontend import steps_per_modality
+    steps = steps_per_modality(shapes, cfg.model.temporal_steps)
+    return {m: t if cfg.model.route_per == "step" else 1 for m, t in steps.items()}
 
 
 def host_at_build(cfg: RunConfig, shapes: dict, ep_size: int) -> MemoryEstimate:
@@ -171,7 +177,7 @@ def activation_bytes(cfg: RunConfig, shapes: dict, micro_batch: int, bytes_per_v
     kept = int(micro_batch * sum(steps.values()) * per_step * bytes_per_value * ACTIVATION_SLACK)
     if not m.shared_experts or m.model == "hard_sharing":   # no routed experts, no routers
         return kept
-    rows = sum(micro_batch * (t if m.route_per == "step" else 1) for t in steps.values()) * tasks * m.blocks
+    rows = micro_batch * sum(routed_rows_per_utterance(cfg, shapes).values()) * tasks * m.blocks
     return kept + 3 * rows * m.num_experts * 4
 
 

@@ -25,10 +25,10 @@ from typing import NamedTuple
 import torch
 from torch.nn import functional as F
 
+from ..config import ROUTE_PER
 from .routing import RowRouting
 
 WINDOW = 3   # the low-rank experts' down-convolution kernel: a step row carries the step and its two neighbours
-ROUTE_PER = ("utterance", "step")
 
 
 class Placement(NamedTuple):
@@ -39,18 +39,30 @@ class Placement(NamedTuple):
     index: torch.Tensor | None = None
 
 
-class UtteranceRows:
-    """One row per (utterance, task): the masked sequence flattened to T*d."""
+class _RowLayout:
+    expert_seq_len: int       # the steps an expert's row holds
+    rows_per_utterance: int   # the most rows one utterance routes per task
 
     def __init__(self, seq_len: int, d_model: int, num_tasks: int):
         self.seq_len, self.d_model, self.num_tasks = seq_len, d_model, num_tasks
-        self.expert_seq_len = seq_len   # what an expert's row holds
+
+    def task_major(self, streams: list[torch.Tensor], time_mask: torch.Tensor) -> torch.Tensor:
+        """[tasks*B, T, d], task after task, zero past each sequence's end (what the experts see)."""
+        keep = time_mask.unsqueeze(-1).to(streams[0].dtype)
+        return torch.cat(streams, 0) * keep.repeat(self.num_tasks, 1, 1)
+
+
+class UtteranceRows(_RowLayout):
+    """One row per (utterance, task): the masked sequence flattened to T*d."""
+
+    def __init__(self, seq_len: int, d_model: int, num_tasks: int):
+        super().__init__(seq_len, d_model, num_tasks)
+        self.expert_seq_len, self.rows_per_utterance = seq_len, 1
 
     def rows(self, streams: list[torch.Tensor], time_mask: torch.Tensor, real: torch.Tensor | None):
         batch = streams[0].shape[0]
-        keep = time_mask.unsqueeze(-1).to(streams[0].dtype)
-        rows = torch.cat(streams, 0) * keep.repeat(self.num_tasks, 1, 1)   # [tasks*B, T, d], task-major; experts
-        task_ids = torch.arange(self.num_tasks, device=rows.device).repeat_interleave(batch)   # see zeros past the end
+        rows = self.task_major(streams, time_mask)
+        task_ids = torch.arange(self.num_tasks, device=rows.device).repeat_interleave(batch)
         routing = RowRouting(task_ids, time_mask.repeat(self.num_tasks, 1),
                              None if real is None else real.repeat(self.num_tasks))
         return rows.reshape(rows.shape[0], -1), routing, Placement(batch, self.seq_len)
@@ -64,18 +76,17 @@ class UtteranceRows:
         return values.reshape(self.num_tasks, placement.batch, -1)
 
 
-class StepRows:
+class StepRows(_RowLayout):
     """One row per (utterance, task, valid step): the step's window of WINDOW steps, flattened to WINDOW*d."""
 
     def __init__(self, seq_len: int, d_model: int, num_tasks: int):
-        self.seq_len, self.d_model, self.num_tasks = seq_len, d_model, num_tasks
-        self.expert_seq_len = WINDOW
+        super().__init__(seq_len, d_model, num_tasks)
+        self.expert_seq_len, self.rows_per_utterance = WINDOW, seq_len
 
     def rows(self, streams: list[torch.Tensor], time_mask: torch.Tensor, real: torch.Tensor | None):
         batch, steps, d = streams[0].shape
         valid = time_mask if real is None else time_mask & real.unsqueeze(1)     # padding is not a row
-        keep = time_mask.unsqueeze(-1).to(streams[0].dtype)
-        seqs = torch.cat(streams, 0) * keep.repeat(self.num_tasks, 1, 1)        # [tasks*B, T, d], task-major
+        seqs = self.task_major(streams, time_mask)
         index = valid.repeat(self.num_tasks, 1).reshape(-1).nonzero().squeeze(1)   # rows in (task, b, t) order
         padded = F.pad(seqs, (0, 0, 1, 1)).reshape(-1, d)                      # [tasks*B*(T+2), d]
         # the window of step t of sequence s is padded steps t, t+1, t+2 of s: one gather of the valid steps' windows

@@ -166,8 +166,8 @@ def count_parameters(model: MMoLRE) -> dict[str, int]:
     per_expert = shared // (cfg.num_experts * layers) if layers else 0
     # Each task's row visits k shared experts per MoE layer: the parameters one utterance touches
     # (both tasks) are the dense ones plus at most tasks*k experts per layer (tasks*k per step with step rows).
-    rows = [model.num_streams * (block.seq_len if cfg.route_per == "step" else 1)
-            for _, block in model.moe_blocks() if block.moe is not None]
+    rows = [model.num_streams * block.layout.rows_per_utterance for _, block in model.moe_blocks()
+            if block.moe is not None]
     active = dense + sum(min(cfg.num_experts, r * cfg.effective_top_k) for r in rows) * per_expert
     full_rank_shared = layers * cfg.num_experts * sum(
         p.numel() for p in LowRankExpert(cfg.d_model, cfg.d_model).parameters())

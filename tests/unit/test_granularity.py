@@ -148,3 +148,17 @@ def test_a_model_routes_every_modality_per_step_and_pads_the_route_table():
     assert 0.5 <= mcw <= 1.0
     assert stats["text.0"]["sentiment"]["experts_used"] >= 1
     assert np.isfinite(stats["text.0"]["sentiment"]["label_mi"])
+
+
+def test_an_utterance_touches_the_experts_of_all_its_steps():
+    """count_parameters' active parameters: per layer at most tasks x top-k experts per routed row, one row per
+    utterance or one per step (h.SHAPES: 6 text and 5 audio steps, 4 experts, top-2: every expert per step)."""
+    from mmolre.model.mmolre import count_parameters
+    utterance = count_parameters(h.build(ep_size=1, ep_rank=0))
+    step = count_parameters(h.build(ep_size=1, ep_rank=0, route_per="step"))
+    assert utterance["total"] == step["total"] and utterance["per_expert"] == step["per_expert"]
+    layers = 4
+    assert utterance["active_per_utterance"] == utterance["dense"] + layers * min(4, 2 * 2) * utterance["per_expert"]
+    assert step["active_per_utterance"] == step["dense"] + layers * 4 * step["per_expert"]
+    wide = count_parameters(h.build(ep_size=1, ep_rank=0, route_per="step", num_experts=64))
+    assert wide["active_per_utterance"] == wide["dense"] + 2 * (2 * 2 * 6 + 2 * 2 * 5) * wide["per_expert"]
