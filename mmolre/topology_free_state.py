@@ -68,7 +68,6 @@ def gather(engine, info) -> dict | None:
     expert-data-parallel group), so every rank calls this, in the same order. None (the same on every rank)
     for an optimizer this does not know (DeepSpeed's stage-0 low-precision or bf16 optimizers)."""
     from deepspeed.moe.utils import is_moe_param
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from . import distributed
     zero, plain = _zero(engine), _plain(engine)
     if zero is None and plain is None:
@@ -83,22 +82,66 @@ def gather(engine, info) -> dict | None:
         # parameter group on the first step, when the other groups' state does not exist yet; link again.
         zero._hp_optimizer_states_linked = False
         zero._lazy_init_hp_params_optimizer_state()
-    params = {}
-    for name, param in engine.module.named_parameters():
-        if not param.requires_grad:   # not trained: its value is in DeepSpeed's model files
-            continue
-        if zero:
-            entry = {"fp32": safe_get_full_fp32_param(param)}
-            if moments_ready:
-                entry.update({k: safe_get_full_optimizer_state(param, k) for k in MOMENTS})
-        else:
-            state = plain.state.get(param, {})
-            entry = {"fp32": param.detach(), **{k: state[k] for k in MOMENTS if k in state}}
-        if is_moe_param(param) or info.rank == 0:
-            params[name] = {k: v.detach().float().cpu().clone() for k, v in entry.items()}
+    trained = [(name, param) for name, param in engine.module.named_parameters()
+               if param.requires_grad]   # the others' values are in DeepSpeed's model files
+    if zero:
+        keys = (None, *MOMENTS) if moments_ready else (None,)
+        full = {key: assemble_from_partitions([param for _, param in trained], info, key) for key in keys}
+        entries = [{("fp32" if key is None else key): values[i] for key, values in full.items()}
+                   for i in range(len(trained))]
+    else:
+        states = [plain.state.get(param, {}) for _, param in trained]
+        entries = [{"fp32": param.detach(), **{k: state[k] for k in MOMENTS if k in state}}
+                   for (_, param), state in zip(trained, states)]
+    params = {name: {k: v.detach().float().cpu().clone() for k, v in entry.items()}
+              for (name, param), entry in zip(trained, entries) if is_moe_param(param) or info.rank == 0}
     step = _adam_step(zero.optimizer if zero else plain)
     # experts in banks are saved by expert_state_files.py; then this state is the dense model's, on rank 0 only
     return {"params": params, "step": step, "experts_in_banks": bool(getattr(engine, "expert_optimizer", None))}
+
+
+ASSEMBLY_BUCKET = 1 << 24   # floats per all_reduce (64 MB): bounds the extra memory of a save
+
+
+def assemble_from_partitions(params: list, info, key: str | None = None) -> list[torch.Tensor]:
+    """Each parameter's full fp32 value (`key` None) or AdamW state `key`, assembled from the fragments ZeRO 1/2
+    and DeepSpeed's bf16 optimizer link to it (`param._hp_mapping`). This is DeepSpeed's `get_full_hp_param`
+    (what `safe_get_full_fp32_param` and `safe_get_full_optimizer_state` call) batched: each parameter's
+    fragment is written at its place in a zero buffer that is summed over the parameter's data-parallel group,
+    but with one all_reduce per bucket of parameters that share a group instead of one per parameter. A save
+    made three collectives per parameter; over gloo they cost 0.8 s of a 4 s epoch. Every rank must call this
+    with the same parameters in the same order (the buckets then meet in the same order in every group)."""
+    from . import distributed
+    full: list[torch.Tensor | None] = [None] * len(params)
+    by_group: dict[int, list[int]] = {}
+    for i, param in enumerate(params):   # first appearance decides the order, the same on every rank
+        by_group.setdefault(id(param._dp_group), []).append(i)
+    for members in by_group.values():
+        for bucket in _buckets(members, [params[i].numel() for i in members]):
+            sizes = [params[i].numel() for i in bucket]
+            buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=params[bucket[0]].device)
+            for i, piece in zip(bucket, buffer.split(sizes)):
+                mapping = params[i]._hp_mapping
+                if mapping is not None:   # this rank holds a fragment of the parameter
+                    address = mapping.lp_fragment_address
+                    piece.narrow(0, address.start, address.numel).copy_(mapping.get_hp_fragment(key).data)
+            buffer = distributed.all_reduce_sum(buffer, info, group=params[bucket[0]]._dp_group)
+            for i, piece in zip(bucket, buffer.split(sizes)):
+                full[i] = piece.view_as(params[i])
+    return full
+
+
+def _buckets(members: list[int], sizes: list[int]):
+    """`members` in order, cut into runs of at most ASSEMBLY_BUCKET elements (a larger parameter alone)."""
+    bucket, filled = [], 0
+    for i, size in zip(members, sizes):
+        if bucket and filled + size > ASSEMBLY_BUCKET:
+            yield bucket
+            bucket, filled = [], 0
+        bucket.append(i)
+        filled += size
+    if bucket:
+        yield bucket
 
 
 def read(tag_dir: str, ep_size: int, num_experts: int) -> dict | None:

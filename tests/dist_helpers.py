@@ -329,7 +329,7 @@ def topology_change_resume_worker(rank: int, world: int, port: int, run_dir: str
     """Load a run's newest checkpoint into ZeRO-1 and ZeRO-2 engines of this topology (world, ep_size),
     weights only as DeepSpeed allows, then restore the topology-free state; report each parameter's fp32
     master as DeepSpeed left it, this rank's state gathered back after the restore, and the module."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from mmolre import checkpoint, expert_state_files, topology_free_state
     from mmolre.config import ModelConfig
     from mmolre.engine import build_engine, optimizer_groups
@@ -349,6 +349,11 @@ def topology_change_resume_worker(rank: int, world: int, port: int, run_dir: str
         refreshed = {n: safe_get_full_fp32_param(p).cpu().clone() for n, p in model.named_parameters()}
         restored = topology_free_state.restore(engine, os.path.join(ckpt_dir, tag), marker["ep_size"], ep_size, rank % ep_size)
         gathered = topology_free_state.gather(engine, dataclasses.replace(info, rank=0))   # every parameter this rank holds
+        # DeepSpeed's own assembly, one collective per parameter and key, which `gather` batches
+        per_parameter = {n: {"fp32": safe_get_full_fp32_param(p).cpu().clone(),
+                             **{k: safe_get_full_optimizer_state(p, k).cpu().clone()
+                                for k in topology_free_state.MOMENTS}}
+                         for n, p in model.named_parameters() if p.requires_grad}
         experts = engine.expert_optimizer   # the experts in banks: this rank's share of the expert state files
         values, moments = expert_state_files.read_share(os.path.join(ckpt_dir, tag), [n for n, _ in experts.banks],
                                                         model.cfg.num_experts, ep_size, rank % ep_size,
@@ -356,6 +361,7 @@ def topology_change_resume_worker(rank: int, world: int, port: int, run_dir: str
         for layer, bank in experts.banks:
             experts.load_layer_state(layer, bank, values[layer], moments)
         record[stage] = {"restored": restored, "refreshed": refreshed, "state": gathered,
+                         "per_parameter": per_parameter,
                          "module": {n: p.detach().cpu().clone() for n, p in model.named_parameters()},
                          "experts": {layer: {k: v.clone() for k, v in experts.layer_state(layer, bank).items()}
                                      for layer, bank in experts.banks}}

@@ -183,10 +183,13 @@ def check_restored(ranks, run, ep_size, bf16):
             mine = r["state"]["params"]
             saved, step = saved_share(run, ep_size, rank["ep_rank"], mine.keys())
             assert r["state"]["step"] == step > 0
+            assert mine.keys() == r["per_parameter"].keys()
             for name, entry in mine.items():
                 assert entry.keys() == saved[name].keys() == {"fp32", "exp_avg", "exp_avg_sq"}
                 for k in entry:   # weights and both AdamW moments, parameter by parameter
                     assert torch.equal(entry[k], saved[name][k]), (stage, name, k)
+                    # the batched assembly is DeepSpeed's, parameter by parameter
+                    assert torch.equal(entry[k], r["per_parameter"][name][k]), (stage, name, k)
                 if bf16:   # the masters of the loaded bf16 weights, finer than what DeepSpeed rebuilt
                     assert torch.equal(entry["fp32"].bfloat16(), r["module"][name]), (stage, name)
                     assert torch.equal(r["refreshed"][name], r["module"][name].float()), (stage, name)

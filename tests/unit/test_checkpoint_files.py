@@ -52,3 +52,12 @@ def test_a_format_2_state_saved_before_the_first_step_gives_expert_weights_witho
     params = {k: {**v, "exp_avg": v["fp32"] * 0, "exp_avg_sq": v["fp32"] * 0} for k, v in params.items()}
     torch.save({"step": 3, "params": params}, tmp_path / "elastic_rank0.pt")
     assert expert_state_files.read_share(str(tmp_path), ["text.0"], 2, 1, 0, 1)[1] is True
+
+
+def test_the_state_assembly_cuts_its_collectives_into_buckets_in_parameter_order(monkeypatch):
+    """A save assembles every parameter with one all_reduce per bucket: buckets keep the parameters' order, stay
+    within the bound and put a parameter larger than the bound alone."""
+    from mmolre import topology_free_state
+    monkeypatch.setattr(topology_free_state, "ASSEMBLY_BUCKET", 6)
+    assert list(topology_free_state._buckets([4, 7, 9, 11, 12], [3, 3, 1, 10, 6])) == [[4, 7], [9], [11], [12]]
+    assert list(topology_free_state._buckets([], [])) == []
