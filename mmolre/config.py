@@ -15,6 +15,7 @@ TASKS = ("sentiment", "emotion")
 MODALITIES = ("text", "audio", "vision")
 EMOTIONS = ("happy", "sad", "anger", "surprise", "disgust", "fear")
 ROUTE_PER = ("utterance", "step")   # what a routed row is (model/granularity.py)
+EVAL_BATCH_MULTIPLE = 4   # --eval_batch_size 0: evaluation batches of this many micro batches
 
 
 def _help(text: str, **kw) -> Any:
@@ -157,6 +158,9 @@ class TrainConfig:
                             default=0)
     grad_accum: int = _help("micro batches accumulated per optimizer step (0: gradient_accumulation_steps of "
                             "--ds_config)", default=0)
+    eval_batch_size: int = _help(f"samples per rank in each evaluation forward (0: {EVAL_BATCH_MULTIPLE} x the micro "
+                                 f"batch); a forward without gradients holds about one block's activations, and "
+                                 f"fewer, larger batches mean fewer expert-parallel exchanges", default=0)
     lr: float = _help("peak learning rate of AdamW", default=2e-3)
     weight_decay: float = _help("AdamW weight decay (not applied to biases and norms)", default=0.01)
     warmup_ratio: float = _help("fraction of the training samples of linear warm-up before cosine decay",
@@ -213,6 +217,11 @@ class RunConfig:
 # is read with it (not with today's default, which may differ).
 BEFORE_THE_FLAG = {"model": {"temporal_steps": 0, "balance_bias_update": "sign", "route_per": "utterance"},
                    "train": {"patience": 0}}
+
+
+def evaluation_batch(t: "TrainConfig", micro_batch: int) -> int:
+    """Samples per rank in each evaluation forward: --eval_batch_size, or EVAL_BATCH_MULTIPLE micro batches."""
+    return t.eval_batch_size or EVAL_BATCH_MULTIPLE * micro_batch
 
 
 def recorded_section(section: str, saved: dict) -> dict:
@@ -349,6 +358,9 @@ def _validate_training(t: TrainConfig) -> None:
         raise ConfigError(f"--on_nonfinite must be 'stop' or 'skip', got {t.on_nonfinite!r}")
     if t.reshard_only and not t.resume:
         raise ConfigError("--reshard_only needs --resume (it converts the latest checkpoint of --run_name)")
+    if t.eval_batch_size < 0:
+        raise ConfigError(f"--eval_batch_size must be >= 0 (0: {EVAL_BATCH_MULTIPLE} x the micro batch), got "
+                          f"{t.eval_batch_size}")
     if t.save_every < 0 or t.keep_checkpoints < 1 or t.dist_timeout <= 0:
         raise ConfigError("--save_every must be >= 0, --keep_checkpoints >= 1 and --dist_timeout > 0")
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .config import RunConfig
+from .config import RunConfig, evaluation_batch
 from .data import Batch, PreparedData, eval_batches
 from .metrics import emotion_metrics, sentiment_metrics
 from .routing_stats import specialisation_statistics
@@ -54,7 +54,8 @@ def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, devic
     """Run on every rank (padded to equal batches); gather predictions with ids to rank 0. `previous`: an
     earlier evaluation's predictions of this split (rank 0), whose routes the routing stability compares."""
     engine.eval()
-    batches = eval_batches(data.splits[split], engine.train_micro_batch_size_per_gpu(), info.rank, info.world_size)
+    size = evaluation_batch(cfg.train, engine.train_micro_batch_size_per_gpu())
+    batches = eval_batches(data.splits[split], size, info.rank, info.world_size)
     local = predict_batches(lambda batch: engine(*padded_inputs(to_device(batch, device, dtype))), batches)
     engine.train()
     gathered = distributed.gather_to_main(local, info)

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 from . import distributed
+from .monitor import flatten
 from .routing_stats import dead_experts
+from .tensorboard_tags import ROUTING
 
 
 class EpochExpertLoads:
@@ -91,6 +93,12 @@ def routing_record(valid, loads: dict, num_experts: int, epoch: int) -> tuple[di
             warning = (f"warning: epoch {epoch}: shared experts that received no row: "
                        + ", ".join(f"{layer} {n} of {num_experts}" for layer, n in dead.items() if n))
     return record, routes, warning
+
+
+def routing_scalars(record: dict) -> dict[str, float]:
+    """TensorBoard's `routing/` scalars of an epoch's routing record (`routing_record`; empty off rank 0)."""
+    return flatten(ROUTING, {**(record.get("routing") or {}),
+                             **{k: record.get(k, {}) for k in ("dead_experts", "train_load_max_over_mean")}})
 
 
 class SelectionBiasNudges:

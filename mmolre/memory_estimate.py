@@ -17,7 +17,8 @@ experts (num_experts / ep_size of every MoE layer). Bytes per parameter:
   data-parallel group is usually one rank);
 * activations at the micro batch: what autograd keeps per (utterance, task) row of every block, from the
   shapes (about 12 values per step and width, and the routed rows' 6 per expert route), doubled for the
-  allocator's slack;
+  allocator's slack; or, if larger, an evaluation forward's: one block of the longest modality at the
+  evaluation batch (`--eval_batch_size`), as nothing is kept for a backward;
 * the process itself (PyTorch, DeepSpeed, the data's memory map; on a GPU, the CUDA context): 0.6 GB.
 
 On a GPU the model is built in host memory first: its fp32 parameters, for every rank of the host at once,
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, evaluation_batch
 
 GB = 1024 ** 3
 RUNTIME = int(0.6 * GB)
@@ -120,7 +121,9 @@ def estimate(cfg: RunConfig, shapes: dict, ep_size: int, micro_batch: int, world
     else:
         gradients += experts * weight
         optimizer += experts * (12 + (4 if bf16 else 0))
-    return MemoryEstimate(parameters, gradients, optimizer, activation_bytes(cfg, shapes, micro_batch, weight))
+    evaluation = evaluation_activation_bytes(cfg, shapes, evaluation_batch(cfg.train, micro_batch), weight)
+    return MemoryEstimate(parameters, gradients, optimizer,
+                          max(activation_bytes(cfg, shapes, micro_batch, weight), evaluation))
 
 
 def sparse_expert_gradient_bytes(cfg: RunConfig, experts: int, ep_size: int, micro_batch: int,
@@ -167,7 +170,9 @@ def activation_bytes(cfg: RunConfig, shapes: dict, micro_batch: int, bytes_per_v
     norms, the task expert) and, per expert route, 6 (the gathered row, the convolutions, the combine); with
     --route_per step, also each step's window (3 more). Plus the routers' [rows, experts] fp32 tensors, 3 per
     MoE layer (the logits and probabilities autograd keeps, one transient copy), which grow with the expert count
-    and, with --route_per step, with the steps."""
+    and, with --route_per step, with the steps; and each route's copy of its expert's weights (4·d·r: the fast path
+    gathers them per row for its batched matmuls), which dominates under --route_per step, where a row is one
+    step."""
     from .model.frontend import steps_per_modality
     m = cfg.model
     steps = steps_per_modality(shapes, m.temporal_steps)
@@ -178,7 +183,18 @@ def activation_bytes(cfg: RunConfig, shapes: dict, micro_batch: int, bytes_per_v
     if not m.shared_experts or m.model == "hard_sharing":   # no routed experts, no routers
         return kept
     rows = micro_batch * sum(routed_rows_per_utterance(cfg, shapes).values()) * tasks * m.blocks
-    return kept + 3 * rows * m.num_experts * 4
+    gathered_weights = rows * m.effective_top_k * 4 * m.d_model * m.rank * bytes_per_value * ACTIVATION_SLACK
+    return kept + int(gathered_weights) + 3 * rows * m.num_experts * 4
+
+
+def evaluation_activation_bytes(cfg: RunConfig, shapes: dict, eval_batch: int, bytes_per_value: int) -> int:
+    """An evaluation forward keeps nothing for a backward, so it holds about one block of one modality at a time:
+    counted as what training keeps for one block of the modality with the most steps, at the evaluation batch (an
+    upper bound: at 4 micro batches the forward's peak measured 0.3-0.4 of it, and below training's own peak)."""
+    from .model.frontend import steps_per_modality
+    steps = steps_per_modality(shapes, cfg.model.temporal_steps)
+    longest = max(steps, key=steps.get)
+    return activation_bytes(cfg, {longest: shapes[longest]}, eval_batch, bytes_per_value) // cfg.model.blocks
 
 
 def available(device: torch.device, local_ranks: int) -> tuple[int, str]:

@@ -14,5 +14,6 @@ MODALITY_WEIGHTS = "modality_weight"  # the fusion's mean weight per task and mo
 MOE = "moe"                           # per MoE layer and task: aux loss, entropy, loads, drops
 ROUTING = "routing"                   # after each epoch: specialisation (valid routes), dead experts and load (train)
 TRAIN = "train"                       # learning rates, samples, samples/s, gradient norm, epoch
+EPOCH_SECONDS = f"{TRAIN}/epoch_seconds"   # after each epoch: its training, validation and checkpoint seconds
 
 ORDER = (LOSSES, METRICS, FINAL, TEST, MODALITY_WEIGHTS, MOE, ROUTING, TRAIN)   # as TensorBoard shows them

@@ -33,11 +33,11 @@ from .emotion_decisions import (check_tasks, choose_decisions, decides_threshold
                                 labelled_emotions, write_thresholds)
 from .engine import compute_dtype, initialize, load_ds_config
 from .evaluate import evaluate, inputs, to_device
-from .expert_loads import EpochExpertLoads, SelectionBiasNudges, epoch_load_record, routing_record
+from .expert_loads import EpochExpertLoads, SelectionBiasNudges, epoch_load_record, routing_record, routing_scalars
 from .host_memory import keep_freed_host_memory
 from .losses import compute_loss, zero_loss
 from .monitor import Monitor, flatten, tensorboard_dir
-from .tensorboard_tags import ROUTING, TEST, VALID
+from .tensorboard_tags import EPOCH_SECONDS, TEST, VALID
 from .results import (assemble_results, epoch_line, hparams_record, provenance, resolve_run_dir, run_records,
                       stops_early, write_records, write_results)
 from .step_guards import NonFiniteLoss, StepGuards
@@ -165,6 +165,7 @@ class Trainer:
         t, state, sampler = self.cfg.train, self.state, self.loader.sampler
         while state.epoch < t.epochs and not self.done():
             sampler.start_at(state.epoch, state.epoch_samples)
+            started = time.perf_counter()
             first = sampler.batches() - sampler.batches(state.epoch_samples)
             bar = tqdm(self.loader, desc=f"epoch {state.epoch + 1}/{t.epochs}", disable=not self.info.is_main,
                        dynamic_ncols=True, leave=False, initial=first, total=sampler.batches())
@@ -184,7 +185,7 @@ class Trainer:
                 if stepped and t.save_every and state.global_step % t.save_every == 0 and mid_epoch:
                     self.checkpointer.save(state, self.loads)
             bar.close()
-            self.validate()
+            self.validate(time.perf_counter() - started)
         return True
 
     def train_step(self, window: list, bar) -> StepOutcome:
@@ -243,15 +244,14 @@ class Trainer:
         self.engine.backward(zero_loss(self.engine.module) if nonfinite else loss)
         self.engine.step()
 
-    def validate(self) -> None:
-        """End the epoch: evaluate the validation split, record its routing and dead experts, select the
-        checkpoint by the validation loss, save."""
-        info, state = self.info, self.state
+    def validate(self, trained_s: float) -> None:
+        """End the epoch: evaluate the validation split, record its routing and dead experts, select the checkpoint
+        by the validation loss, save; record `trained_s` (the epoch's training) beside what these cost."""
+        info, state, clock = self.info, self.state, time.perf_counter()
         state.epoch += 1
         state.epoch_samples = 0
-        previous = state.valid_routes and {"ids": state.valid_routes["ids"],
-                                           "routes": state.valid_routes["routes"].numpy().astype("int64")}
-        valid = evaluate(self.engine, self.data, "valid", self.cfg, info, self.device, self.dtype, previous)
+        valid = evaluate(self.engine, self.data, "valid", self.cfg, info, self.device, self.dtype,
+                         state.previous_valid_routes())
         loads = epoch_load_record(self.loads.end_epoch(), self.model.moe_layer_names())
         routing = {}
         if info.is_main:
@@ -262,11 +262,13 @@ class Trainer:
         state.history.append({"epoch": state.epoch, "step": state.global_step, "valid_loss": valid.loss,
                               "valid": valid.metrics, **routing})
         self.monitor.scalars(flatten(VALID, valid.metrics), state.global_step)
-        self.monitor.scalars(flatten(ROUTING, {**(routing.get("routing") or {}), **{k: routing.get(k, {}) for k in
-                                               ("dead_experts", "train_load_max_over_mean")}}), state.global_step)
-        tag = checkpoint.tag_for(state.global_step)
-        state.record_validation(tag, valid.loss)
-        self.checkpointer.save(state, self.loads)
+        self.monitor.scalars(routing_scalars(routing), state.global_step)
+        state.record_validation(checkpoint.tag_for(state.global_step), valid.loss)
+        seconds = state.history[-1]["seconds"] = {"train": trained_s, "validate": time.perf_counter() - clock}
+        saving = time.perf_counter()
+        self.checkpointer.save(state, self.loads)   # the history it saves has this epoch's seconds but its own
+        seconds["checkpoint"] = time.perf_counter() - saving
+        self.monitor.scalars(flatten(EPOCH_SECONDS, seconds), state.global_step)
         print_main(info, epoch_line(state, valid, self.cfg.train))
         self.monitor.flush()
 

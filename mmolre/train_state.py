@@ -33,6 +33,11 @@ class TrainState:
                                       * marker["world_size"])
         return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
+    def previous_valid_routes(self) -> dict | None:
+        """The last validation's routes by id, as the next evaluation compares them (routing stability)."""
+        return self.valid_routes and {"ids": self.valid_routes["ids"],
+                                      "routes": self.valid_routes["routes"].numpy().astype("int64")}
+
     def record_validation(self, tag: str, valid_loss: float) -> bool:
         """Select this epoch's checkpoint if its validation loss is the best so far; True if it was."""
         if valid_loss < self.best_valid_loss:

@@ -168,3 +168,22 @@ def test_batches_read_from_the_arrow_buffers_equal_those_datasets_formats(tmp_pa
             assert a.ids == b.ids and torch.equal(a.sentiment, b.sentiment) and torch.equal(a.valid, b.valid)
             for m in mods:
                 assert torch.equal(a.features[m], b.features[m]) and torch.equal(a.masks[m], b.masks[m]), (name, m)
+
+
+def test_an_evaluation_batch_size_changes_no_prediction(tmp_path, synthetic):
+    """--eval_batch_size only regroups the forwards: without an evaluation capacity, every prediction and route is
+    the same in batches of 3 (padded) as in one batch of the whole split."""
+    from mmolre.config import ModelConfig
+    from mmolre.evaluate import predict_batches
+    from mmolre.model import MMoLRE
+    hf, meta = load_cache(build_cache(_write(tmp_path, synthetic), str(tmp_path / "cache")))
+    ds = SplitDataset(hf["valid"], ["text", "audio"], meta["normalisation"])
+    torch.manual_seed(0)
+    model = MMoLRE(ModelConfig(d_model=16, num_experts=8, expert_rank=4),
+                   {m: (SEQ_LEN, FEATURE_DIMS[m]) for m in ("text", "audio")}).eval()
+    forward = lambda b: model(b.features, b.masks, b.valid)   # noqa: E731
+    small, whole = (predict_batches(forward, eval_batches(ds, size, 0, 1)) for size in (3, len(ds)))
+    assert len(ds) % 3 and small["ids"] == whole["ids"] == list(synthetic["valid"]["id"])
+    np.testing.assert_allclose(small["sentiment_pred"], whole["sentiment_pred"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(small["emotion_prob"], whole["emotion_prob"], rtol=1e-5, atol=1e-6)
+    assert np.array_equal(small["routes"], whole["routes"])

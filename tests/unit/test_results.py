@@ -105,3 +105,15 @@ def test_patience_stops_after_that_many_epochs_without_a_lower_validation_loss_a
     assert not stops_early(state, TrainConfig(epochs=4, patience=2))    # the last epoch: not "early"
     state.epoch, state.best_epoch = 3, 2
     assert not stops_early(state, t) and "early stop" not in epoch_line(state, valid, t)
+
+
+def test_each_epoch_records_what_validation_and_its_checkpoint_cost_beside_its_training():
+    from mmolre.config import TrainConfig
+    from mmolre.results import epoch_line, epoch_overhead
+    state = TrainState(epoch=2, best_epoch=2)
+    state.history = [{"epoch": 1, "seconds": {"train": 3.0, "validate": 0.5}},   # resumed: its save untimed
+                     {"epoch": 2, "seconds": {"train": 3.5, "validate": 0.25, "checkpoint": 0.25}}]
+    valid = EvalResult(loss=0.0, metrics={"sentiment": {"mae": 0.5, "non0_acc2": 0.7}}, predictions={})
+    assert epoch_line(state, valid, TrainConfig()).endswith("| 3.5 s training, 0.25 s validation, 0.25 s checkpoint")
+    assert epoch_overhead(state.history) == 0.5 / 4.0
+    assert epoch_overhead([{"epoch": 1}]) is None
