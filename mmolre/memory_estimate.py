@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError, RunConfig, evaluation_batch
+from .model.grouped import WINDOW_PADDING
 
 GB = 1024 ** 3
 RUNTIME = int(0.6 * GB)
@@ -170,9 +171,9 @@ def activation_bytes(cfg: RunConfig, shapes: dict, micro_batch: int, bytes_per_v
     norms, the task expert) and, per expert route, 6 (the gathered row, the convolutions, the combine); with
     --route_per step, also each step's window (3 more). Plus the routers' [rows, experts] fp32 tensors, 3 per
     MoE layer (the logits and probabilities autograd keeps, one transient copy), which grow with the expert count
-    and, with --route_per step, with the steps; and each route's copy of its expert's weights (4·d·r: the fast path
-    gathers them per row for its batched matmuls), which dominates under --route_per step, where a row is one
-    step."""
+    and, with --route_per step, with the steps; and per route what the fast path computes it from: a copy of its
+    expert's weights for a whole utterance (4·d·r), or, for a step (--route_per step), its window's place among the
+    rows grouped by expert (4·d + 2·r values, padded at most WINDOW_PADDING times)."""
     from .model.frontend import steps_per_modality
     m = cfg.model
     steps = steps_per_modality(shapes, m.temporal_steps)
@@ -183,8 +184,9 @@ def activation_bytes(cfg: RunConfig, shapes: dict, micro_batch: int, bytes_per_v
     if not m.shared_experts or m.model == "hard_sharing":   # no routed experts, no routers
         return kept
     rows = micro_batch * sum(routed_rows_per_utterance(cfg, shapes).values()) * tasks * m.blocks
-    gathered_weights = rows * m.effective_top_k * 4 * m.d_model * m.rank * bytes_per_value * ACTIVATION_SLACK
-    return kept + int(gathered_weights) + 3 * rows * m.num_experts * 4
+    per_route = (WINDOW_PADDING * (4 * m.d_model + 2 * m.rank) if m.route_per == "step" else 4 * m.d_model * m.rank)
+    expert_inputs = rows * m.effective_top_k * per_route * bytes_per_value * ACTIVATION_SLACK
+    return kept + int(expert_inputs) + 3 * rows * m.num_experts * 4
 
 
 def evaluation_activation_bytes(cfg: RunConfig, shapes: dict, eval_batch: int, bytes_per_value: int) -> int:

@@ -33,6 +33,11 @@ from .expert_bank import PARAMS, ExpertBank
 from .experts import LowRankExpert
 
 
+# Step rows grouped by expert are padded to at most this many times their number (plus one slot per expert): a
+# padded row holds 4*d + 2*r values against a copy of the weights per row's 4*d*r (memory_estimate.py).
+WINDOW_PADDING = 4
+
+
 def per_expert_key(prefix: str, expert_id: int, name: str) -> str:
     """DeepSpeed's key of one expert's parameter (`...experts.deepspeed_experts.<id>.down.weight`), which
     exports and checkpoints of earlier versions use, with global expert ids."""
@@ -89,22 +94,63 @@ class StackedLowRankExperts(Experts):
         all_real = len(real) == len(local_ids)
         idx = local_ids if all_real else local_ids.index_select(0, real)
         x = (rows if all_real else rows.index_select(0, real)).view(-1, t, d)
-        # The weights of the experts that received rows (their gradients come back to the bank as sparse rows),
-        # then each row's expert's. index_select, not fancy indexing: its backward is an index_add, far cheaper
-        # on CPU than the accumulating index_put that `w[idx]` backpropagates through.
+        # The weights of the experts that received rows; their gradients come back to the bank as sparse rows.
         used, which = torch.unique(idx, return_inverse=True)
         w = {name: v.to(rows.dtype) for name, v in self.bank.rows(used).items()}
+        y = self._windows_by_expert(x, which, w) if self.centre_only else self._sequences_per_row(x, which, w)
+        return y if all_real else y.new_zeros(len(local_ids), y.shape[1]).index_copy(0, real, y)
+
+    @staticmethod
+    def _sequences_per_row(x: torch.Tensor, which: torch.Tensor, w: dict) -> torch.Tensor:
+        """Whole sequences [n, T, d] -> [n, T*d]: each row gets a copy of its expert's weights (index_select, not
+        fancy indexing: its backward is an index_add, far cheaper on CPU than the accumulating index_put that
+        `w[idx]` backpropagates through), then batched matmuls. A row of T steps outweighs the copy (T*d against
+        4*d*r values), and rows rarely share an expert, so grouping them would gain little."""
+        t = x.shape[1]
         down = w["down.weight"].permute(0, 3, 2, 1).index_select(0, which)          # [n, 3, d, r]
         up = w["up.weight"].squeeze(-1).transpose(1, 2).index_select(0, which)      # [n, r, d]
-        # Conv1d(k=3, padding=1) = three time-shifted matmuls on the zero-padded sequence (views, no copies), at
-        # every step or at the centre step only.
-        first, count = (t // 2, 1) if self.centre_only else (0, t)
+        # Conv1d(k=3, padding=1) = three time-shifted matmuls on the zero-padded sequence (views, no copies).
         padded = F.pad(x, (0, 0, 1, 1))                                            # [n, T+2, d]
         h = w["down.bias"].index_select(0, which).unsqueeze(1)
         for tap in range(3):
-            h = h + torch.bmm(padded[:, first + tap:first + tap + count], down[:, tap])   # [n, count, r]
-        y = torch.baddbmm(w["up.bias"].index_select(0, which).unsqueeze(1), F.gelu(h), up).flatten(1)
-        return y if all_real else y.new_zeros(len(local_ids), y.shape[1]).index_copy(0, real, y)
+            h = h + torch.bmm(padded[:, tap:tap + t], down[:, tap])                # [n, T, r]
+        return torch.baddbmm(w["up.bias"].index_select(0, which).unsqueeze(1), F.gelu(h), up).flatten(1)
+
+    @staticmethod
+    def _windows_by_expert(x: torch.Tensor, which: torch.Tensor, w: dict) -> torch.Tensor:
+        """Windows of 3 steps [n, 3, d] -> their centre step's output [n, d] (--route_per step). At the centre,
+        the kernel-3 convolution is one matmul of the flattened window [3*d] with the kernel [3*d, r]. A row is
+        far smaller than its expert's weights here (3*d against 4*d*r values) and many rows share an expert, so
+        the rows are grouped by expert and each expert's weights are used once, in batched matmuls, instead of
+        copied per row. Every expert is padded to the busiest one's row count where that gives at most
+        WINDOW_PADDING times the rows (one batched matmul on the weights as they are); otherwise to the next power
+        of two of its own count, batched with the experts of the same size: at most twice the rows however unequal
+        the loads, for a copy of the weights of the experts outside the largest batch."""
+        n, d = x.shape[0], x.shape[2]
+        experts, rank = w["down.weight"].shape[:2]                                       # [E, r, d, 3]
+        counts = torch.bincount(which, minlength=experts)
+        busiest = int(counts.max()) if n else 1
+        size = (torch.full_like(counts, busiest) if experts * busiest <= WINDOW_PADDING * n + experts else
+                torch.pow(2, torch.ceil(torch.log2(counts.clamp(min=1).float()))).long())   # each expert's slots
+        by_size = torch.argsort(size, stable=True)
+        start = torch.zeros_like(size).index_copy(0, by_size, torch.cumsum(size[by_size], 0) - size[by_size])
+        order = torch.argsort(which, stable=True)
+        first = torch.cumsum(counts, 0) - counts
+        slot = torch.empty_like(which)                       # row -> its place among the padded groups
+        slot[order] = start[which[order]] + torch.arange(n, device=x.device) - first[which[order]]
+        grouped = x.new_zeros(int(size.sum()), 3 * d).index_copy(0, slot, x.reshape(n, 3 * d))
+        down = w["down.weight"].permute(0, 3, 2, 1).reshape(experts, 3 * d, rank)        # [E, 3*d, r]
+        up = w["up.weight"].squeeze(-1).transpose(1, 2)                                 # [E, r, d]
+        outputs, done = [], 0
+        for rows_each, members in zip(*torch.unique_consecutive(size[by_size], return_counts=True)):
+            ids = by_size[done:done + members]
+            pick = (lambda t: t) if len(ids) == experts else (lambda t: t.index_select(0, ids))  # noqa: E731
+            block = grouped[int(start[ids[0]]):int(start[ids[0]]) + int(members * rows_each)]
+            h = torch.baddbmm(pick(w["down.bias"]).unsqueeze(1), block.view(len(ids), int(rows_each), 3 * d),
+                              pick(down))
+            outputs.append(torch.baddbmm(pick(w["up.bias"]).unsqueeze(1), F.gelu(h), pick(up)).reshape(-1, d))
+            done += int(members)
+        return (torch.cat(outputs) if outputs else x.new_zeros(0, d)).index_select(0, slot)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """DeepSpeed's `Experts` signature: [ep, E_local, C, M], every slot computed by its slab's expert."""

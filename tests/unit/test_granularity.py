@@ -162,3 +162,32 @@ def test_an_utterance_touches_the_experts_of_all_its_steps():
     assert step["active_per_utterance"] == step["dense"] + layers * 4 * step["per_expert"]
     wide = count_parameters(h.build(ep_size=1, ep_rank=0, route_per="step", num_experts=64))
     assert wide["active_per_utterance"] == wide["dense"] + 2 * (2 * 2 * 6 + 2 * 2 * 5) * wide["per_expert"]
+
+
+@pytest.mark.parametrize("loads", ["even", "one expert takes most rows", "one row each", "no row"])
+def test_step_rows_grouped_by_expert_compute_each_windows_convolution_at_its_centre(loads):
+    """The fast path groups step rows by expert (padded to the busiest expert, or in power-of-two batches where the
+    loads are too unequal) instead of copying the weights per row: outputs and every gradient equal each row's
+    own kernel-3 convolution at the window's centre, then its up-projection."""
+    from torch.nn import functional as F
+    from mmolre.model.grouped import StackedLowRankExperts
+    g = torch.Generator().manual_seed(3)
+    d, r, experts = 8, 4, 6
+    which = {"even": torch.arange(36) % experts, "one expert takes most rows": torch.tensor([2] * 30 + [0, 1, 3, 4, 5]),
+             "one row each": torch.arange(experts), "no row": torch.zeros(0, dtype=torch.long)}[loads]
+    x = torch.randn(len(which), WINDOW, d, generator=g, requires_grad=True)
+    w = {name: torch.randn(*shape, generator=g, requires_grad=True) for name, shape in
+         (("down.weight", (experts, r, d, 3)), ("down.bias", (experts, r)), ("up.weight", (experts, d, r, 1)),
+          ("up.bias", (experts, d)))}
+    grouped = StackedLowRankExperts._windows_by_expert(x, which, w)
+    rows = [F.conv1d(F.gelu(F.conv1d(x[i].T[None], w["down.weight"][e], w["down.bias"][e], padding=1)),
+                     w["up.weight"][e], w["up.bias"][e])[0, :, WINDOW // 2] for i, e in enumerate(which.tolist())]
+    expected = torch.stack(rows) if rows else torch.zeros(0, d)
+    torch.testing.assert_close(grouped, expected, rtol=1e-5, atol=1e-5)
+    if not rows:
+        return
+    upstream = torch.randn(grouped.shape, generator=g)
+    mine = torch.autograd.grad(grouped, [x, *w.values()], upstream)
+    theirs = torch.autograd.grad(expected, [x, *w.values()], upstream)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -102,17 +102,21 @@ def test_step_routing_counts_a_route_per_step_of_the_longest_modality():
         sparse_expert_gradient_bytes(c, experts, 2, 32, 1)
 
 
-def test_each_route_counts_its_copy_of_its_experts_weights():
-    """The fast path gathers each routed row's expert weights (down 3·d·r, up r·d) for its batched matmuls, and
-    autograd keeps them: per step under --route_per step, where they outweigh the row itself (measured: about
-    0.96 GB for a MOSI-shaped micro batch of 32 that the estimate without them put at 0.28 GB)."""
+def test_each_route_counts_what_the_fast_path_computes_it_from():
+    """For a whole utterance, the fast path copies the route's expert weights (down 3·d·r, up r·d) for its batched
+    matmuls; for a step (--route_per step), it places the window among the rows grouped by expert (3·d in, r, r,
+    d out, padded at most WINDOW_PADDING times). Autograd keeps both. Before either was counted, a step-routed
+    micro batch of 32 MOSI-shaped utterances measured 0.96 GB against an estimate of 0.28 GB."""
     from mmolre.memory_estimate import activation_bytes
-    for route_per in ("utterance", "step"):
+    from mmolre.model.grouped import WINDOW_PADDING
+    for route_per, per_rank_unit in (("utterance", 4 * 64), ("step", WINDOW_PADDING * 2)):
         small, large = (cfg("--route_per", route_per, "--expert_rank", str(r)) for r in (8, 16))
         rows = 32 * (3 * 50 if route_per == "step" else 3) * 2 * 2   # micro x rows per utterance x tasks x blocks
         extra = activation_bytes(large, SHAPES, 32, 4) - activation_bytes(small, SHAPES, 32, 4)
-        weights = rows * 2 * 4 * 64 * (16 - 8) * 4 * 2   # x top-2 x 4·d·Δr x fp32 x the allocator's slack
-        assert extra >= weights
+        assert extra >= rows * 2 * per_rank_unit * (16 - 8) * 4 * 2   # x top-2 x fp32 x the allocator's slack
+    step = cfg("--route_per", "step")
+    windows = 32 * 3 * 50 * 2 * 2 * 2 * WINDOW_PADDING * (4 * 64 + 2 * 16) * 4 * 2
+    assert activation_bytes(step, SHAPES, 32, 4) >= windows
 
 
 def test_an_evaluation_forward_counts_one_block_of_its_longest_modality_at_the_evaluation_batch():
