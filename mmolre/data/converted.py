@@ -184,7 +184,7 @@ def _check_split(file: str, split: str, hf: datasets.Dataset, meta: dict) -> Non
     if len(hf) != meta["splits"][split]["samples"]:
         raise DataError(f"{where(file, split, 'id')}: {len(hf)} samples, meta.json says "
                         f"{meta['splits'][split]['samples']}")
-    ids = hf["id"]
+    ids = hf["id"][:]   # the column at once: iterating `hf["id"]` formats it row by row
     seen = set()
     for sid in ids:
         if sid in seen:
