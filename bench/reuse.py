@@ -54,8 +54,8 @@ def finished_run(run_dir: str, launch_args: list[str], world_size: int) -> bool:
     for section, settings in cfg.to_dict().items():
         saved_section = recorded_section(section, saved.get(section, {}))   # flags added since: as the run behaved
         for key, value in settings.items():
-            if key in NOT_SETTINGS.get(section, ()):
-                continue
+            if key in NOT_SETTINGS.get(section, ()) or (key, cfg.model.eval_capacity_factor) == ("eval_batch_size", 0):
+                continue   # without an evaluation capacity the evaluation batch regroups forwards, nothing else
             if key not in saved_section:
                 differences.append(f"--{key}: not recorded there (an older version's run), {value!r} now")
                 continue

@@ -159,8 +159,9 @@ class TrainConfig:
     grad_accum: int = _help("micro batches accumulated per optimizer step (0: gradient_accumulation_steps of "
                             "--ds_config)", default=0)
     eval_batch_size: int = _help(f"samples per rank in each evaluation forward (0: {EVAL_BATCH_MULTIPLE} x the micro "
-                                 f"batch); a forward without gradients holds about one block's activations, and "
-                                 f"fewer, larger batches mean fewer expert-parallel exchanges", default=0)
+                                 f"batch, at most one per block and modality); a forward without gradients holds "
+                                 f"about one block of one modality at a time, and fewer, larger batches mean fewer "
+                                 f"expert-parallel exchanges", default=0)
     lr: float = _help("peak learning rate of AdamW", default=2e-3)
     weight_decay: float = _help("AdamW weight decay (not applied to biases and norms)", default=0.01)
     warmup_ratio: float = _help("fraction of the training samples of linear warm-up before cosine decay",
@@ -219,9 +220,11 @@ BEFORE_THE_FLAG = {"model": {"temporal_steps": 0, "balance_bias_update": "sign",
                    "train": {"patience": 0}}
 
 
-def evaluation_batch(t: "TrainConfig", micro_batch: int) -> int:
-    """Samples per rank in each evaluation forward: --eval_batch_size, or EVAL_BATCH_MULTIPLE micro batches."""
-    return t.eval_batch_size or EVAL_BATCH_MULTIPLE * micro_batch
+def evaluation_batch(cfg: "RunConfig", micro_batch: int, modalities: int) -> int:
+    """Samples per rank in each evaluation forward: --eval_batch_size, or EVAL_BATCH_MULTIPLE micro batches, but
+    at most one per block and modality: a forward without gradients holds about one block of one modality at a
+    time, where a training step keeps all of them, so the default never needs more memory than training."""
+    return cfg.train.eval_batch_size or micro_batch * min(EVAL_BATCH_MULTIPLE, cfg.model.blocks * modalities)
 
 
 def recorded_section(section: str, saved: dict) -> dict:

@@ -54,7 +54,7 @@ def evaluate(engine, data: PreparedData, split: str, cfg: RunConfig, info, devic
     """Run on every rank (padded to equal batches); gather predictions with ids to rank 0. `previous`: an
     earlier evaluation's predictions of this split (rank 0), whose routes the routing stability compares."""
     engine.eval()
-    size = evaluation_batch(cfg.train, engine.train_micro_batch_size_per_gpu())
+    size = evaluation_batch(cfg, engine.train_micro_batch_size_per_gpu(), len(engine.module.modalities))
     batches = eval_batches(data.splits[split], size, info.rank, info.world_size)
     local = predict_batches(lambda batch: engine(*padded_inputs(to_device(batch, device, dtype))), batches)
     engine.train()

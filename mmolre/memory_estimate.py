@@ -18,7 +18,7 @@ experts (num_experts / ep_size of every MoE layer). Bytes per parameter:
 * activations at the micro batch: what autograd keeps per (utterance, task) row of every block, from the
   shapes (about 12 values per step and width, and the routed rows' 6 per expert route), doubled for the
   allocator's slack; or, if larger, an evaluation forward's: one block of the longest modality at the
-  evaluation batch (`--eval_batch_size`), as nothing is kept for a backward;
+  evaluation batch (`--eval_batch_size`; at its default never larger), as nothing is kept for a backward;
 * the process itself (PyTorch, DeepSpeed, the data's memory map; on a GPU, the CUDA context): 0.6 GB.
 
 On a GPU the model is built in host memory first: its fp32 parameters, for every rank of the host at once,
@@ -122,9 +122,10 @@ def estimate(cfg: RunConfig, shapes: dict, ep_size: int, micro_batch: int, world
     else:
         gradients += experts * weight
         optimizer += experts * (12 + (4 if bf16 else 0))
-    evaluation = evaluation_activation_bytes(cfg, shapes, evaluation_batch(cfg.train, micro_batch), weight)
+    evaluation = evaluation_activation_bytes(cfg, shapes, evaluation_batch(cfg, micro_batch, len(shapes)), weight,
+                                             ep_size)
     return MemoryEstimate(parameters, gradients, optimizer,
-                          max(activation_bytes(cfg, shapes, micro_batch, weight), evaluation))
+                          max(activation_bytes(cfg, shapes, micro_batch, weight, ep_size), evaluation))
 
 
 def sparse_expert_gradient_bytes(cfg: RunConfig, experts: int, ep_size: int, micro_batch: int,
@@ -166,14 +167,16 @@ def host_at_build(cfg: RunConfig, shapes: dict, ep_size: int) -> MemoryEstimate:
     return MemoryEstimate(parameters=fp32, gradients=0, optimizer=0, activations=0)
 
 
-def activation_bytes(cfg: RunConfig, shapes: dict, micro_batch: int, bytes_per_value: int) -> int:
+def activation_bytes(cfg: RunConfig, shapes: dict, micro_batch: int, bytes_per_value: int, ep_size: int = 1) -> int:
     """What autograd keeps for one micro batch: per block, task and step about 12 values of width d (streams,
     norms, the task expert) and, per expert route, 6 (the gathered row, the convolutions, the combine); with
     --route_per step, also each step's window (3 more). Plus the routers' [rows, experts] fp32 tensors, 3 per
     MoE layer (the logits and probabilities autograd keeps, one transient copy), which grow with the expert count
-    and, with --route_per step, with the steps; and per route what the fast path computes it from: a copy of its
-    expert's weights for a whole utterance (4·d·r), or, for a step (--route_per step), its window's place among the
-    rows grouped by expert (4·d + 2·r values, padded at most WINDOW_PADDING times)."""
+    and, with --route_per step, with the steps. Plus what the fast path computes each route from: a copy of its
+    expert's weights per utterance (4·d·r), or, per step (--route_per step), its window's place among the rows
+    grouped by expert (4·d + 2·r values, padded at most WINDOW_PADDING + 1 times); and, per MoE layer, the
+    weights of the experts that received rows, gathered from the bank (and copied once more per batch of
+    unequally loaded step rows): at most min(routes reaching the rank, its experts) · 4·d·r, twice."""
     from .model.frontend import steps_per_modality
     m = cfg.model
     steps = steps_per_modality(shapes, m.temporal_steps)
@@ -183,20 +186,26 @@ def activation_bytes(cfg: RunConfig, shapes: dict, micro_batch: int, bytes_per_v
     kept = int(micro_batch * sum(steps.values()) * per_step * bytes_per_value * ACTIVATION_SLACK)
     if not m.shared_experts or m.model == "hard_sharing":   # no routed experts, no routers
         return kept
-    rows = micro_batch * sum(routed_rows_per_utterance(cfg, shapes).values()) * tasks * m.blocks
-    per_route = (WINDOW_PADDING * (4 * m.d_model + 2 * m.rank) if m.route_per == "step" else 4 * m.d_model * m.rank)
-    expert_inputs = rows * m.effective_top_k * per_route * bytes_per_value * ACTIVATION_SLACK
-    return kept + int(expert_inputs) + 3 * rows * m.num_experts * 4
+    per_utterance = routed_rows_per_utterance(cfg, shapes)
+    rows = micro_batch * sum(per_utterance.values()) * tasks * m.blocks
+    per_route = ((WINDOW_PADDING + 1) * (4 * m.d_model + 2 * m.rank) if m.route_per == "step"
+                 else 4 * m.d_model * m.rank)
+    local_experts = max(1, m.num_experts // max(1, ep_size))
+    used_experts = m.blocks * sum(min(ep_size * micro_batch * r * tasks * m.effective_top_k, local_experts)
+                                  for r in per_utterance.values())
+    expert_inputs = (rows * m.effective_top_k * per_route + used_experts * 2 * 4 * m.d_model * m.rank)
+    return kept + int(expert_inputs * bytes_per_value * ACTIVATION_SLACK) + 3 * rows * m.num_experts * 4
 
 
-def evaluation_activation_bytes(cfg: RunConfig, shapes: dict, eval_batch: int, bytes_per_value: int) -> int:
+def evaluation_activation_bytes(cfg: RunConfig, shapes: dict, eval_batch: int, bytes_per_value: int,
+                                ep_size: int = 1) -> int:
     """An evaluation forward keeps nothing for a backward, so it holds about one block of one modality at a time:
     counted as what training keeps for one block of the modality with the most steps, at the evaluation batch (an
-    upper bound: at 4 micro batches the forward's peak measured 0.3-0.4 of it, and below training's own peak)."""
+    upper bound: at 4 micro batches the forward's peak measured 0.3-0.4 of it)."""
     from .model.frontend import steps_per_modality
     steps = steps_per_modality(shapes, cfg.model.temporal_steps)
     longest = max(steps, key=steps.get)
-    return activation_bytes(cfg, {longest: shapes[longest]}, eval_batch, bytes_per_value) // cfg.model.blocks
+    return activation_bytes(cfg, {longest: shapes[longest]}, eval_batch, bytes_per_value, ep_size) // cfg.model.blocks
 
 
 def available(device: torch.device, local_ranks: int) -> tuple[int, str]:

@@ -54,9 +54,13 @@ def differing_keys(runs: list[dict]) -> list[str]:
 
 
 def _flat_config(run: dict) -> dict:
-    """A run's recorded config, flat, with the flags added since it ran filled in as it behaved."""
-    return {f"{s}.{k}": v for s, sec in run["config"].items() if isinstance(sec, dict)
+    """A run's recorded config, flat, with the flags added since it ran filled in as it behaved (and without the
+    evaluation batch where no evaluation capacity makes predictions depend on it)."""
+    flat = {f"{s}.{k}": v for s, sec in run["config"].items() if isinstance(sec, dict)
             for k, v in recorded_section(s, sec).items() if k not in _IGNORED}
+    if not flat.get("model.eval_capacity_factor"):
+        flat.pop("train.eval_batch_size", None)
+    return flat
 
 
 def _order(key):  # numbers numerically, anything else by its text

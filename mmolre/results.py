@@ -86,7 +86,8 @@ def assemble_results(cfg: RunConfig, data, *, world_size: int, ep_size: int, par
                  for name, meta in data.sources.items()},
         "train": {"seconds": state.train_seconds, "samples": state.train_samples,
                   "samples_per_s": state.train_samples / max(state.train_seconds, 1e-9), "epochs": state.epoch,
-                  "skipped_nonfinite": state.skipped_nonfinite, "epoch_overhead": epoch_overhead(state.history)},
+                  "skipped_nonfinite": state.skipped_nonfinite, "epoch_seconds": state.epoch_seconds,
+                  "epoch_overhead": epoch_overhead(state.epoch_seconds)},
         "valid": best["valid"], "test": test.metrics,
         "routing": {"valid": best.get("routing"), "test": test.routing,
                     "dead_experts": best.get("dead_experts"),
@@ -129,11 +130,12 @@ def hparams_record(cfg: RunConfig, results: dict) -> tuple[dict, dict[str, float
     return hparams, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
-def epoch_overhead(history: list) -> float | None:
+def epoch_overhead(epoch_seconds: list) -> float | None:
     """Validation and checkpoint seconds as a fraction of the epochs' wall time, over the epochs with all three
-    recorded (an epoch's `seconds`: its training loop, mid-epoch checkpoints included, its validation, its save)."""
-    timed = [h["seconds"] for h in history if "checkpoint" in h.get("seconds", {})]
-    total = sum(sum(s.values()) for s in timed)
+    recorded (TrainState.epoch_seconds: each epoch's training loop, mid-epoch checkpoints included, since the
+    epoch's start or a resume; its validation; its save)."""
+    timed = [s for s in epoch_seconds if "checkpoint" in s]
+    total = sum(s["train"] + s["validate"] + s["checkpoint"] for s in timed)
     return sum(s["validate"] + s["checkpoint"] for s in timed) / total if total else None
 
 
@@ -148,8 +150,8 @@ def epoch_line(state, valid, t) -> str:
     line = (f"epoch {state.epoch}: valid loss {valid.loss:.4f} | MAE {v['mae']:.4f} | Non0 Acc-2 {v['non0_acc2']:.4f}"
             + (f" | emotion micro-F1 {emotion['micro_f1']:.4f}" if emotion else "")
             + (" (best)" if state.best_epoch == state.epoch else ""))
-    seconds = state.history[-1].get("seconds", {}) if state.history else {}
-    if "checkpoint" in seconds:
+    seconds = state.epoch_seconds[-1] if state.epoch_seconds else {}
+    if seconds.get("epoch") == state.epoch and "checkpoint" in seconds:
         line += (f" | {seconds['train']:.1f} s training, {seconds['validate']:.2f} s validation, "
                  f"{seconds['checkpoint']:.2f} s checkpoint")
     if stops_early(state, t):

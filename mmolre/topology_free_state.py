@@ -84,35 +84,38 @@ def gather(engine, info) -> dict | None:
         zero._lazy_init_hp_params_optimizer_state()
     trained = [(name, param) for name, param in engine.module.named_parameters()
                if param.requires_grad]   # the others' values are in DeepSpeed's model files
+    keep = [is_moe_param(param) or info.rank == 0 for _, param in trained]
     if zero:
         keys = (None, *MOMENTS) if moments_ready else (None,)
-        full = {key: assemble_from_partitions([param for _, param in trained], info, key) for key in keys}
-        entries = [{("fp32" if key is None else key): values[i] for key, values in full.items()}
-                   for i in range(len(trained))]
+        full = {key: assemble_from_partitions([param for _, param in trained], info, keep, key) for key in keys}
+        params = {name: {("fp32" if key is None else key): full[key][i] for key in keys}
+                  for i, (name, _) in enumerate(trained) if keep[i]}
     else:
-        states = [plain.state.get(param, {}) for _, param in trained]
-        entries = [{"fp32": param.detach(), **{k: state[k] for k in MOMENTS if k in state}}
-                   for (_, param), state in zip(trained, states)]
-    params = {name: {k: v.detach().float().cpu().clone() for k, v in entry.items()}
-              for (name, param), entry in zip(trained, entries) if is_moe_param(param) or info.rank == 0}
+        params = {}
+        for (name, param), kept in zip(trained, keep):
+            state = plain.state.get(param, {})
+            entry = {"fp32": param.detach(), **{k: state[k] for k in MOMENTS if k in state}}
+            if kept:
+                params[name] = {k: v.detach().float().cpu().clone() for k, v in entry.items()}
     step = _adam_step(zero.optimizer if zero else plain)
     # experts in banks are saved by expert_state_files.py; then this state is the dense model's, on rank 0 only
     return {"params": params, "step": step, "experts_in_banks": bool(getattr(engine, "expert_optimizer", None))}
 
 
-ASSEMBLY_BUCKET = 1 << 24   # floats per all_reduce (64 MB): bounds the extra memory of a save
+ASSEMBLY_BUCKET = 1 << 24   # floats per all_reduce (64 MB): the save's extra device memory, besides what it keeps
 
 
-def assemble_from_partitions(params: list, info, key: str | None = None) -> list[torch.Tensor]:
-    """Each parameter's full fp32 value (`key` None) or AdamW state `key`, assembled from the fragments ZeRO 1/2
-    and DeepSpeed's bf16 optimizer link to it (`param._hp_mapping`). This is DeepSpeed's `get_full_hp_param`
-    (what `safe_get_full_fp32_param` and `safe_get_full_optimizer_state` call) batched: each parameter's
-    fragment is written at its place in a zero buffer that is summed over the parameter's data-parallel group,
-    but with one all_reduce per bucket of parameters that share a group instead of one per parameter. A save
-    made three collectives per parameter; over gloo they cost 0.8 s of a 4 s epoch. Every rank must call this
-    with the same parameters in the same order (the buckets then meet in the same order in every group)."""
+def assemble_from_partitions(params: list, info, keep: list[bool], key: str | None = None) -> dict[int, torch.Tensor]:
+    """The full fp32 value (`key` None) or AdamW state `key` of each parameter i with keep[i], on the CPU,
+    assembled from the fragments ZeRO 1/2 and DeepSpeed's bf16 optimizer link to it (`param._hp_mapping`). This
+    is DeepSpeed's `get_full_hp_param` (what `safe_get_full_fp32_param` and `safe_get_full_optimizer_state`
+    call) batched: each parameter's fragment is written at its place in a zero buffer that is summed over the
+    parameter's data-parallel group, with one all_reduce per bucket of parameters that share a group instead of
+    one per parameter. A save made three collectives per parameter (471 for the default model); over gloo they
+    cost 0.8 s of a 4 s epoch. Every rank must call this with the same parameters in the same order (the
+    buckets then meet in the same order in every group); a bucket's buffer is freed before the next."""
     from . import distributed
-    full: list[torch.Tensor | None] = [None] * len(params)
+    full: dict[int, torch.Tensor] = {}
     by_group: dict[int, list[int]] = {}
     for i, param in enumerate(params):   # first appearance decides the order, the same on every rank
         by_group.setdefault(id(param._dp_group), []).append(i)
@@ -125,9 +128,10 @@ def assemble_from_partitions(params: list, info, key: str | None = None) -> list
                 if mapping is not None:   # this rank holds a fragment of the parameter
                     address = mapping.lp_fragment_address
                     piece.narrow(0, address.start, address.numel).copy_(mapping.get_hp_fragment(key).data)
-            buffer = distributed.all_reduce_sum(buffer, info, group=params[bucket[0]]._dp_group)
-            for i, piece in zip(bucket, buffer.split(sizes)):
-                full[i] = piece.view_as(params[i])
+            summed = distributed.all_reduce_sum(buffer, info, group=params[bucket[0]]._dp_group).cpu()
+            for i, piece in zip(bucket, summed.split(sizes)):
+                if keep[i]:   # a copy of its own: a view would keep (and torch.save would write) the whole buffer
+                    full[i] = piece.view_as(params[i]).clone()
     return full
 
 

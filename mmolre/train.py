@@ -261,13 +261,13 @@ class Trainer:
                 print_main(info, warning)
         state.history.append({"epoch": state.epoch, "step": state.global_step, "valid_loss": valid.loss,
                               "valid": valid.metrics, **routing})
-        self.monitor.scalars(flatten(VALID, valid.metrics), state.global_step)
-        self.monitor.scalars(routing_scalars(routing), state.global_step)
+        self.monitor.scalars({**flatten(VALID, valid.metrics), **routing_scalars(routing)}, state.global_step)
         state.record_validation(checkpoint.tag_for(state.global_step), valid.loss)
-        seconds = state.history[-1]["seconds"] = {"train": trained_s, "validate": time.perf_counter() - clock}
+        seconds = {"train": trained_s, "validate": time.perf_counter() - clock}
+        state.epoch_seconds.append({"epoch": state.epoch, **seconds})   # the save's own seconds come after it
         saving = time.perf_counter()
-        self.checkpointer.save(state, self.loads)   # the history it saves has this epoch's seconds but its own
-        seconds["checkpoint"] = time.perf_counter() - saving
+        self.checkpointer.save(state, self.loads)
+        seconds["checkpoint"] = state.epoch_seconds[-1]["checkpoint"] = time.perf_counter() - saving
         self.monitor.scalars(flatten(EPOCH_SECONDS, seconds), state.global_step)
         print_main(info, epoch_line(state, valid, self.cfg.train))
         self.monitor.flush()

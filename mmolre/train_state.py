@@ -23,6 +23,7 @@ class TrainState:
     history: list = field(default_factory=list)
     schedule: dict = field(default_factory=dict)   # the LR schedule's state, for a resume without the engine's
     valid_routes: dict | None = None   # the last validation's routes by id, for routing stability
+    epoch_seconds: list = field(default_factory=list)   # per epoch: its training, validation and checkpoint seconds
 
     @classmethod
     def from_client_state(cls, saved: dict, marker: dict, micro_batch: int) -> "TrainState":

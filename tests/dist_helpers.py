@@ -490,3 +490,36 @@ def step_rows_reference(out_path: str):
         with torch.no_grad():
             record[factor] = {"train": train, "eval": model(pad.features, pad.masks).sentiment}
     torch.save(record, out_path)
+
+
+def assembly_worker(rank: int, world: int, port: int, out_path: str):
+    """`topology_free_state.assemble_from_partitions` with parameters in two kinds of data-parallel group at
+    once, interleaved: the whole world (each rank holds a slice, as ZeRO partitions a dense parameter) and each
+    rank alone (its own whole value, as an expert under expert parallelism = world), in buckets cut small.
+    Reports what it assembled and what each parameter's full value is."""
+    import types
+    import torch.distributed as dist
+    from mmolre import topology_free_state
+    info = setup(rank, world, port)
+    alone = [dist.new_group([r]) for r in range(world)][rank]   # every rank creates every group, in order
+    g = torch.Generator().manual_seed(0)
+    values = [torch.randn(n, generator=g) for n in (5, 3, 7, 2, 6)]
+    groups = [None, alone, None, alone, None]   # None: the default group, every rank
+    params, expected = [], []
+    for value, group in zip(values, groups):
+        value = value if group is None else value + rank   # a rank's own value where it is alone
+        lo, hi = (rank * len(value) // world, (rank + 1) * len(value) // world) if group is None else (0, len(value))
+        param = torch.zeros_like(value)
+        param._dp_group = group
+        fragment = value[lo:hi].clone()
+        param._hp_mapping = None if hi == lo else types.SimpleNamespace(
+            lp_fragment_address=types.SimpleNamespace(start=lo, numel=hi - lo),
+            get_hp_fragment=lambda key, f=fragment: f * (3.0 if key == "exp_avg" else 1.0))
+        params.append(param)
+        expected.append({None: value, "exp_avg": value * 3.0})
+    topology_free_state.ASSEMBLY_BUCKET = 8   # buckets [0], [2], [4] in the world's group, [1, 3] alone
+    keep = [True, False, True, True, True]
+    record = {"assembled": {str(k): topology_free_state.assemble_from_partitions(params, info, keep, k)
+                            for k in (None, "exp_avg")},
+              "expected": {str(k): {i: e[k] for i, e in enumerate(expected) if keep[i]} for k in (None, "exp_avg")}}
+    _save_from_main(record, info, out_path)

@@ -201,9 +201,11 @@ def train_loader(ds: SplitDataset, batch_size: int, rank: int, world: int, seed:
 
 
 def eval_batches(ds: SplitDataset, batch_size: int, rank: int, world: int):
-    """Yield this rank's evaluation batches; all ranks yield the same number of full-size batches."""
+    """Yield this rank's evaluation batches; all ranks yield the same number of batches of the same size (at most
+    the largest rank's share, so a small split is not padded up to a large batch)."""
     n = len(ds)
     per_rank = math.ceil(n / world)
+    batch_size = max(1, min(batch_size, per_rank))
     num_batches = math.ceil(per_rank / batch_size)
     mine = np.arange(rank, n, world)
     padded = np.full(num_batches * batch_size, DUMMY, dtype=np.int64)

@@ -33,8 +33,8 @@ from .expert_bank import PARAMS, ExpertBank
 from .experts import LowRankExpert
 
 
-# Step rows grouped by expert are padded to at most this many times their number (plus one slot per expert): a
-# padded row holds 4*d + 2*r values against a copy of the weights per row's 4*d*r (memory_estimate.py).
+# Step rows grouped by expert are padded to at most this many times their number, plus one slot per expert: a
+# padded row holds 4*d + 2*r values against a copy of the weights per row's 4*d*r (memory_estimate.py counts it).
 WINDOW_PADDING = 4
 
 
@@ -102,10 +102,9 @@ class StackedLowRankExperts(Experts):
 
     @staticmethod
     def _sequences_per_row(x: torch.Tensor, which: torch.Tensor, w: dict) -> torch.Tensor:
-        """Whole sequences [n, T, d] -> [n, T*d]: each row gets a copy of its expert's weights (index_select, not
-        fancy indexing: its backward is an index_add, far cheaper on CPU than the accumulating index_put that
-        `w[idx]` backpropagates through), then batched matmuls. A row of T steps outweighs the copy (T*d against
-        4*d*r values), and rows rarely share an expert, so grouping them would gain little."""
+        """Whole sequences [n, T, d] -> [n, T*d]: each row gets a copy of its expert's weights (4*d*r values, about
+        one row's T*d; index_select, not fancy indexing: its backward is an index_add, far cheaper on CPU than the
+        accumulating index_put that `w[idx]` backpropagates through), then batched matmuls."""
         t = x.shape[1]
         down = w["down.weight"].permute(0, 3, 2, 1).index_select(0, which)          # [n, 3, d, r]
         up = w["up.weight"].squeeze(-1).transpose(1, 2).index_select(0, which)      # [n, r, d]
@@ -122,16 +121,19 @@ class StackedLowRankExperts(Experts):
         the kernel-3 convolution is one matmul of the flattened window [3*d] with the kernel [3*d, r]. A row is
         far smaller than its expert's weights here (3*d against 4*d*r values) and many rows share an expert, so
         the rows are grouped by expert and each expert's weights are used once, in batched matmuls, instead of
-        copied per row. Every expert is padded to the busiest one's row count where that gives at most
-        WINDOW_PADDING times the rows (one batched matmul on the weights as they are); otherwise to the next power
-        of two of its own count, batched with the experts of the same size: at most twice the rows however unequal
-        the loads, for a copy of the weights of the experts outside the largest batch."""
+        copied per row. Every expert is padded to the busiest one's row count where that makes at most
+        WINDOW_PADDING times the rows plus one per expert (one batched matmul on the weights as they are), at most
+        WINDOW_PADDING + 1 times the rows (an expert has a row); otherwise to the next power
+        of two of its own count, batched with the experts of the same size (at most twice the rows however
+        unequal the loads, for a copy of the weights of the experts in each batch)."""
         n, d = x.shape[0], x.shape[2]
+        if n == 0:   # no row: an empty output still on the graph, so this rank's backward runs the all-to-alls
+            return x.reshape(0, 3 * d)[:, :d]
         experts, rank = w["down.weight"].shape[:2]                                       # [E, r, d, 3]
         counts = torch.bincount(which, minlength=experts)
-        busiest = int(counts.max()) if n else 1
+        busiest = int(counts.max())
         size = (torch.full_like(counts, busiest) if experts * busiest <= WINDOW_PADDING * n + experts else
-                torch.pow(2, torch.ceil(torch.log2(counts.clamp(min=1).float()))).long())   # each expert's slots
+                torch.pow(2, torch.ceil(torch.log2(counts.double()))).long())   # each expert's slots
         by_size = torch.argsort(size, stable=True)
         start = torch.zeros_like(size).index_copy(0, by_size, torch.cumsum(size[by_size], 0) - size[by_size])
         order = torch.argsort(which, stable=True)
@@ -141,16 +143,16 @@ class StackedLowRankExperts(Experts):
         grouped = x.new_zeros(int(size.sum()), 3 * d).index_copy(0, slot, x.reshape(n, 3 * d))
         down = w["down.weight"].permute(0, 3, 2, 1).reshape(experts, 3 * d, rank)        # [E, 3*d, r]
         up = w["up.weight"].squeeze(-1).transpose(1, 2)                                 # [E, r, d]
-        outputs, done = [], 0
-        for rows_each, members in zip(*torch.unique_consecutive(size[by_size], return_counts=True)):
+        outputs, done, offset = [], 0, 0
+        batches = torch.unique_consecutive(size[by_size], return_counts=True)
+        for rows_each, members in zip(*(b.tolist() for b in batches)):   # the batches lie in `grouped` in order
             ids = by_size[done:done + members]
-            pick = (lambda t: t) if len(ids) == experts else (lambda t: t.index_select(0, ids))  # noqa: E731
-            block = grouped[int(start[ids[0]]):int(start[ids[0]]) + int(members * rows_each)]
-            h = torch.baddbmm(pick(w["down.bias"]).unsqueeze(1), block.view(len(ids), int(rows_each), 3 * d),
-                              pick(down))
+            pick = (lambda t: t) if members == experts else (lambda t: t.index_select(0, ids))  # noqa: E731
+            block = grouped[offset:offset + members * rows_each].view(members, rows_each, 3 * d)
+            h = torch.baddbmm(pick(w["down.bias"]).unsqueeze(1), block, pick(down))
             outputs.append(torch.baddbmm(pick(w["up.bias"]).unsqueeze(1), F.gelu(h), pick(up)).reshape(-1, d))
-            done += int(members)
-        return (torch.cat(outputs) if outputs else x.new_zeros(0, d)).index_select(0, slot)
+            done, offset = done + members, offset + members * rows_each
+        return torch.cat(outputs).index_select(0, slot)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """DeepSpeed's `Experts` signature: [ep, E_local, C, M], every slot computed by its slab's expert."""

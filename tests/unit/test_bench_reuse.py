@@ -90,3 +90,16 @@ def test_a_run_on_a_file_whose_content_changed_is_refused(tmp_path):
     data.write_bytes(b"second version")
     with pytest.raises(StaleRunError, match="content changed"):
         finished_run(str(tmp_path / "a"), flags, 1)
+
+
+def test_a_run_from_before_the_evaluation_batch_flag_is_reused_unless_an_evaluation_capacity_makes_it_matter(
+        tmp_path):
+    """--eval_batch_size only regroups the evaluation forwards, so a run that did not record it counts as today's;
+    under an evaluation capacity a prediction depends on its batch, and the batch is compared."""
+    finished(tmp_path / "before", FLAGS, edit=lambda c: c["train"].pop("eval_batch_size"))
+    assert finished_run(str(tmp_path / "before"), FLAGS, 1)
+    assert finished_run(str(tmp_path / "before"), [*FLAGS, "--eval_batch_size", "64"], 1)
+    capacity = [*FLAGS, "--eval_capacity_factor", "1.0"]
+    finished(tmp_path / "capacity", capacity, edit=lambda c: c["train"].pop("eval_batch_size"))
+    with pytest.raises(StaleRunError, match="--eval_batch_size: not recorded there"):
+        finished_run(str(tmp_path / "capacity"), capacity, 1)

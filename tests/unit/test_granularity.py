@@ -191,3 +191,18 @@ def test_step_rows_grouped_by_expert_compute_each_windows_convolution_at_its_cen
     theirs = torch.autograd.grad(expected, [x, *w.values()], upstream)
     for a, b in zip(mine, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_an_expert_bank_that_receives_no_step_row_stays_on_the_backward_graph():
+    """Under expert parallelism a rank whose experts receive no route still gets padding slots; its output must
+    stay on the autograd graph, or that rank would skip the backward all-to-alls its peers run and the run
+    would hang. Both granularities, as the layer's padding slots (-1) arrive."""
+    from mmolre.model.experts import LowRankExpert
+    from mmolre.model.grouped import StackedLowRankExperts
+    for window, centre_only in ((WINDOW, True), (5, False)):
+        experts = StackedLowRankExperts(LowRankExpert(8, 4, seq_len=window), 2, "ep_size_2", centre_only=centre_only)
+        rows = torch.randn(3, window * 8, requires_grad=True)
+        out = experts.forward_rows(rows, torch.full((3,), -1))
+        assert out.requires_grad and out.shape == (3, 8 if centre_only else window * 8) and not out.any()
+        out.sum().backward()
+        assert torch.equal(rows.grad, torch.zeros_like(rows))

@@ -53,7 +53,9 @@ def test_the_estimate_grows_with_this_ranks_experts():
     assert lazy.total == big.total and small.total < 1.5 * GB < big.total   # both update a block of rows at a time
     assert spread.parameters < big.parameters / 3          # ep 8 holds a quarter of ep 2's experts
     routers = 3 * (3 * 32 * 2 * 2) * 4                       # [rows, experts] fp32 x 3 per layer, per expert
-    assert big.activations - small.activations == routers * (16384 - 8) > 0   # else the micro batch's
+    # the experts that receive rows, gathered from the bank (twice): per layer at most the routes reaching the rank
+    used = 2 * 3 * (min(2 * 32 * 2 * 2, 8192) - min(2 * 32 * 2 * 2, 4)) * 2 * 4 * 64 * 16 * 4 * 2
+    assert big.activations - small.activations == routers * (16384 - 8) + used > 0   # else the micro batch's
 
 
 def test_a_run_that_will_not_fit_is_refused_naming_its_estimate():
@@ -120,13 +122,23 @@ def test_each_route_counts_what_the_fast_path_computes_it_from():
 
 
 def test_an_evaluation_forward_counts_one_block_of_its_longest_modality_at_the_evaluation_batch():
+    from mmolre.config import evaluation_batch
     from mmolre.memory_estimate import activation_bytes, evaluation_activation_bytes
     default = cfg()
-    assert estimate(default, SHAPES, 2, 32, 2, 2, False).activations == activation_bytes(default, SHAPES, 32, 4)
-    one_block = activation_bytes(default, {"text": SHAPES["text"]}, 128, 4) // 2   # 4 micro batches, of 2 blocks
-    assert evaluation_activation_bytes(default, SHAPES, 128, 4) == one_block < activation_bytes(default, SHAPES, 32, 4)
+    assert estimate(default, SHAPES, 2, 32, 2, 2, False).activations == activation_bytes(default, SHAPES, 32, 4, 2)
+    one_block = activation_bytes(default, {"text": SHAPES["text"]}, 128, 4, 2) // 2   # 4 micro batches, of 2 blocks
+    assert evaluation_activation_bytes(default, SHAPES, 128, 4, 2) == one_block < activation_bytes(default, SHAPES,
+                                                                                                      32, 4, 2)
     wide = cfg("--eval_batch_size", "1024")   # where evaluation's forward outweighs training's step
-    assert estimate(wide, SHAPES, 2, 32, 2, 2, False).activations == evaluation_activation_bytes(wide, SHAPES, 1024, 4)
-    assert evaluation_activation_bytes(wide, SHAPES, 1024, 4) > activation_bytes(wide, SHAPES, 32, 4)
+    assert (estimate(wide, SHAPES, 2, 32, 2, 2, False).activations == evaluation_activation_bytes(wide, SHAPES, 1024,
+                                                                                                    4, 2)
+            > activation_bytes(wide, SHAPES, 32, 4, 2))
+    # the default: 4 micro batches, at most one per block and modality (what a training step keeps)
+    assert evaluation_batch(default, 32, 3) == 128 and evaluation_batch(default, 32, 1) == 64
+    assert evaluation_batch(cfg("--blocks", "1"), 32, 1) == 32 and evaluation_batch(wide, 32, 1) == 1024
+    text = {"text": SHAPES["text"]}
+    for flags in ((), ("--blocks", "1"), ("--route_per", "step", "--num_experts", "16384")):
+        c = cfg("--modalities", "text", *flags)
+        assert estimate(c, text, 2, 32, 2, 2, False).activations == activation_bytes(c, text, 32, 4, 2)
     with pytest.raises(ConfigError, match="--eval_batch_size must be >= 0"):
         cfg("--eval_batch_size", "-1")

@@ -111,9 +111,9 @@ def test_each_epoch_records_what_validation_and_its_checkpoint_cost_beside_its_t
     from mmolre.config import TrainConfig
     from mmolre.results import epoch_line, epoch_overhead
     state = TrainState(epoch=2, best_epoch=2)
-    state.history = [{"epoch": 1, "seconds": {"train": 3.0, "validate": 0.5}},   # resumed: its save untimed
-                     {"epoch": 2, "seconds": {"train": 3.5, "validate": 0.25, "checkpoint": 0.25}}]
+    state.epoch_seconds = [{"epoch": 1, "train": 3.0, "validate": 0.5},   # resumed from its checkpoint: save untimed
+                           {"epoch": 2, "train": 3.5, "validate": 0.25, "checkpoint": 0.25}]
     valid = EvalResult(loss=0.0, metrics={"sentiment": {"mae": 0.5, "non0_acc2": 0.7}}, predictions={})
     assert epoch_line(state, valid, TrainConfig()).endswith("| 3.5 s training, 0.25 s validation, 0.25 s checkpoint")
-    assert epoch_overhead(state.history) == 0.5 / 4.0
-    assert epoch_overhead([{"epoch": 1}]) is None
+    assert epoch_overhead(state.epoch_seconds) == 0.5 / 4.0
+    assert epoch_overhead([{"epoch": 1, "train": 1.0, "validate": 0.1}]) is None
