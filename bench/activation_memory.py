@@ -21,7 +21,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.commands import command_line  # noqa: E402
+from bench.commands import command_line, write_result  # noqa: E402
 
 SHAPES = {"text": (50, 768), "audio": (375, 5), "vision": (500, 20)}
 CONFIGS = [("train", 32, []), ("eval", 128, []),
@@ -79,11 +79,7 @@ def main(argv=None) -> list[dict]:
     for r in rows:
         lines.append(f"| {r['phase']} | {r['batch']} | `{' '.join(r['flags']) or 'defaults'}` | "
                      f"{r['measured_gb']:.2f} | {r['estimate_gb']:.2f} | {r['estimate_gb'] / r['measured_gb']:.1f} |")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"command": command_line(__file__, argv), "rows": rows}, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(args.out, {"command": command_line(__file__, argv), "rows": rows}, lines)
     return rows
 
 

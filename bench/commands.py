@@ -9,6 +9,7 @@ so that a run and its name say the same thing.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -41,3 +42,13 @@ def refuse_owned_flags(parser: argparse.ArgumentParser, extra: list[str], owned:
     clash = sorted({a.split("=")[0] for a in extra} & owned)
     if clash:
         parser.error(f"{' '.join(extra)}: {', '.join(clash)} {why}")
+
+
+def write_result(out: str, report: dict, lines: list[str]) -> None:
+    """A benchmark's record: OUT.json (`report`) and OUT.md (`lines`, which are also printed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))

@@ -3,7 +3,7 @@
 
 Runs this trainer at its defaults on an MMSA-shaped file (`mmolre synthetic --like`, the file bench/vs_mmsa.py
 uses) with 2 and 1 processes, and with each `--variant FLAGS` on top, one run after the other, all in one
-invocation. Each run's results.json holds the seconds the trainer records per epoch (`history[].seconds`: the
+invocation. Each run's results.json holds the seconds the trainer records per epoch (`train.epoch_seconds`: the
 training loop, the validation, the checkpoint); the table shows their medians over the epochs and the overhead,
 (validation + checkpoint) / the epochs' whole time (`train.epoch_overhead`). The Arrow cache is built once, before
 the timed runs. By default the second row per process count evaluates in batches of one micro batch
@@ -25,7 +25,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.commands import command_line, passthrough_parser, refuse_owned_flags  # noqa: E402
+from bench.commands import command_line, passthrough_parser, refuse_owned_flags, write_result  # noqa: E402
 from mmolre.data.synthetic import LIKE  # noqa: E402
 from mmolre.distributed import free_port  # noqa: E402
 
@@ -45,7 +45,7 @@ def one_run(processes: int, data: str, work: str, name: str, flags: list[str]) -
         raise RuntimeError(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     with open(os.path.join(work, name, "results.json")) as f:
         results = json.load(f)
-    epochs = [h["seconds"] for h in results["history"]]
+    epochs = results["train"]["epoch_seconds"]
     return {"epochs": epochs, "overhead": results["train"]["epoch_overhead"],
             **{phase: statistics.median(e[phase] for e in epochs) for phase in PHASES}}
 
@@ -82,12 +82,7 @@ def main(argv=None) -> dict:
         lines.append(f"| {name} | {r['train']:.2f} | {r['validate']:.2f} | {r['checkpoint']:.3f} | "
                      f"{r['overhead']:.1%} |")
     report = {"command": command_line(__file__, argv), "flags": flags, "like": args.like, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(args.out, report, lines)
     return report
 
 

@@ -11,7 +11,6 @@ one-step run (`--max_steps 1`), so "exit" includes validation, a checkpoint and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench.commands import command_line  # noqa: E402
+from bench.commands import command_line, write_result  # noqa: E402
 from mmolre.distributed import free_port  # noqa: E402
 
 
@@ -69,12 +68,7 @@ def main(argv=None) -> dict:
         each = "; ".join(f"{x['first_step_s']:.1f} / {x['exit_s']:.1f}" for x in r["runs"])
         lines.append(f"| {r['processes']} | {r['first_step_s']:.1f} s | {r['exit_s']:.1f} s | {each} |")
     report = {"command": command_line(__file__, argv), "flags": flags, "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_result(args.out, report, lines)
     return report
 
 
