@@ -211,6 +211,29 @@ def test_a_bf16_resume_under_another_topology_keeps_masters_moments_and_step(bf1
 ELASTIC = ["--dropout", "0", "--aux_loss_weight", "0", "--epochs", "2", "--log_every", "1", "--save_every", "100"]
 
 
+def test_a_step_routed_run_stopped_at_2_2_resumes_at_1_1_like_an_uninterrupted_run(tmp_path):
+    """--route_per step through the launcher: stopped mid-epoch with 2 processes (ep 2, each rank routing its
+    own steps), resumed by one process (ep 1) with the same 8 samples per step: the losses, norms and learning
+    rates of every step and the validation history match the uninterrupted 2-process run."""
+    step = ["--route_per", "step", *ELASTIC]
+    run_deepspeed(tmp_path, "--run_name", "straight", "--batch_size", "4", "--ep_size", "2", *step, procs=2)
+    stopped = run_deepspeed(tmp_path, "--run_name", "elastic", "--batch_size", "4", "--ep_size", "2", *step,
+                            procs=2, env={"MMOLRE_FAULT_STOP_STEP": "5"})
+    assert "stop requested" in stopped.stdout
+    resumed = run_deepspeed(tmp_path, "--run_name", "elastic", "--batch_size", "8", "--ep_size", "1", *step,
+                            "--resume", procs=1)
+    assert "world size 2 / expert parallel 2, now 1 / 1" in resumed.stdout
+    assert "AdamW moments and step of every parameter were carried over" in resumed.stdout
+    run, straight = tmp_path / "runs" / "elastic", tmp_path / "runs" / "straight"
+    assert results(run)["global_step"] == results(straight)["global_step"] > 5
+    for tag in ("train/lr", "loss/total", "train/grad_norm"):
+        mine, ref = dict(scalars(run, tag)), dict(scalars(straight, tag))
+        assert sorted(mine) == sorted(ref), tag
+        assert [mine[s] for s in sorted(mine)] == pytest.approx([ref[s] for s in sorted(ref)], rel=1e-3), tag
+    for mine, ref in zip(results(run)["history"], results(straight)["history"], strict=True):
+        assert mine["valid_loss"] == pytest.approx(ref["valid_loss"], rel=1e-3)
+
+
 def test_an_elastic_resume_4_4_then_2_2_then_4_2_trains_like_an_uninterrupted_run(tmp_path):
     run_deepspeed(tmp_path, "--run_name", "straight", "--batch_size", "4", "--ep_size", "4", *ELASTIC, procs=4)
     stopped = run_deepspeed(tmp_path, "--run_name", "elastic", "--batch_size", "4", "--ep_size", "4", *ELASTIC,
