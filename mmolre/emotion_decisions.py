@@ -21,13 +21,12 @@ from .metrics import choose_single_threshold, choose_thresholds, emotion_baselin
 
 def emotion_rows(split) -> np.ndarray:
     """[n] bool: the rows of a split (a data.SplitDataset) that have emotion labels."""
-    # `[:]` formats the column at once; np.asarray(column) would format it row by row (0.25 s per 8,000 rows)
-    return np.asarray(split.hf["has_emotion"][:], bool)
+    return split.column("has_emotion").astype(bool)
 
 
 def labelled_emotions(split) -> np.ndarray:
     """[n_labelled, 6]: the intensities of the rows that have emotion labels."""
-    return np.asarray(split.hf["emotions"][:])[emotion_rows(split)]
+    return split.column("emotions")[emotion_rows(split)]
 
 
 def has_emotion_labels(split) -> bool:

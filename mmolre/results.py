@@ -93,7 +93,7 @@ def assemble_results(cfg: RunConfig, data, *, world_size: int, ep_size: int, par
                     "dead_experts": best.get("dead_experts"),
                     "summary": headline(best["routing"], best.get("dead_experts"), best.get("train_load_max_over_mean"))
                     if best.get("routing") else None},
-        "baselines": baselines(np.asarray(train.hf["sentiment"][:]), labelled_emotions(train),
+        "baselines": baselines(train.column("sentiment"), labelled_emotions(train),
                                test.predictions["sentiment_true"], test.predictions["emotion_true"][has]),
         "emotion_decisions": decisions,
         "history": state.history, "seed": cfg.train.seed, **made_by,

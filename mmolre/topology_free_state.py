@@ -93,9 +93,9 @@ def gather(engine, info) -> dict | None:
     else:
         params = {}
         for (name, param), kept in zip(trained, keep):
-            state = plain.state.get(param, {})
-            entry = {"fp32": param.detach(), **{k: state[k] for k in MOMENTS if k in state}}
             if kept:
+                state = plain.state.get(param, {})
+                entry = {"fp32": param.detach(), **{k: state[k] for k in MOMENTS if k in state}}
                 params[name] = {k: v.detach().float().cpu().clone() for k, v in entry.items()}
     step = _adam_step(zero.optimizer if zero else plain)
     # experts in banks are saved by expert_state_files.py; then this state is the dense model's, on rank 0 only

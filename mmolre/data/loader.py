@@ -105,6 +105,11 @@ class SplitDataset(Dataset):
     def __len__(self) -> int:
         return len(self.hf)
 
+    def column(self, name: str) -> np.ndarray:
+        """A whole small column (labels, masks) as one array. `[:]` formats it in one call; iterating datasets'
+        lazy `Column` (np.asarray of it) formats it row by row, about 0.25 s per 8,000 rows."""
+        return np.asarray(self.hf[name][:])
+
     def __getitem__(self, index: int) -> Batch:
         return self.__getitems__([index])
 

@@ -86,7 +86,7 @@ def test_the_emotion_task_needs_emotion_labels_in_train_and_valid():
     from mmolre.emotion_decisions import check_tasks
 
     def data(train, valid):
-        split = lambda has: SimpleNamespace(hf={"has_emotion": [has, False]})   # noqa: E731
+        split = lambda has: SimpleNamespace(column={"has_emotion": np.array([has, False])}.get)   # noqa: E731
         return SimpleNamespace(splits={"train": split(train), "valid": split(valid)}, names=["mosi"])
     with pytest.raises(ConfigError, match=r"--tasks emotion: the train and valid split\(s\) of mosi have no emotion"):
         check_tasks(TrainConfig(tasks="emotion"), data(False, False))
